@@ -246,7 +246,7 @@ impl CgroupSampler {
 
     /// Settings (limits, quotas) and directory layout are re-read on every tenth pass only.
     fn full_pass(&self) -> bool {
-        self.passes % FULL_PASS_EVERY == 0
+        self.passes.is_multiple_of(FULL_PASS_EVERY)
     }
 
     fn identify(&self, rel: &str) -> Option<Identity> {
