@@ -390,11 +390,13 @@ pub fn sampling_loop(
     let stale_ms = config.history.stale_after_s * 1000;
     let mut next = Instant::now();
     let mut last_save = Instant::now();
+    let mut notifier = crate::notify::Notifier::from_env(interval);
     loop {
         let cpu0 = thread_cpu_seconds();
         let t0 = Instant::now();
         let snapshot = samplers.sample(shared);
         let points = history_points(&snapshot);
+        let containers = snapshot.containers.len();
         let t_ms = unix_ms(snapshot.at);
         if let Ok(mut h) = shared.history.lock() {
             for (k, v) in &points {
@@ -418,6 +420,7 @@ pub fn sampling_loop(
         if !shared.ready.swap(true, Ordering::Relaxed) {
             tracing::info!(wall_ms = wall * 1e3, "first sample done; ready");
         }
+        notifier.sampled(containers);
         if last_save.elapsed() >= save_every {
             save_history(dir, shared);
             last_save = Instant::now();
@@ -430,7 +433,7 @@ pub fn sampling_loop(
         }
         match stop.recv_timeout(next - now) {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            _ => return,
+            _ => return notifier.stopping(),
         }
     }
 }

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod config;
 pub mod history;
+pub mod notify;
 pub mod report;
 pub mod sample;
 pub mod serve;
