@@ -1,0 +1,279 @@
+//! How headroom is installed: the systemd units (`systemd-analyze verify` and `security`), the
+//! sysusers/tmpfiles entries applied to a scratch root, the example configuration, and the
+//! agent's sd_notify protocol (READY, WATCHDOG, STOPPING) seen on a real notify socket.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use headroom_tests::*;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+/// The unit as installed: its `/usr/local/bin/headroom` replaced by the binary just built, so
+/// `verify` checks a command that exists. Nothing else in the unit changes.
+fn installed_unit(dir: &Path, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join("systemd").join(name))
+        .unwrap_or_else(|e| panic!("read systemd/{name}: {e}"));
+    assert!(
+        text.contains("ExecStart=/usr/local/bin/headroom "),
+        "{name}: ExecStart must run /usr/local/bin/headroom"
+    );
+    let bin = agent_binary();
+    let out = dir.join(name);
+    std::fs::write(
+        &out,
+        text.replace("/usr/local/bin/headroom", &bin.display().to_string()),
+    )
+    .expect("write unit copy");
+    out
+}
+
+/// Overall exposure printed by `systemd-analyze security --offline=yes`.
+fn security_score(unit: &Path) -> (f64, String) {
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(unit)
+        .output()
+        .expect("run systemd-analyze security");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no overall exposure in: {text}"));
+    let score = line
+        .split(':')
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("cannot read a score from `{line}`"));
+    (score, line.trim().to_string())
+}
+
+#[test]
+fn units_verify_clean_and_agent_is_hardened() {
+    if !require_tool(
+        "units_verify_clean_and_agent_is_hardened",
+        "systemd-analyze",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut scores = Vec::new();
+    for name in ["headroom-agent.service", "headroom-aggregator.service"] {
+        let unit = installed_unit(dir.path(), name);
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--no-pager"])
+            .arg(&unit)
+            .output()
+            .expect("run systemd-analyze verify");
+        // verify exits 0 on many problems; anything it prints is a problem.
+        let printed = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            printed.trim().is_empty() && out.status.success(),
+            "systemd-analyze verify {name}: {printed}"
+        );
+        let (score, line) = security_score(&unit);
+        eprintln!("{name}: {line}");
+        scores.push((name, score));
+    }
+    assert!(
+        scores[0].1 <= 4.0,
+        "agent exposure {} is above the 4.0 target",
+        scores[0].1
+    );
+    assert!(
+        scores[1].1 <= scores[0].1,
+        "the aggregator needs no privilege, so it must score no worse than the agent: {scores:?}"
+    );
+    // The agent keeps only the capabilities its features need; the aggregator has none.
+    let agent = std::fs::read_to_string(repo().join("systemd/headroom-agent.service"))
+        .expect("read agent unit");
+    let caps = agent
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("agent unit bounds its capabilities");
+    let mut caps: Vec<&str> = caps.split_whitespace().collect();
+    caps.sort();
+    assert_eq!(
+        caps,
+        [
+            "CAP_BPF",
+            "CAP_DAC_OVERRIDE",
+            "CAP_DAC_READ_SEARCH",
+            "CAP_PERFMON"
+        ]
+    );
+    for must in [
+        "Type=notify",
+        "WatchdogSec=",
+        "User=headroom",
+        "NoNewPrivileges=yes",
+    ] {
+        assert!(agent.contains(must), "agent unit lacks {must}");
+    }
+}
+
+#[test]
+fn sysusers_and_tmpfiles_create_the_state_directory() {
+    let test = "sysusers_and_tmpfiles_create_the_state_directory";
+    if !require_tool(test, "systemd-sysusers") || !require_tool(test, "systemd-tmpfiles") {
+        return;
+    }
+    if !require_root(test) {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(root.path().join("etc")).expect("mkdir etc");
+    let run = |tool: &str, file: &str, extra: &[&str]| {
+        let out = Command::new(tool)
+            .arg(format!("--root={}", root.path().display()))
+            .args(extra)
+            .arg(repo().join("systemd").join(file))
+            .output()
+            .unwrap_or_else(|e| panic!("run {tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run("systemd-sysusers", "sysusers.d/headroom.conf", &[]);
+    run(
+        "systemd-tmpfiles",
+        "tmpfiles.d/headroom.conf",
+        &["--create"],
+    );
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).expect("passwd");
+    let entry = passwd
+        .lines()
+        .find(|l| l.starts_with("headroom:"))
+        .unwrap_or_else(|| panic!("no headroom user in {passwd}"));
+    let uid: u32 = entry
+        .split(':')
+        .nth(2)
+        .and_then(|u| u.parse().ok())
+        .expect("uid");
+    assert!(uid > 0 && uid < 1000, "a system user: {entry}");
+    use std::os::unix::fs::MetadataExt;
+    let state = std::fs::metadata(root.path().join("var/lib/headroom")).expect("state dir made");
+    assert!(state.is_dir());
+    assert_eq!(state.uid(), uid, "state dir owned by the agent's user");
+    assert_eq!(state.mode() & 0o777, 0o750);
+}
+
+#[test]
+fn example_config_is_accepted() {
+    let out = Command::new(agent_binary())
+        .args(["agent", "--print-config", "--config"])
+        .arg(repo().join("systemd/headroom.toml"))
+        .output()
+        .expect("run headroom agent --print-config");
+    assert!(
+        out.status.success(),
+        "systemd/headroom.toml rejected: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("state_dir = \"/var/lib/headroom\""),
+        "{printed}"
+    );
+}
+
+/// Datagrams received on `sock` until `until` returns true or `timeout` passes.
+fn collect(
+    sock: &UnixDatagram,
+    timeout: Duration,
+    until: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let mut got = Vec::new();
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    while t0.elapsed() < timeout && !until(&got) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    got
+}
+
+#[test]
+fn agent_notifies_ready_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let port = free_port();
+    let log = dir.path().join("agent.log");
+    let mut child = Command::new(agent_binary())
+        .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--sample-interval", "0.2"])
+        .env("NOTIFY_SOCKET", &path)
+        // A 2 s watchdog: pings are due at least every second.
+        .env("WATCHDOG_USEC", "2000000")
+        .env_remove("WATCHDOG_PID")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start the agent");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    let first = collect(&sock, Duration::from_secs(30), |g| !g.is_empty());
+    assert!(
+        first
+            .first()
+            .is_some_and(|m| m.lines().any(|l| l == "READY=1")),
+        "first notification must carry READY=1: {first:?}; log: {}",
+        log_text()
+    );
+    // READY is only sent once the first sample is published, so /readyz already answers.
+    let (code, _) = http_get(port, "/readyz").expect("GET /readyz");
+    assert_eq!(code, 200);
+    let t0 = Instant::now();
+    let pings = collect(&sock, Duration::from_secs(4), |g| {
+        g.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3
+    });
+    let elapsed = t0.elapsed();
+    let n = pings.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(
+        n >= 3,
+        "expected 3 watchdog pings within 4 s, got {pings:?}"
+    );
+    // One ping per half watchdog interval, not one per 0.2 s sample.
+    assert!(
+        elapsed >= Duration::from_millis(1800),
+        "pings came too fast: {n} in {elapsed:?}"
+    );
+    assert!(
+        !pings.iter().any(|m| m.contains("READY=1")),
+        "READY sent twice"
+    );
+
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let stopping = collect(&sock, Duration::from_secs(10), |g| {
+        g.iter().any(|m| m.contains("STOPPING=1"))
+    });
+    assert!(
+        stopping.iter().any(|m| m.contains("STOPPING=1")),
+        "no STOPPING=1 on SIGTERM: {stopping:?}"
+    );
+    let status = child.wait().expect("wait for the agent");
+    assert!(
+        status.success(),
+        "agent exit: {status}; log: {}",
+        log_text()
+    );
+}
