@@ -45,6 +45,9 @@ struct AgentArgs {
     /// Path to libnvidia-ml.so.1 (default: the system's).
     #[arg(long, env = "HEADROOM_NVML_LIBRARY", value_name = "PATH")]
     nvml_library: Option<PathBuf>,
+    /// Value of the `Hostname` label (default: the kernel's host name); in a pod, the node's name.
+    #[arg(long, env = "HEADROOM_HOSTNAME", value_name = "NAME")]
+    hostname: Option<String>,
     /// Treat cgroups matching this glob (relative to the hierarchy root) as containers; repeatable.
     #[arg(long = "include-cgroup", value_name = "GLOB")]
     include_cgroup: Vec<String>,
@@ -73,6 +76,9 @@ impl AgentArgs {
         }
         if let Some(v) = &self.nvml_library {
             c.gpu.nvml_library = Some(v.clone());
+        }
+        if let Some(v) = &self.hostname {
+            c.hostname = v.clone();
         }
         c.cgroup.include.extend(self.include_cgroup.iter().cloned());
         c.validate()?;

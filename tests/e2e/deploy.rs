@@ -277,3 +277,34 @@ fn agent_notifies_ready_watchdog_and_stopping() {
         log_text()
     );
 }
+
+#[test]
+fn kubernetes_manifests_validate() {
+    // kubernetes-validate is a pip package; its console script marks it installed.
+    if !require_tool("kubernetes_manifests_validate", "kubernetes-validate") {
+        return;
+    }
+    let out = Command::new("python3")
+        .arg(repo().join("scripts/validate-manifests.py"))
+        .arg("--agent-bin")
+        .arg(agent_binary())
+        .output()
+        .expect("run scripts/validate-manifests.py");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("{text}");
+    assert!(out.status.success(), "manifest validation failed:\n{text}");
+    // Every manifest file took part, for both Kubernetes versions.
+    for f in std::fs::read_dir(repo().join("deploy")).expect("deploy/") {
+        let name = f.expect("entry").file_name().to_string_lossy().into_owned();
+        if name.ends_with(".yaml") {
+            assert!(
+                text.contains(&format!("deploy/{name}")),
+                "{name} not checked"
+            );
+        }
+    }
+    assert!(text.contains("Kubernetes 1.30.0 --strict"));
+    assert!(text.contains("ScaledObject/llm-serve (documented spec"));
+    assert!(text.contains("(accepted by the agent)"));
+}
