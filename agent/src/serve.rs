@@ -1,5 +1,5 @@
-//! The agent's HTTP server (hyper, HTTP/1.1): `/metrics`, `/healthz`, `/readyz`, `/v1/status`,
-//! `/v1/history`. Handlers only read shared state; none of them samples or blocks on I/O.
+//! The agent's HTTP server (hyper, HTTP/1.1): the status page at `/`, `/metrics`, `/healthz`,
+//! `/readyz`, `/v1/status`, `/v1/history`. Handlers only read shared state; none of them samples or blocks on I/O.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -45,6 +45,7 @@ impl Routes {
             return r;
         }
         match path {
+            "/" => self.page(req.uri().query().unwrap_or("")),
             "/metrics" => self.metrics(),
             "/healthz" => {
                 if self.shared.live() {
@@ -70,6 +71,59 @@ impl Routes {
                 &serde_json::json!({"error": format!("no such endpoint: {path}")}),
             ),
         }
+    }
+
+    /// The status page: plots from history, decisions marked where the policy records them.
+    fn page(&self, query: &str) -> Response<Body> {
+        let opts = crate::report::page::Options::from_query(query);
+        let header = crate::report::page::Header {
+            hostname: self.shared.hostname.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_seconds: self.shared.started.elapsed().as_secs_f64(),
+            samplers: self
+                .shared
+                .samplers
+                .read()
+                .map(|m| {
+                    m.iter()
+                        .map(|(n, h)| {
+                            let detail = h.last_error.clone().or(h.detail.clone());
+                            (n.to_string(), h.healthy, detail.unwrap_or_default())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        let latest = self.shared.latest();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let marks: Vec<crate::report::page::Mark> = Vec::new();
+        let Ok(history) = self.shared.history.lock() else {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, "history unavailable\n");
+        };
+        let html = crate::report::page::render(
+            &header,
+            &history,
+            latest.as_deref(),
+            &marks,
+            &opts,
+            now_ms,
+        );
+        drop(history);
+        let mut r = Response::new(Full::new(Bytes::from(html)));
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        r.headers_mut().insert(
+            hyper::header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'",
+            ),
+        );
+        r
     }
 
     fn metrics(&self) -> Response<Body> {

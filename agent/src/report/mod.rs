@@ -1,3 +1,4 @@
-//! What leaves the agent: Prometheus metrics now; scale hints to the aggregator later.
+//! What leaves the agent: Prometheus metrics, the status page; scale hints to the aggregator later.
 
 pub mod metrics;
+pub mod page;

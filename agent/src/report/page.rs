@@ -1,0 +1,948 @@
+//! The status page served at `/`: one self-contained HTML document (inline CSS and SVG, no
+//! script, no external asset) that plots, per container, per GPU and for the node, the demand
+//! the agent measured, the forecast upper bound and the capacity applied, over the last hours,
+//! with policy decisions marked on the timeline.
+//!
+//! It reads the history and the newest snapshot only; it never samples, and it draws whatever
+//! series exist: a forecast or capacity series that is absent is simply not drawn. The newest
+//! fine points come from the fine tier; older ones from the coarse tier's per-bucket maxima, so
+//! a short peak stays visible at any zoom.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::history::{History, SeriesKey, SeriesView};
+use crate::sample::Snapshot;
+
+/// A policy decision to mark on the timeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mark {
+    pub t_ms: u64,
+    /// Container cgroup the decision was about.
+    pub cgroup: String,
+    /// `cpu`, `memory`, `gpu`, ...: matched against the plotted series' names.
+    pub resource: String,
+    /// Shown on hover, e.g. `cpu 2.0 → 3.0 cores: forecast above quota`.
+    pub text: String,
+    pub applied: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Options {
+    /// Width of the time window, in hours.
+    pub hours: f64,
+    /// Most containers drawn (the busiest first); the rest are counted, not drawn.
+    pub max_containers: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            hours: 6.0,
+            max_containers: 24,
+        }
+    }
+}
+
+impl Options {
+    /// `?hours=2&containers=10`; bad or out-of-range values fall back to the defaults.
+    pub fn from_query(query: &str) -> Options {
+        let mut o = Options::default();
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some(("hours", v)) => {
+                    if let Ok(h) = v.parse::<f64>()
+                        && h.is_finite()
+                        && (0.01..=168.0).contains(&h)
+                    {
+                        o.hours = h;
+                    }
+                }
+                Some(("containers", v)) => {
+                    if let Ok(n) = v.parse::<usize>()
+                        && (1..=500).contains(&n)
+                    {
+                        o.max_containers = n;
+                    }
+                }
+                _ => {}
+            }
+        }
+        o
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Unit {
+    Cores,
+    Bytes,
+    Ratio,
+    Seconds,
+    PerSecond,
+    Plain,
+}
+
+impl Unit {
+    fn of(name: &str) -> Unit {
+        if name.ends_with("_cores") {
+            Unit::Cores
+        } else if name.ends_with("_bytes") {
+            Unit::Bytes
+        } else if name.ends_with("_ratio") {
+            Unit::Ratio
+        } else if name.ends_with("_seconds") {
+            Unit::Seconds
+        } else if name.ends_with("_per_second") {
+            Unit::PerSecond
+        } else {
+            Unit::Plain
+        }
+    }
+
+    fn format(self, v: f64) -> String {
+        match self {
+            Unit::Cores => format!("{} cores", short(v)),
+            Unit::Bytes => {
+                let mut v = v;
+                let mut i = 0;
+                const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+                while v.abs() >= 1024.0 && i < U.len() - 1 {
+                    v /= 1024.0;
+                    i += 1;
+                }
+                format!("{} {}", short(v), U[i])
+            }
+            Unit::Ratio => format!("{} %", short(v * 100.0)),
+            Unit::Seconds if v.abs() < 1.0 => format!("{} ms", short(v * 1e3)),
+            Unit::Seconds => format!("{} s", short(v)),
+            Unit::PerSecond => format!("{}/s", short(v)),
+            Unit::Plain => short(v),
+        }
+    }
+}
+
+fn short(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        "0".into()
+    } else if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// What a demand series is compared with.
+struct Known {
+    demand: &'static str,
+    title: &'static str,
+    /// History series holding the applied capacity, first found wins.
+    capacity: &'static [&'static str],
+}
+
+const KNOWN: &[Known] = &[
+    Known {
+        demand: "container_cpu_usage_cores",
+        title: "CPU",
+        capacity: &["container_cpu_quota_cores", "container_cpu_limit_cores"],
+    },
+    Known {
+        demand: "container_memory_working_set_bytes",
+        title: "memory (working set)",
+        capacity: &[
+            "container_memory_limit_bytes",
+            "container_memory_high_bytes",
+        ],
+    },
+    Known {
+        demand: "container_gpu_utilization_ratio",
+        title: "GPU utilisation",
+        capacity: &["container_gpu_share_ratio"],
+    },
+    Known {
+        demand: "container_gpu_memory_used_bytes",
+        title: "GPU memory",
+        capacity: &["container_gpu_memory_limit_bytes"],
+    },
+    Known {
+        demand: "container_request_latency_p99_seconds",
+        title: "request latency p99",
+        capacity: &[],
+    },
+    Known {
+        demand: "gpu_utilization_ratio",
+        title: "GPU utilisation",
+        capacity: &[],
+    },
+    Known {
+        demand: "gpu_memory_used_bytes",
+        title: "GPU memory",
+        capacity: &["gpu_memory_total_bytes"],
+    },
+    Known {
+        demand: "node_cpu_usage_cores",
+        title: "node CPU",
+        capacity: &[],
+    },
+    Known {
+        demand: "node_memory_used_bytes",
+        title: "node memory in use",
+        capacity: &[],
+    },
+];
+
+const FORECAST_PREFIX: &str = "forecast_upper_";
+
+fn is_capacity(name: &str) -> bool {
+    KNOWN.iter().any(|k| k.capacity.contains(&name))
+}
+
+/// The forecast series for `demand`: `forecast_upper_<demand>`, or `forecast_upper_<suffix>`
+/// where the suffix is the demand name without its scope (`cpu_usage_cores`).
+fn is_forecast_of(name: &str, demand: &str) -> bool {
+    name.strip_prefix(FORECAST_PREFIX).is_some_and(|rest| {
+        rest == demand
+            || demand
+                .strip_suffix(rest)
+                .and_then(|scope| scope.strip_suffix('_'))
+                .is_some_and(|scope| !scope.is_empty() && !scope.contains('_'))
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum GroupKind {
+    Node,
+    Gpu,
+    Container,
+}
+
+/// One plotted line: contiguous runs of finite points (a gap starts a new run).
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Line {
+    runs: Vec<Vec<(u64, f64)>>,
+}
+
+impl Line {
+    fn points(&self) -> usize {
+        self.runs.iter().map(Vec::len).sum()
+    }
+    fn max(&self) -> f64 {
+        self.runs.iter().flatten().map(|p| p.1).fold(0.0, f64::max)
+    }
+    fn last(&self) -> Option<f64> {
+        self.runs.last().and_then(|r| r.last()).map(|p| p.1)
+    }
+}
+
+#[derive(Debug)]
+struct Panel {
+    title: String,
+    unit: Unit,
+    demand: Line,
+    forecast: Option<Line>,
+    capacity: Option<Line>,
+    /// Capacity known only from the newest sample (no history series for it).
+    capacity_now: Option<f64>,
+    marks: Vec<Mark>,
+}
+
+#[derive(Debug)]
+struct Group {
+    kind: GroupKind,
+    title: String,
+    subtitle: String,
+    panels: Vec<Panel>,
+    /// Sort key among containers: newest CPU demand.
+    busy: f64,
+}
+
+/// Points of `view` in `[from_ms, now]`: coarse maxima before the fine tier begins, then the
+/// fine points; reduced to at most `columns` points (the maximum of each column).
+fn window(view: &SeriesView, from_ms: u64, to_ms: u64, columns: usize) -> Line {
+    // Buckets are consecutive (gaps are NaN buckets), so two of them give the step.
+    let step_ms = match view.coarse.as_slice() {
+        [a, b, ..] => b.0.saturating_sub(a.0),
+        _ => 60_000,
+    };
+    let fine_start = view.fine.first().map(|p| p.0).unwrap_or(u64::MAX);
+    let mut pts: Vec<(u64, f64)> = Vec::with_capacity(view.fine.len() + view.coarse.len());
+    for &(t, max, _mean) in &view.coarse {
+        // A bucket is drawn at its end: the max is known only once the bucket is over.
+        let t = t + step_ms;
+        if t >= from_ms && t < fine_start {
+            pts.push((t, max as f64));
+        }
+    }
+    for &(t, v) in &view.fine {
+        if t >= from_ms {
+            pts.push((t, v as f64));
+        }
+    }
+    let span = to_ms.saturating_sub(from_ms).max(1) as f64;
+    let mut line = Line::default();
+    let mut run: Vec<(u64, f64)> = Vec::new();
+    let mut col: Option<(usize, u64, f64)> = None;
+    let flush_col = |run: &mut Vec<(u64, f64)>, col: &mut Option<(usize, u64, f64)>| {
+        if let Some((_, t, v)) = col.take() {
+            run.push((t, v));
+        }
+    };
+    for (t, v) in pts {
+        if !v.is_finite() {
+            flush_col(&mut run, &mut col);
+            if !run.is_empty() {
+                line.runs.push(std::mem::take(&mut run));
+            }
+            continue;
+        }
+        let c = (((t.saturating_sub(from_ms)) as f64 / span) * columns as f64) as usize;
+        match &mut col {
+            Some((cc, ct, cv)) if *cc == c => {
+                if v > *cv {
+                    *cv = v;
+                }
+                *ct = t;
+            }
+            _ => {
+                flush_col(&mut run, &mut col);
+                col = Some((c, t, v));
+            }
+        }
+    }
+    flush_col(&mut run, &mut col);
+    if !run.is_empty() {
+        line.runs.push(run);
+    }
+    line
+}
+
+/// A series key's labels other than `cgroup`, as `k="v"` text.
+fn label_text(key: &SeriesKey) -> String {
+    key.labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{v}\""))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Everything the page shows, computed from history and the newest snapshot.
+fn build(
+    history: &History,
+    latest: Option<&Snapshot>,
+    marks: &[Mark],
+    opts: &Options,
+    now_ms: u64,
+) -> (Vec<Group>, usize) {
+    let from_ms = now_ms.saturating_sub((opts.hours * 3_600_000.0) as u64);
+    const COLUMNS: usize = 560;
+    // Group the series: containers by cgroup, GPUs by their labels, the node alone.
+    let mut groups: BTreeMap<(GroupKind, String), Vec<&SeriesKey>> = BTreeMap::new();
+    for key in history.keys() {
+        let g = if let Some(cg) = key.label("cgroup") {
+            (GroupKind::Container, cg.to_string())
+        } else if key.name.starts_with("gpu_")
+            || key.name.starts_with(&format!("{FORECAST_PREFIX}gpu_"))
+        {
+            (GroupKind::Gpu, label_text(key))
+        } else if key.labels.is_empty() {
+            (GroupKind::Node, String::new())
+        } else {
+            continue;
+        };
+        groups.entry(g).or_default().push(key);
+    }
+    let mut out = Vec::new();
+    for ((kind, id), mut keys) in groups {
+        keys.sort();
+        let find = |name: &str| keys.iter().copied().find(|k| k.name == name);
+        let line = |k: &SeriesKey| {
+            history
+                .view(k)
+                .map(|v| window(&v, from_ms, now_ms, COLUMNS))
+        };
+        let container = latest.and_then(|s| {
+            (kind == GroupKind::Container)
+                .then(|| s.containers.iter().find(|c| c.ident.cgroup == id))
+                .flatten()
+        });
+        let mut panels = Vec::new();
+        let mut plotted: Vec<&str> = Vec::new();
+        let known_order = KNOWN
+            .iter()
+            .filter_map(|k| find(k.demand).map(|key| (key, Some(k))));
+        let others = keys
+            .iter()
+            .copied()
+            .filter(|k| {
+                !k.name.starts_with(FORECAST_PREFIX)
+                    && !is_capacity(&k.name)
+                    && !KNOWN.iter().any(|kn| kn.demand == k.name)
+            })
+            .map(|k| (k, None));
+        for (key, known) in known_order.chain(others).collect::<Vec<_>>() {
+            if plotted.contains(&key.name.as_str()) {
+                continue;
+            }
+            plotted.push(&key.name);
+            let Some(demand) = line(key) else { continue };
+            if demand.points() == 0 {
+                continue;
+            }
+            let forecast = keys
+                .iter()
+                .find(|k| is_forecast_of(&k.name, &key.name))
+                .and_then(|k| line(k));
+            let capacity = known
+                .map(|k| k.capacity)
+                .unwrap_or(&[])
+                .iter()
+                .find_map(|c| find(c))
+                .and_then(line)
+                .filter(|l| l.points() > 0);
+            let capacity_now = match (capacity.is_none(), key.name.as_str(), container, latest) {
+                (true, "container_cpu_usage_cores", Some(c), _) => c.stats.cpu_quota_cores,
+                (true, "container_memory_working_set_bytes", Some(c), _) => {
+                    c.stats.memory_limit_bytes.map(|v| v as f64)
+                }
+                (true, "node_cpu_usage_cores", _, Some(s)) => {
+                    s.node.as_ref().map(|n| n.cpus as f64)
+                }
+                (true, "node_memory_used_bytes", _, Some(s)) => {
+                    s.node.as_ref().map(|n| n.memory_total_bytes as f64)
+                }
+                _ => None,
+            };
+            let resource_of = |m: &Mark| {
+                let r = m.resource.as_str();
+                key.name.contains(&format!("_{r}_")) || key.name.starts_with(&format!("{r}_"))
+            };
+            let panel_marks = marks
+                .iter()
+                .filter(|m| {
+                    kind == GroupKind::Container
+                        && m.cgroup == id
+                        && m.t_ms >= from_ms
+                        && resource_of(m)
+                })
+                .cloned()
+                .collect();
+            panels.push(Panel {
+                title: known
+                    .map(|k| k.title.to_string())
+                    .unwrap_or_else(|| key.name.replace('_', " ")),
+                unit: Unit::of(&key.name),
+                demand,
+                forecast,
+                capacity,
+                capacity_now,
+                marks: panel_marks,
+            });
+        }
+        if panels.is_empty() {
+            continue;
+        }
+        let (title, subtitle) = match kind {
+            GroupKind::Node => ("node".to_string(), String::new()),
+            GroupKind::Gpu => {
+                let k = keys[0];
+                let name = k
+                    .label("gpu")
+                    .map(|g| format!("GPU {g}"))
+                    .unwrap_or_else(|| "GPU".into());
+                let model = k.label("modelName").unwrap_or("").to_string();
+                let uuid = k.label("UUID").unwrap_or("").to_string();
+                (name, format!("{model} {uuid}").trim().to_string())
+            }
+            GroupKind::Container => {
+                let ident = container.map(|c| &c.ident);
+                let name = match ident {
+                    Some(i) => match (&i.namespace, &i.pod, &i.container) {
+                        (Some(ns), Some(pod), Some(c)) => format!("{ns}/{pod}/{c}"),
+                        _ => id.clone(),
+                    },
+                    None => id.clone(),
+                };
+                (name, id.clone())
+            }
+        };
+        // Containers are ranked by CPU in use now: comparable across containers, unlike bytes.
+        let busy = panels
+            .iter()
+            .find(|p| p.unit == Unit::Cores)
+            .and_then(|p| p.demand.last())
+            .unwrap_or(0.0);
+        out.push(Group {
+            kind,
+            title,
+            subtitle,
+            panels,
+            busy,
+        });
+    }
+    // Node first, then GPUs, then the busiest containers.
+    out.sort_by(|a, b| {
+        a.kind.cmp(&b.kind).then(
+            b.busy
+                .partial_cmp(&a.busy)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then_with(|| a.title.cmp(&b.title)),
+        )
+    });
+    let containers = out
+        .iter()
+        .filter(|g| g.kind == GroupKind::Container)
+        .count();
+    let mut kept = 0;
+    out.retain(|g| {
+        if g.kind != GroupKind::Container {
+            return true;
+        }
+        kept += 1;
+        kept <= opts.max_containers
+    });
+    (out, containers.saturating_sub(opts.max_containers))
+}
+
+fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+const W: f64 = 600.0;
+const H: f64 = 150.0;
+const LEFT: f64 = 64.0;
+const RIGHT: f64 = 8.0;
+const TOP: f64 = 8.0;
+const BOTTOM: f64 = 20.0;
+
+fn svg(out: &mut String, p: &Panel, from_ms: u64, to_ms: u64) {
+    let ymax = [
+        p.demand.max(),
+        p.forecast.as_ref().map_or(0.0, Line::max),
+        p.capacity.as_ref().map_or(0.0, Line::max),
+        p.capacity_now.unwrap_or(0.0),
+    ]
+    .into_iter()
+    .fold(0.0, f64::max);
+    let ymax = if ymax > 0.0 { ymax * 1.1 } else { 1.0 };
+    let span = to_ms.saturating_sub(from_ms).max(1) as f64;
+    let x = |t: u64| LEFT + (t.saturating_sub(from_ms) as f64 / span) * (W - LEFT - RIGHT);
+    let y = |v: f64| TOP + (1.0 - (v / ymax).clamp(0.0, 1.0)) * (H - TOP - BOTTOM);
+    let _ = write!(
+        out,
+        r#"<svg class="plot" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" aria-label="{}">"#,
+        esc(&p.title)
+    );
+    for i in 0..=3 {
+        let v = ymax * i as f64 / 3.0;
+        let yy = y(v);
+        let _ = write!(
+            out,
+            r#"<line class="grid" x1="{LEFT}" x2="{}" y1="{yy:.1}" y2="{yy:.1}"/><text class="axis" x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+            W - RIGHT,
+            LEFT - 4.0,
+            yy + 3.0,
+            esc(&p.unit.format(v))
+        );
+    }
+    let hours = span / 3_600_000.0;
+    for i in 0..=4 {
+        let t = from_ms + (span * i as f64 / 4.0) as u64;
+        let ago = hours * (4 - i) as f64 / 4.0;
+        let label = if i == 4 {
+            "now".to_string()
+        } else if ago >= 1.0 {
+            format!("-{}h", short(ago))
+        } else {
+            format!("-{}m", short(ago * 60.0))
+        };
+        let _ = write!(
+            out,
+            r#"<text class="axis" x="{:.1}" y="{}" text-anchor="middle">{label}</text>"#,
+            x(t).clamp(LEFT + 10.0, W - RIGHT - 10.0),
+            H - 4.0
+        );
+    }
+    let mut poly = |class: &str, line: &Line| {
+        for run in &line.runs {
+            let _ = write!(
+                out,
+                r#"<polyline class="{class}" data-points="{}" points=""#,
+                run.len()
+            );
+            if run.len() == 1 {
+                // A lone point still gets a visible segment.
+                let (t, v) = run[0];
+                let _ = write!(
+                    out,
+                    "{:.1},{:.1} {:.1},{:.1}",
+                    x(t) - 1.5,
+                    y(v),
+                    x(t) + 1.5,
+                    y(v)
+                );
+            } else {
+                for (i, &(t, v)) in run.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { " " };
+                    let _ = write!(out, "{sep}{:.1},{:.1}", x(t), y(v));
+                }
+            }
+            out.push_str("\"/>");
+        }
+    };
+    if let Some(c) = &p.capacity {
+        poly("capacity", c);
+    }
+    if let Some(f) = &p.forecast {
+        poly("forecast", f);
+    }
+    poly("demand", &p.demand);
+    if p.capacity.is_none()
+        && let Some(c) = p.capacity_now
+    {
+        let yy = y(c);
+        let _ = write!(
+            out,
+            r#"<line class="capacity-now" x1="{LEFT}" x2="{}" y1="{yy:.1}" y2="{yy:.1}"><title>{} now</title></line>"#,
+            W - RIGHT,
+            esc(&p.unit.format(c))
+        );
+    }
+    for m in &p.marks {
+        let xx = x(m.t_ms);
+        let class = if m.applied {
+            "decision applied"
+        } else {
+            "decision"
+        };
+        let _ = write!(
+            out,
+            r#"<line class="{class}" x1="{xx:.1}" x2="{xx:.1}" y1="{TOP}" y2="{}"><title>{}</title></line>"#,
+            H - BOTTOM,
+            esc(&m.text)
+        );
+    }
+    out.push_str("</svg>");
+}
+
+const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}\
+h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .1em}\
+.sub{color:#666;font-size:.85em;word-break:break-all}.panels{display:flex;flex-wrap:wrap;gap:1em}\
+figure{margin:.4em 0;background:#fff;border:1px solid #ddd;padding:.3em}\
+figcaption{font-size:.9em;margin-bottom:.2em}.now{color:#666}\
+svg .grid{stroke:#eee}svg .axis{font-size:10px;fill:#777}\
+polyline{fill:none;stroke-width:1.5}.demand{stroke:#1f77b4}\
+.forecast{stroke:#ff7f0e;stroke-dasharray:5 3}.capacity{stroke:#2ca02c;stroke-width:2}\
+.capacity-now{stroke:#2ca02c;stroke-dasharray:2 3}.decision{stroke:#d62728;stroke-width:1;opacity:.5}\
+.decision.applied{opacity:1;stroke-width:1.5}.key span{margin-right:1.2em}\
+.key i{display:inline-block;width:1.6em;height:0;border-top:2px solid;vertical-align:middle;margin-right:.3em}\
+table{border-collapse:collapse;font-size:.9em}td,th{padding:.15em .8em .15em 0;text-align:left}";
+
+/// Facts for the page header.
+#[derive(Debug, Clone, Default)]
+pub struct Header {
+    pub hostname: String,
+    pub version: &'static str,
+    pub uptime_seconds: f64,
+    /// `(sampler, healthy, detail or error)`.
+    pub samplers: Vec<(String, bool, String)>,
+}
+
+/// Renders the whole page.
+pub fn render(
+    header: &Header,
+    history: &History,
+    latest: Option<&Snapshot>,
+    marks: &[Mark],
+    opts: &Options,
+    now_ms: u64,
+) -> String {
+    let (groups, hidden) = build(history, latest, marks, opts, now_ms);
+    let from_ms = now_ms.saturating_sub((opts.hours * 3_600_000.0) as u64);
+    let mut out = String::with_capacity(64 * 1024);
+    let _ = write!(
+        out,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width\">\
+         <meta http-equiv=\"refresh\" content=\"60\">\
+         <title>headroom on {host}</title><style>{STYLE}</style></head><body>\
+         <h1>headroom on {host}</h1>\
+         <div class=\"sub\">agent {ver}, up {up}; last {hours} h \
+         (<a href=\"/?hours=1\">1 h</a> · <a href=\"/?hours=6\">6 h</a> · <a href=\"/?hours=24\">24 h</a>) · \
+         <a href=\"/metrics\">/metrics</a> · <a href=\"/v1/status\">/v1/status</a></div>",
+        host = esc(&header.hostname),
+        ver = esc(header.version),
+        up = Unit::Seconds.format(header.uptime_seconds),
+        hours = short(opts.hours),
+    );
+    out.push_str("<table><tr><th>sampler</th><th>state</th><th></th></tr>");
+    for (name, ok, detail) in &header.samplers {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td class=\"now\">{}</td></tr>",
+            esc(name),
+            if *ok { "ok" } else { "failing" },
+            esc(detail)
+        );
+    }
+    out.push_str("</table>");
+    out.push_str(
+        "<p class=\"key\"><span><i style=\"color:#1f77b4\"></i>demand (measured)</span>\
+         <span><i style=\"color:#ff7f0e;border-top-style:dashed\"></i>forecast upper bound</span>\
+         <span><i style=\"color:#2ca02c\"></i>capacity applied</span>\
+         <span><i style=\"color:#d62728\"></i>policy decision</span></p>",
+    );
+    if groups.is_empty() {
+        out.push_str("<p>No history yet: the first samples are being taken.</p>");
+    }
+    let mut section = None;
+    for g in &groups {
+        if section != Some(&g.kind) {
+            section = Some(&g.kind);
+            let _ = write!(
+                out,
+                "<h2 class=\"section\">{}</h2>",
+                match g.kind {
+                    GroupKind::Node => "Node",
+                    GroupKind::Gpu => "GPUs",
+                    GroupKind::Container => "Containers",
+                }
+            );
+        }
+        let kind = match g.kind {
+            GroupKind::Node => "node",
+            GroupKind::Gpu => "gpu",
+            GroupKind::Container => "container",
+        };
+        let _ = write!(
+            out,
+            "<section class=\"group {kind}\"><h3>{}</h3><div class=\"sub\">{}</div><div class=\"panels\">",
+            esc(&g.title),
+            esc(&g.subtitle)
+        );
+        for p in &g.panels {
+            let now = p
+                .demand
+                .last()
+                .map(|v| p.unit.format(v))
+                .unwrap_or_default();
+            let fc = p
+                .forecast
+                .as_ref()
+                .and_then(Line::last)
+                .map(|v| format!(", forecast ≤ {}", p.unit.format(v)))
+                .unwrap_or_default();
+            let cap = p
+                .capacity
+                .as_ref()
+                .and_then(Line::last)
+                .or(p.capacity_now)
+                .map(|v| format!(", capacity {}", p.unit.format(v)))
+                .unwrap_or_default();
+            let _ = write!(
+                out,
+                "<figure><figcaption>{} <span class=\"now\">now {}{}{}</span></figcaption>",
+                esc(&p.title),
+                esc(&now),
+                esc(&fc),
+                esc(&cap)
+            );
+            svg(&mut out, p, from_ms, now_ms);
+            out.push_str("</figure>");
+        }
+        out.push_str("</div></section>");
+    }
+    if hidden > 0 {
+        let _ = write!(
+            out,
+            "<p>{hidden} quieter containers not drawn (<a href=\"/?containers=500\">show all</a>).</p>"
+        );
+    }
+    out.push_str("</body></html>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str, cgroup: &str) -> SeriesKey {
+        SeriesKey::new(name, vec![("cgroup".into(), cgroup.into())])
+    }
+
+    fn count(html: &str, class: &str) -> usize {
+        html.matches(&format!("class=\"{class}\" data-points=\""))
+            .count()
+    }
+
+    fn points(html: &str, class: &str) -> usize {
+        let needle = format!("class=\"{class}\" data-points=\"");
+        html.match_indices(&needle)
+            .map(|(i, _)| {
+                let rest = &html[i + needle.len()..];
+                rest[..rest.find('"').unwrap()].parse::<usize>().unwrap()
+            })
+            .sum()
+    }
+
+    fn page(h: &History, marks: &[Mark], now: u64) -> String {
+        let opts = Options {
+            hours: 0.2,
+            max_containers: 10,
+        };
+        render(&Header::default(), h, None, marks, &opts, now)
+    }
+
+    #[test]
+    fn plots_demand_forecast_and_capacity_when_present() {
+        let mut h = History::new(1000, 900, 60, 1440);
+        let t0 = 1_700_000_000_000u64;
+        for i in 0..600u64 {
+            let t = t0 + i * 1000;
+            h.record(
+                &key("container_cpu_usage_cores", "/a"),
+                t,
+                1.0 + (i % 10) as f64 / 10.0,
+            );
+            h.record(&key("forecast_upper_cpu_usage_cores", "/a"), t, 2.5);
+            h.record(&key("container_cpu_quota_cores", "/a"), t, 3.0);
+            h.record(&key("container_memory_working_set_bytes", "/b"), t, 1e9);
+        }
+        let now = t0 + 600_000;
+        let marks = [Mark {
+            t_ms: t0 + 300_000,
+            cgroup: "/a".into(),
+            resource: "cpu".into(),
+            text: "cpu 2 → 3 cores <raise>".into(),
+            applied: true,
+        }];
+        let html = page(&h, &marks, now);
+        assert_eq!(count(&html, "demand"), 2, "one demand line per container");
+        // Ten minutes of a twelve-minute window across 560 columns: 600 samples fall into
+        // 600 * 560 / 720 = 467 columns per line.
+        let n = points(&html, "demand");
+        assert!((2 * 460..=2 * 470).contains(&n), "{n} points");
+        assert_eq!(count(&html, "forecast"), 1);
+        assert_eq!(count(&html, "capacity"), 1);
+        assert!(html.contains("class=\"decision applied\""));
+        assert!(html.contains("cpu 2 → 3 cores &lt;raise&gt;"), "escaped");
+        assert!(!html.contains("<script"), "no script");
+        assert!(
+            !html.contains("http://") && !html.contains("https://"),
+            "no external asset"
+        );
+        // The memory-only container has no forecast or capacity: nothing drawn for them.
+        let b = &html[html.find("<h3>/b</h3>").unwrap()..];
+        let b = &b[..b.find("</section>").unwrap()];
+        assert!(!b.contains("class=\"forecast\""));
+    }
+
+    #[test]
+    fn gaps_split_lines_and_old_points_come_from_the_coarse_tier() {
+        // Fine tier holds 60 s; a 2 h window must reach into the coarse tier.
+        let mut h = History::new(1000, 60, 60, 600);
+        let k = key("container_cpu_usage_cores", "/a");
+        let t0 = 1_700_000_000_000u64;
+        for i in 0..3600u64 {
+            // Down for five minutes in the middle.
+            if (1800..2100).contains(&i) {
+                continue;
+            }
+            h.record(&k, t0 + i * 1000, if i == 600 { 9.0 } else { 1.0 });
+        }
+        let now = t0 + 3600_000;
+        let html = render(
+            &Header::default(),
+            &h,
+            None,
+            &[],
+            &Options {
+                hours: 2.0,
+                max_containers: 10,
+            },
+            now,
+        );
+        assert!(count(&html, "demand") >= 2, "the outage splits the line");
+        // The one-second peak at 600 s survives as its minute's maximum.
+        assert!(html.contains("9.90 cores") || html.contains("now 1.00 cores"));
+        let v = h.view(&k).unwrap();
+        let line = window(&v, now - 7_200_000, now, 560);
+        assert!(line.max() >= 9.0, "peak kept: {}", line.max());
+        assert!(line.points() <= 560 + line.runs.len());
+    }
+
+    #[test]
+    fn busiest_containers_first_and_the_rest_counted() {
+        let mut h = History::new(1000, 10, 60, 10);
+        let t = 1_700_000_000_000u64;
+        for i in 0..5 {
+            h.record(
+                &key("container_cpu_usage_cores", &format!("/c{i}")),
+                t,
+                i as f64,
+            );
+        }
+        let html = render(
+            &Header::default(),
+            &h,
+            None,
+            &[],
+            &Options {
+                hours: 1.0,
+                max_containers: 2,
+            },
+            t + 1000,
+        );
+        let c4 = html.find("<h3>/c4</h3>").expect("busiest drawn");
+        let c3 = html.find("<h3>/c3</h3>").expect("second drawn");
+        assert!(c4 < c3);
+        assert!(!html.contains("<h3>/c0</h3>"));
+        assert!(html.contains("3 quieter containers not drawn"));
+    }
+
+    #[test]
+    fn forecast_names_match_their_demand_only() {
+        assert!(is_forecast_of(
+            "forecast_upper_cpu_usage_cores",
+            "container_cpu_usage_cores"
+        ));
+        assert!(is_forecast_of(
+            "forecast_upper_container_cpu_usage_cores",
+            "container_cpu_usage_cores"
+        ));
+        assert!(!is_forecast_of(
+            "forecast_upper_usage_cores",
+            "container_cpu_usage_cores"
+        ));
+        assert!(!is_forecast_of(
+            "forecast_upper_memory_working_set_bytes",
+            "container_cpu_usage_cores"
+        ));
+    }
+
+    #[test]
+    fn query_options_are_bounded() {
+        assert_eq!(Options::from_query("hours=2&containers=5").hours, 2.0);
+        assert_eq!(Options::from_query("hours=1e9").hours, 6.0);
+        assert_eq!(Options::from_query("hours=NaN").hours, 6.0);
+        assert_eq!(Options::from_query("containers=0").max_containers, 24);
+    }
+
+    #[test]
+    fn empty_history_says_so() {
+        let h = History::new(1000, 10, 60, 10);
+        assert!(page(&h, &[], 1_700_000_000_000).contains("No history yet"));
+    }
+}
