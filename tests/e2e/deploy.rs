@@ -308,3 +308,129 @@ fn kubernetes_manifests_validate() {
     assert!(text.contains("ScaledObject/llm-serve (documented spec"));
     assert!(text.contains("(accepted by the agent)"));
 }
+
+/// Chromium's flags for a closed network and a root user (no sandbox), with its own profile.
+fn chromium(profile: &Path) -> Command {
+    let mut c = Command::new("chromium");
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        "--window-size=1280,1600",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()));
+    c
+}
+
+/// Where screenshots are kept for CI to collect: `target/screenshots/`.
+fn screenshot_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"));
+    let d = target.join("screenshots");
+    std::fs::create_dir_all(&d).expect("create target/screenshots");
+    d
+}
+
+/// `data-points` of every polyline of `class` inside the section whose heading is `title`.
+fn plotted_points(dom: &str, title: &str, class: &str) -> Vec<usize> {
+    let Some(start) = dom.find(&format!("<h3>{title}</h3>")) else {
+        return Vec::new();
+    };
+    let section = &dom[start..];
+    let section = &section[..section.find("</section>").unwrap_or(section.len())];
+    let needle = format!("class=\"{class}\" data-points=\"");
+    section
+        .match_indices(&needle)
+        .filter_map(|(i, _)| {
+            let rest = &section[i + needle.len()..];
+            rest[..rest.find('"')?].parse().ok()
+        })
+        .collect()
+}
+
+#[test]
+fn status_page_plots_real_containers_in_chromium() {
+    let test = "status_page_plots_real_containers_in_chromium";
+    if !require_root(test) || !require_tool(test, "chromium") {
+        return;
+    }
+    let w = workload_binary();
+    let busy = TestCgroup::create("page-busy", true, false);
+    busy.write("cpu", "cpu.cfs_period_us", "100000");
+    busy.write("cpu", "cpu.cfs_quota_us", "40000");
+    let mem = TestCgroup::create("page-mem", true, false);
+    let mut burner = busy.spawn(&w, &["burn", "1"]);
+    let mut allocator = mem.spawn(&w, &["alloc", "64"]);
+    let agent = Agent::start(&[
+        "--include-cgroup",
+        &format!("/headroom-test-{}-page-*", std::process::id()),
+        "--sample-interval",
+        "0.25",
+    ]);
+    // Twenty-odd samples: enough for lines, short enough for CI.
+    std::thread::sleep(Duration::from_secs(6));
+
+    let profile = tempfile::tempdir().expect("chromium profile");
+    let url = format!("http://127.0.0.1:{}/", agent.port);
+    let dom = chromium(profile.path())
+        .arg("--dump-dom")
+        .arg(&url)
+        .stderr(Stdio::null())
+        .output()
+        .expect("run chromium --dump-dom");
+    let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
+    assert!(
+        dom.contains("<svg class=\"plot\""),
+        "no plot rendered by Chromium: {}",
+        &dom[..dom.len().min(2000)]
+    );
+    // Node plots and both containers' demand lines hold data points, as the browser parsed them.
+    assert!(dom.contains("<h2 class=\"section\">Node</h2>"));
+    for (cg, what) in [(&busy.rel, "CPU"), (&mem.rel, "memory")] {
+        let pts = plotted_points(&dom, cg, "demand");
+        assert!(
+            pts.iter().sum::<usize>() >= 10,
+            "{cg}: demand lines {pts:?} should hold the samples taken; log: {}",
+            agent.log_text()
+        );
+        assert!(dom.contains(what), "{what} panel missing");
+    }
+    // The quota the test set is the applied CPU capacity: 0.40 cores.
+    let busy_section = &dom[dom
+        .find(&format!("<h3>{}</h3>", busy.rel))
+        .expect("busy section")..];
+    assert!(
+        busy_section[..busy_section
+            .find("</section>")
+            .unwrap_or(busy_section.len())]
+            .contains("capacity 0.40 cores"),
+        "CPU quota shown as capacity"
+    );
+
+    let shot = screenshot_dir().join("status-page-agent.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = chromium(profile.path())
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(&url)
+        .stderr(Stdio::null())
+        .output()
+        .expect("run chromium --screenshot");
+    assert!(out.status.success(), "chromium --screenshot failed");
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a real PNG"
+    );
+    eprintln!("screenshot: {}", shot.display());
+    let _ = burner.kill();
+    let _ = allocator.kill();
+    let _ = burner.wait();
+    let _ = allocator.wait();
+}

@@ -327,6 +327,24 @@ fn label_text(key: &SeriesKey) -> String {
         .join(" ")
 }
 
+/// Start of the plotted window: `hours` back, or where history begins if that is later (a young
+/// agent's minutes of data fill the plot instead of a sliver at its right edge), at least a
+/// minute back.
+fn window_start(history: &History, opts: &Options, now_ms: u64) -> u64 {
+    let asked = now_ms.saturating_sub((opts.hours * 3_600_000.0) as u64);
+    let oldest = history
+        .keys()
+        .filter_map(|k| history.view(k))
+        .filter_map(|v| {
+            let coarse = v.coarse.iter().find(|c| c.1.is_finite()).map(|c| c.0);
+            let fine = v.fine.iter().find(|p| p.1.is_finite()).map(|p| p.0);
+            coarse.into_iter().chain(fine).min()
+        })
+        .min()
+        .unwrap_or(asked);
+    asked.max(oldest.min(now_ms.saturating_sub(60_000)))
+}
+
 /// Everything the page shows, computed from history and the newest snapshot.
 fn build(
     history: &History,
@@ -335,7 +353,7 @@ fn build(
     opts: &Options,
     now_ms: u64,
 ) -> (Vec<Group>, usize) {
-    let from_ms = now_ms.saturating_sub((opts.hours * 3_600_000.0) as u64);
+    let from_ms = window_start(history, opts, now_ms);
     const COLUMNS: usize = 560;
     // Group the series: containers by cgroup, GPUs by their labels, the node alone.
     let mut groups: BTreeMap<(GroupKind, String), Vec<&SeriesKey>> = BTreeMap::new();
@@ -444,7 +462,7 @@ fn build(
             continue;
         }
         let (title, subtitle) = match kind {
-            GroupKind::Node => ("node".to_string(), String::new()),
+            GroupKind::Node => (String::new(), String::new()),
             GroupKind::Gpu => {
                 let k = keys[0];
                 let name = k
@@ -464,7 +482,13 @@ fn build(
                     },
                     None => id.clone(),
                 };
-                (name, id.clone())
+                // The cgroup path goes underneath only when the title is something else.
+                let sub = if name == id {
+                    String::new()
+                } else {
+                    id.clone()
+                };
+                (name, sub)
             }
         };
         // Containers are ranked by CPU in use now: comparable across containers, unlike bytes.
@@ -670,7 +694,7 @@ pub fn render(
     now_ms: u64,
 ) -> String {
     let (groups, hidden) = build(history, latest, marks, opts, now_ms);
-    let from_ms = now_ms.saturating_sub((opts.hours * 3_600_000.0) as u64);
+    let from_ms = window_start(history, opts, now_ms);
     let mut out = String::with_capacity(64 * 1024);
     let _ = write!(
         out,
@@ -679,7 +703,7 @@ pub fn render(
          <meta http-equiv=\"refresh\" content=\"60\">\
          <title>headroom on {host}</title><style>{STYLE}</style></head><body>\
          <h1>headroom on {host}</h1>\
-         <div class=\"sub\">agent {ver}, up {up}; last {hours} h \
+         <div class=\"sub\">agent {ver}, up {up}; up to the last {hours} h \
          (<a href=\"/?hours=1\">1 h</a> · <a href=\"/?hours=6\">6 h</a> · <a href=\"/?hours=24\">24 h</a>) · \
          <a href=\"/metrics\">/metrics</a> · <a href=\"/v1/status\">/v1/status</a></div>",
         host = esc(&header.hostname),
@@ -728,8 +752,12 @@ pub fn render(
         };
         let _ = write!(
             out,
-            "<section class=\"group {kind}\"><h3>{}</h3><div class=\"sub\">{}</div><div class=\"panels\">",
-            esc(&g.title),
+            "<section class=\"group {kind}\">{}<div class=\"sub\">{}</div><div class=\"panels\">",
+            if g.title.is_empty() {
+                String::new()
+            } else {
+                format!("<h3>{}</h3>", esc(&g.title))
+            },
             esc(&g.subtitle)
         );
         for p in &g.panels {
@@ -830,10 +858,10 @@ mod tests {
         }];
         let html = page(&h, &marks, now);
         assert_eq!(count(&html, "demand"), 2, "one demand line per container");
-        // Ten minutes of a twelve-minute window across 560 columns: 600 samples fall into
-        // 600 * 560 / 720 = 467 columns per line.
+        // The window starts where history does: 600 samples over 560 columns, one point per
+        // column (the column's maximum).
         let n = points(&html, "demand");
-        assert!((2 * 460..=2 * 470).contains(&n), "{n} points");
+        assert!((2 * 520..=2 * 561).contains(&n), "{n} points");
         assert_eq!(count(&html, "forecast"), 1);
         assert_eq!(count(&html, "capacity"), 1);
         assert!(html.contains("class=\"decision applied\""));
