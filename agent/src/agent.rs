@@ -467,6 +467,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .block_on(tokio::net::TcpListener::bind(config.listen))
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     tracing::info!(listen = %config.listen, state_dir = %config.state_dir.display(), "headroom agent starting");
+    crate::caps::report(&config);
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let server = runtime.spawn(crate::serve::serve(
         listener,

@@ -688,3 +688,108 @@ fn grafana_dashboard_names_exported_metrics_and_runs_in_prometheus() {
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn agent_runs_unprivileged_and_names_each_missing_capability_once() {
+    let test = "agent_runs_unprivileged_and_names_each_missing_capability_once";
+    if !require_root(test) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // Runtime state as runc leaves it: a root-only directory.
+    let runc = dir.path().join("runc");
+    std::fs::create_dir(&runc).expect("mkdir runc");
+    std::fs::set_permissions(&runc, std::fs::Permissions::from_mode(0o700)).expect("chmod runc");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("mkdir state");
+    // SAFETY: chown of a directory this test created.
+    let c = std::ffi::CString::new(state.display().to_string()).expect("path");
+    assert_eq!(unsafe { libc::chown(c.as_ptr(), NOBODY, NOBODY) }, 0);
+    let config = dir.path().join("headroom.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cgroup]\nruntime_state_dirs = [\"{}\"]\n[ebpf]\nenabled = true\n",
+            runc.display()
+        ),
+    )
+    .expect("write config");
+    let port = free_port();
+    let log = dir.path().join("agent.log");
+    let mut cmd = Command::new(agent_binary());
+    cmd.args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--sample-interval", "0.25"])
+        .env("HEADROOM_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"));
+    // SAFETY: only async-signal-safe calls between fork and exec. Leaving uid 0 clears the
+    // permitted and effective capability sets.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(NOBODY) != 0
+                || libc::setuid(NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("start the agent as nobody");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let ready = wait_for(Duration::from_secs(30), || {
+        matches!(http_get(port, "/readyz"), Ok((200, _))).then_some(())
+    });
+    assert!(
+        ready.is_some(),
+        "unprivileged agent never ready: {}",
+        log_text()
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("status");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains(&NOBODY.to_string())),
+        "not running as nobody"
+    );
+    assert!(
+        status.lines().any(|l| l == "CapEff:\t0000000000000000"),
+        "has capabilities"
+    );
+    // Sampling goes on: more samples, metrics and the status page are served.
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, metrics) = http_get(port, "/metrics").expect("GET /metrics");
+    assert_eq!(code, 200);
+    let samples = parse_metrics(&metrics);
+    let passes = find(&samples, "headroom_agent_samples_total", &[]);
+    assert!(passes.first().is_some_and(|s| s.value >= 5.0), "{passes:?}");
+    let (code, page) = http_get(port, "/").expect("GET /");
+    assert_eq!(code, 200);
+    assert!(page.contains("data-points"), "status page without plots");
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let exit = child.wait().expect("wait");
+    let text = log_text();
+    assert!(exit.success(), "exit {exit}: {text}");
+    // Each missing capability is named once, however many samples were taken.
+    for (cap, what) in [
+        ("CAP_BPF", "eBPF probes"),
+        ("CAP_DAC_READ_SEARCH", "runtime state"),
+    ] {
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(cap)).collect();
+        assert_eq!(lines.len(), 1, "{what}: {cap} should be named once: {text}");
+        assert!(lines[0].contains("WARN"), "{}", lines[0]);
+    }
+    assert!(
+        text.contains(&runc.display().to_string()),
+        "the unreadable directory is named"
+    );
+}
