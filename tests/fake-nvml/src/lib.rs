@@ -129,7 +129,8 @@ impl State {
 
     fn device_index(&self, device: nvmlDevice_t) -> Result<usize, nvmlReturn_t> {
         let h = device as usize;
-        if (DEVICE_BASE..DEVICE_BASE + MAX_GPUS).contains(&h) && h - DEVICE_BASE < self.script.gpus.len()
+        if (DEVICE_BASE..DEVICE_BASE + MAX_GPUS).contains(&h)
+            && h - DEVICE_BASE < self.script.gpus.len()
         {
             Ok(h - DEVICE_BASE)
         } else {
@@ -388,7 +389,10 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
 // ---------------------------------------------------------------------------------------------
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetIndex(device: nvmlDevice_t, index: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetIndex(
+    device: nvmlDevice_t,
+    index: *mut c_uint,
+) -> nvmlReturn_t {
     with_state(Some(device), "nvmlDeviceGetIndex", |_, i| unsafe {
         out(index, i as c_uint)
     })
@@ -428,7 +432,12 @@ pub unsafe extern "C" fn nvmlDeviceGetPciInfo_v3(
         let id = &st.script.gpus[i].pci_bus_id;
         // "DDDDDDDD:BB:DD.F": parse what is there, leave the rest zero.
         let mut parts = id.split([':', '.']);
-        let mut num = || parts.next().and_then(|p| u32::from_str_radix(p, 16).ok()).unwrap_or(0);
+        let mut num = || {
+            parts
+                .next()
+                .and_then(|p| u32::from_str_radix(p, 16).ok())
+                .unwrap_or(0)
+        };
         let (domain, bus, dev) = (num(), num(), num());
         // SAFETY: pci is a non-null pointer to an nvmlPciInfo_t.
         unsafe {
@@ -544,7 +553,10 @@ pub unsafe extern "C" fn nvmlDeviceGetClockInfo(
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(device: nvmlDevice_t, mw: *mut c_uint) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlDeviceGetPowerUsage(
+    device: nvmlDevice_t,
+    mw: *mut c_uint,
+) -> nvmlReturn_t {
     with_state(Some(device), "nvmlDeviceGetPowerUsage", |st, i| {
         let t = st.elapsed_ms();
         unsafe { out(mw, st.script.gpus[i].power_mw.at(t).max(0.0) as c_uint) }
@@ -556,9 +568,11 @@ pub unsafe extern "C" fn nvmlDeviceGetEnforcedPowerLimit(
     device: nvmlDevice_t,
     mw: *mut c_uint,
 ) -> nvmlReturn_t {
-    with_state(Some(device), "nvmlDeviceGetEnforcedPowerLimit", |st, i| unsafe {
-        out(mw, st.script.gpus[i].power_limit_mw)
-    })
+    with_state(
+        Some(device),
+        "nvmlDeviceGetEnforcedPowerLimit",
+        |st, i| unsafe { out(mw, st.script.gpus[i].power_limit_mw) },
+    )
 }
 
 #[unsafe(no_mangle)]
@@ -566,16 +580,20 @@ pub unsafe extern "C" fn nvmlDeviceGetTotalEnergyConsumption(
     device: nvmlDevice_t,
     mj: *mut c_ulonglong,
 ) -> nvmlReturn_t {
-    with_state(Some(device), "nvmlDeviceGetTotalEnergyConsumption", |st, i| {
-        let t = st.elapsed_ms();
-        let now = script::now_ms();
-        let power = st.script.gpus[i].power_mw.at(t).max(0.0);
-        let (acc, last) = &mut st.energy[i];
-        *acc += power * now.saturating_sub(*last) as f64 / 1000.0;
-        *last = now;
-        let v = st.script.gpus[i].energy_mj + *acc as u64;
-        unsafe { out(mj, v) }
-    })
+    with_state(
+        Some(device),
+        "nvmlDeviceGetTotalEnergyConsumption",
+        |st, i| {
+            let t = st.elapsed_ms();
+            let now = script::now_ms();
+            let power = st.script.gpus[i].power_mw.at(t).max(0.0);
+            let (acc, last) = &mut st.energy[i];
+            *acc += power * now.saturating_sub(*last) as f64 / 1000.0;
+            *last = now;
+            let v = st.script.gpus[i].energy_mj + *acc as u64;
+            unsafe { out(mj, v) }
+        },
+    )
 }
 
 #[unsafe(no_mangle)]
@@ -589,7 +607,12 @@ pub unsafe extern "C" fn nvmlDeviceGetTemperature(
             return Err(INVALID_ARG);
         }
         let t = st.elapsed_ms();
-        unsafe { out(temp, st.script.gpus[i].temperature_c.at(t).max(0.0) as c_uint) }
+        unsafe {
+            out(
+                temp,
+                st.script.gpus[i].temperature_c.at(t).max(0.0) as c_uint,
+            )
+        }
     })
 }
 
@@ -598,9 +621,11 @@ pub unsafe extern "C" fn nvmlDeviceGetCurrentClocksThrottleReasons(
     device: nvmlDevice_t,
     reasons: *mut c_ulonglong,
 ) -> nvmlReturn_t {
-    with_state(Some(device), "nvmlDeviceGetCurrentClocksThrottleReasons", |st, i| unsafe {
-        out(reasons, st.script.gpus[i].throttle_reasons)
-    })
+    with_state(
+        Some(device),
+        "nvmlDeviceGetCurrentClocksThrottleReasons",
+        |st, i| unsafe { out(reasons, st.script.gpus[i].throttle_reasons) },
+    )
 }
 
 #[unsafe(no_mangle)]
@@ -774,7 +799,11 @@ pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(
     count: *mut c_uint,
 ) -> nvmlReturn_t {
     with_state(Some(device), "nvmlDeviceGetMaxMigDeviceCount", |st, i| {
-        let n = if st.script.gpus[i].mig_mode == 1 { 7 } else { 0 };
+        let n = if st.script.gpus[i].mig_mode == 1 {
+            7
+        } else {
+            0
+        };
         unsafe { out(count, n) }
     })
 }
@@ -785,19 +814,23 @@ pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
     index: c_uint,
     mig: *mut nvmlDevice_t,
 ) -> nvmlReturn_t {
-    with_state(Some(device), "nvmlDeviceGetMigDeviceHandleByIndex", |st, i| {
-        let g = &st.script.gpus[i];
-        if g.mig_mode != 1 {
-            return Err(INVALID_ARG);
-        }
-        if index >= 7 {
-            return Err(INVALID_ARG);
-        }
-        if index >= g.mig_instances {
-            return Err(NOT_FOUND);
-        }
-        unsafe { out(mig, (MIG_BASE + i * 0x100 + index as usize) as nvmlDevice_t) }
-    })
+    with_state(
+        Some(device),
+        "nvmlDeviceGetMigDeviceHandleByIndex",
+        |st, i| {
+            let g = &st.script.gpus[i];
+            if g.mig_mode != 1 {
+                return Err(INVALID_ARG);
+            }
+            if index >= 7 {
+                return Err(INVALID_ARG);
+            }
+            if index >= g.mig_instances {
+                return Err(NOT_FOUND);
+            }
+            unsafe { out(mig, (MIG_BASE + i * 0x100 + index as usize) as nvmlDevice_t) }
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -810,21 +843,25 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     count: *mut c_uint,
     infos: *mut nvmlProcessInfo_t,
 ) -> nvmlReturn_t {
-    with_state(Some(device), "nvmlDeviceGetComputeRunningProcesses_v3", |st, i| {
-        let t = st.elapsed_ms();
-        let procs = &st.script.gpus[i].processes;
-        unsafe {
-            fill_list(count, !infos.is_null(), procs.len() as u32, |k| {
-                let p = &procs[k];
-                *infos.add(k) = nvmlProcessInfo_t {
-                    pid: p.pid,
-                    usedGpuMemory: p.memory_used.at(t).max(0.0) as u64,
-                    gpuInstanceId: u32::MAX,
-                    computeInstanceId: u32::MAX,
-                };
-            })
-        }
-    })
+    with_state(
+        Some(device),
+        "nvmlDeviceGetComputeRunningProcesses_v3",
+        |st, i| {
+            let t = st.elapsed_ms();
+            let procs = &st.script.gpus[i].processes;
+            unsafe {
+                fill_list(count, !infos.is_null(), procs.len() as u32, |k| {
+                    let p = &procs[k];
+                    *infos.add(k) = nvmlProcessInfo_t {
+                        pid: p.pid,
+                        usedGpuMemory: p.memory_used.at(t).max(0.0) as u64,
+                        gpuInstanceId: u32::MAX,
+                        computeInstanceId: u32::MAX,
+                    };
+                })
+            }
+        },
+    )
 }
 
 #[unsafe(no_mangle)]
@@ -833,9 +870,11 @@ pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
     count: *mut c_uint,
     infos: *mut nvmlProcessInfo_t,
 ) -> nvmlReturn_t {
-    with_state(Some(device), "nvmlDeviceGetGraphicsRunningProcesses_v3", |_, _| unsafe {
-        fill_list(count, !infos.is_null(), 0, |_| {})
-    })
+    with_state(
+        Some(device),
+        "nvmlDeviceGetGraphicsRunningProcesses_v3",
+        |_, _| unsafe { fill_list(count, !infos.is_null(), 0, |_| {}) },
+    )
 }
 
 #[unsafe(no_mangle)]
@@ -844,9 +883,11 @@ pub unsafe extern "C" fn nvmlDeviceGetMPSComputeRunningProcesses_v3(
     count: *mut c_uint,
     infos: *mut nvmlProcessInfo_t,
 ) -> nvmlReturn_t {
-    with_state(Some(device), "nvmlDeviceGetMPSComputeRunningProcesses_v3", |_, _| unsafe {
-        fill_list(count, !infos.is_null(), 0, |_| {})
-    })
+    with_state(
+        Some(device),
+        "nvmlDeviceGetMPSComputeRunningProcesses_v3",
+        |_, _| unsafe { fill_list(count, !infos.is_null(), 0, |_| {}) },
+    )
 }
 
 /// One sample per scripted process, stamped at the current 100 ms boundary: NVML answers with the
@@ -862,7 +903,11 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
         let t = st.elapsed_ms();
         let stamp = script::now_us() / 100_000 * 100_000;
         let procs = &st.script.gpus[i].processes;
-        let n = if stamp > last_seen { procs.len() as u32 } else { 0 };
+        let n = if stamp > last_seen {
+            procs.len() as u32
+        } else {
+            0
+        };
         if n == 0 {
             if !count.is_null() {
                 unsafe { *count = 0 };
@@ -912,9 +957,11 @@ pub unsafe extern "C" fn nvmlDeviceGetSupportedEventTypes(
     device: nvmlDevice_t,
     types: *mut c_ulonglong,
 ) -> nvmlReturn_t {
-    with_state(Some(device), "nvmlDeviceGetSupportedEventTypes", |_, _| unsafe {
-        out(types, nvmlEventTypeXidCriticalError as u64)
-    })
+    with_state(
+        Some(device),
+        "nvmlDeviceGetSupportedEventTypes",
+        |_, _| unsafe { out(types, nvmlEventTypeXidCriticalError as u64) },
+    )
 }
 
 #[unsafe(no_mangle)]
@@ -1036,7 +1083,10 @@ pub unsafe extern "C" fn nvmlGpmSampleFree(sample: nvmlGpmSample_t) -> nvmlRetur
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nvmlGpmSampleGet(device: nvmlDevice_t, sample: nvmlGpmSample_t) -> nvmlReturn_t {
+pub unsafe extern "C" fn nvmlGpmSampleGet(
+    device: nvmlDevice_t,
+    sample: nvmlGpmSample_t,
+) -> nvmlReturn_t {
     with_state(Some(device), "nvmlGpmSampleGet", |st, i| {
         if st.script.gpus[i].gpm.is_none() {
             return Err(NOT_SUPPORTED);
@@ -1080,9 +1130,12 @@ pub unsafe extern "C" fn nvmlGpmMetricsGet(req: *mut nvmlGpmMetricsGet_t) -> nvm
                     nvmlGpmMetricId_t_NVML_GPM_METRIC_SM_UTIL => {
                         (Some(gpm.sm_util.at(t)), c"sm_util", c"SM utilization", c"%")
                     }
-                    nvmlGpmMetricId_t_NVML_GPM_METRIC_SM_OCCUPANCY => {
-                        (Some(gpm.sm_occupancy.at(t)), c"sm_occupancy", c"SM occupancy", c"%")
-                    }
+                    nvmlGpmMetricId_t_NVML_GPM_METRIC_SM_OCCUPANCY => (
+                        Some(gpm.sm_occupancy.at(t)),
+                        c"sm_occupancy",
+                        c"SM occupancy",
+                        c"%",
+                    ),
                     nvmlGpmMetricId_t_NVML_GPM_METRIC_ANY_TENSOR_UTIL => (
                         Some(gpm.tensor_util.at(t)),
                         c"any_tensor_util",

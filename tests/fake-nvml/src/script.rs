@@ -248,7 +248,11 @@ pub fn read_trace(path: &Path) -> Result<Vec<f64>, String> {
             continue;
         }
         let Some(value) = line.split(',').nth(1) else {
-            return Err(format!("trace {} line {}: no value column", path.display(), n + 1));
+            return Err(format!(
+                "trace {} line {}: no value column",
+                path.display(),
+                n + 1
+            ));
         };
         match value.trim().parse::<f64>() {
             Ok(v) => points.push(v),

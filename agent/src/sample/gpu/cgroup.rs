@@ -54,7 +54,9 @@ impl CgroupResolver {
     /// namespace: a DaemonSet needs `hostPID: true` for NVML's host PIDs to resolve).
     pub fn resolve(&mut self, pid: u32, now: Instant) -> Option<String> {
         if let Some((cg, at)) = self.cache.get(&pid) {
-            if now.duration_since(*at) < REFRESH {
+            // Spread re-reads over [REFRESH, 2 x REFRESH) by PID so no cycle re-reads them all.
+            let ttl = REFRESH + REFRESH.mul_f64(f64::from(pid % 97) / 97.0);
+            if now.duration_since(*at) < ttl {
                 return cg.clone();
             }
         }
@@ -111,7 +113,7 @@ mod tests {
         assert_eq!(r.resolve(42, now).as_deref(), Some("/a/b"));
         std::fs::write(dir.path().join("42/cgroup"), "0::/c\n").expect("write");
         assert_eq!(r.resolve(42, now).as_deref(), Some("/a/b"));
-        assert_eq!(r.resolve(42, now + REFRESH).as_deref(), Some("/c"));
+        assert_eq!(r.resolve(42, now + REFRESH * 2).as_deref(), Some("/c"));
         assert_eq!(r.resolve(7, now), None);
         r.retain(|p| p == 7);
         assert!(!r.cache.contains_key(&42));

@@ -41,6 +41,9 @@ pub struct InCall {
 
 pub type CallTracker = Arc<Mutex<Option<InCall>>>;
 
+/// (GPU index, PID, memory used, [SM, memory, encoder, decoder] utilisation ratios).
+type RawProc = (usize, u32, Option<u64>, Option<[f64; 4]>);
+
 /// Timing settings for fault detection.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -77,15 +80,20 @@ struct CallCtx<'a> {
 impl CallCtx<'_> {
     /// Runs one NVML call: skips calls known unsupported, times it, and turns its error into
     /// the GPU's fault (GPU lost wins over any other reason).
-    fn run<T>(&mut self, name: &'static str, f: impl FnOnce() -> Result<T, NvmlError>) -> Option<T> {
+    fn run<T>(
+        &mut self,
+        name: &'static str,
+        f: impl FnOnce() -> Result<T, NvmlError>,
+    ) -> Option<T> {
         if self.lost || self.unsupported.contains(name) {
             return None;
         }
+        set_call(self.tracker, Some((Instant::now(), name, Some(self.gpu))));
+        // Only the call itself counts as the library's time.
         let t0 = Instant::now();
-        set_call(self.tracker, Some((t0, name, Some(self.gpu))));
         let r = f();
-        set_call(self.tracker, None);
         let dt = t0.elapsed();
+        set_call(self.tracker, None);
         *self.nvml_time += dt;
         if dt > self.limits.slow_call && self.fault.is_none() {
             self.fault = Some(format!("{name} took {} ms (timeout)", dt.as_millis()));
@@ -183,6 +191,11 @@ impl<'n> Collector<'n> {
         &self.driver_version
     }
 
+    /// Drops cached PID → cgroup lookups so the next cycle reads every one (benchmarks).
+    pub fn forget_cgroups(&mut self) {
+        self.resolver.retain(|_| false);
+    }
+
     pub fn gpu_count(&self) -> usize {
         self.gpus.len()
     }
@@ -217,11 +230,14 @@ impl<'n> Collector<'n> {
     fn read_events(&mut self, now: Instant) {
         let Some(set) = &self.events else { return };
         for _ in 0..256 {
+            set_call(
+                &self.tracker,
+                Some((Instant::now(), "nvmlEventSetWait_v2", None)),
+            );
             let t0 = Instant::now();
-            set_call(&self.tracker, Some((t0, "nvmlEventSetWait_v2", None)));
             let r = set.wait(0);
-            set_call(&self.tracker, None);
             self.nvml_time += t0.elapsed();
+            set_call(&self.tracker, None);
             let Ok(ev) = r else { break };
             let Some(XidError::Value(xid)) = ev.event_data else {
                 continue;
@@ -243,12 +259,12 @@ impl<'n> Collector<'n> {
         self.nvml_time = Duration::ZERO;
         let now = Instant::now();
         let at = SystemTime::now();
-        let slow_due = self.cycle % SLOW_EVERY == 0;
+        let slow_due = self.cycle.is_multiple_of(SLOW_EVERY);
         self.cycle += 1;
         self.read_events(now);
 
         let mut gpus = Vec::with_capacity(self.gpus.len());
-        let mut raw_procs: Vec<(usize, u32, Option<u64>, Option<[f64; 4]>)> = Vec::new();
+        let mut raw_procs: Vec<RawProc> = Vec::new();
         let nvml = self.nvml;
         for (i, g) in self.gpus.iter_mut().enumerate() {
             let mut ctx = CallCtx {
@@ -320,7 +336,7 @@ impl<'n> Collector<'n> {
 
     fn attribute(
         &mut self,
-        raw: Vec<(usize, u32, Option<u64>, Option<[f64; 4]>)>,
+        raw: Vec<RawProc>,
         now: Instant,
     ) -> (Vec<ProcessUsage>, Vec<ContainerUsage>) {
         let live: HashMap<u32, ()> = raw.iter().map(|r| (r.1, ())).collect();
@@ -398,7 +414,9 @@ fn fast_stats(ctx: &mut CallCtx<'_>, dev: &Device<'_>, s: &mut GpuStats) {
         .run("nvmlDeviceGetClockInfo(SM)", || dev.clock_info(Clock::SM))
         .map(|v| f64::from(v) * 1e6);
     s.memory_clock_hertz = ctx
-        .run("nvmlDeviceGetClockInfo(MEM)", || dev.clock_info(Clock::Memory))
+        .run("nvmlDeviceGetClockInfo(MEM)", || {
+            dev.clock_info(Clock::Memory)
+        })
         .map(|v| f64::from(v) * 1e6);
     s.power_watts = ctx
         .run("nvmlDeviceGetPowerUsage", || dev.power_usage())
@@ -434,7 +452,9 @@ fn fast_stats(ctx: &mut CallCtx<'_>, dev: &Device<'_>, s: &mut GpuStats) {
 fn slow_stats(ctx: &mut CallCtx<'_>, dev: &Device<'_>) -> GpuStats {
     let mut s = GpuStats {
         power_limit_watts: ctx
-            .run("nvmlDeviceGetEnforcedPowerLimit", || dev.enforced_power_limit())
+            .run("nvmlDeviceGetEnforcedPowerLimit", || {
+                dev.enforced_power_limit()
+            })
             .map(|mw| f64::from(mw) / 1000.0),
         ecc_corrected_errors: ctx.run("nvmlDeviceGetTotalEccErrors(corrected)", || {
             dev.total_ecc_errors(MemoryError::Corrected, EccCounter::Aggregate)
@@ -570,7 +590,7 @@ fn processes(
     dev: &Device<'_>,
     gpu: usize,
     last_seen: &mut u64,
-    out: &mut Vec<(usize, u32, Option<u64>, Option<[f64; 4]>)>,
+    out: &mut Vec<RawProc>,
 ) {
     let procs = ctx.run("nvmlDeviceGetComputeRunningProcesses_v3", || {
         dev.running_compute_processes()

@@ -22,7 +22,7 @@ pub use cgroup::{CgroupResolver, parse_cgroup_file};
 pub use collect::{CallTracker, Collector, InCall, Limits};
 pub use snapshot::{
     ContainerUsage, Gpu, GpuIdentity, GpuSnapshot, GpuStats, Health, HealthEvent, NvmlStatus,
-    ProcessUsage,
+    ProcessUsage, Series,
 };
 
 /// The library loaded when none is configured: the runtime name the driver installs (the bare
@@ -87,7 +87,9 @@ pub struct GpuSampler {
 
 impl std::fmt::Debug for GpuSampler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuSampler").field("cfg", &self.cfg).finish()
+        f.debug_struct("GpuSampler")
+            .field("cfg", &self.cfg)
+            .finish()
     }
 }
 
@@ -246,41 +248,38 @@ fn worker(cfg: GpuConfig, proc_root: PathBuf, shared: Arc<Shared>, rx: mpsc::Rec
     };
     let mut last_missing: Option<String> = None;
     loop {
-        let attempt = init_nvml(&lib).map_err(|e| {
-            format!(
-                "cannot load NVML from {}: {e}",
-                lib.display()
-            )
-        });
+        let attempt =
+            init_nvml(&lib).map_err(|e| format!("cannot load NVML from {}: {e}", lib.display()));
         let outcome: Result<(), String> = match attempt {
             Err(reason) => Err(reason),
-            Ok(nvml) => {
-                match Collector::new(&nvml, &proc_root, shared.tracker.clone(), limits) {
-                    Err(e) => Err(format!("NVML loaded from {} but listing GPUs failed: {e}", lib.display())),
-                    Ok(mut c) => {
-                        if c.gpu_count() == 0 {
-                            tracing::warn!(
-                                "no GPU found: NVML (driver {}) reports 0 devices",
-                                c.driver_version()
-                            );
-                        } else {
-                            tracing::info!(
-                                "NVML loaded from {}: driver {}, {} GPU(s)",
-                                lib.display(),
-                                c.driver_version(),
-                                c.gpu_count()
-                            );
-                        }
-                        loop {
-                            let t0 = Instant::now();
-                            publish(&shared, c.cycle());
-                            if !wait(&rx, cfg.period.saturating_sub(t0.elapsed())) {
-                                return;
-                            }
+            Ok(nvml) => match Collector::new(&nvml, &proc_root, shared.tracker.clone(), limits) {
+                Err(e) => Err(format!(
+                    "NVML loaded from {} but listing GPUs failed: {e}",
+                    lib.display()
+                )),
+                Ok(mut c) => {
+                    if c.gpu_count() == 0 {
+                        tracing::warn!(
+                            "no GPU found: NVML (driver {}) reports 0 devices",
+                            c.driver_version()
+                        );
+                    } else {
+                        tracing::info!(
+                            "NVML loaded from {}: driver {}, {} GPU(s)",
+                            lib.display(),
+                            c.driver_version(),
+                            c.gpu_count()
+                        );
+                    }
+                    loop {
+                        let t0 = Instant::now();
+                        publish(&shared, c.cycle());
+                        if !wait(&rx, cfg.period.saturating_sub(t0.elapsed())) {
+                            return;
                         }
                     }
                 }
-            }
+            },
         };
         if let Err(reason) = outcome {
             if last_missing.as_ref() != Some(&reason) {
@@ -318,6 +317,9 @@ pub struct CycleCost {
     pub nvml_per_cycle: Duration,
     /// CPU per cycle in the agent's own code: total minus the library's share.
     pub agent_cpu_per_cycle: Duration,
+    /// Like `agent_cpu_per_cycle` for a cycle that re-reads every PID's cgroup file: only the
+    /// first cycle does; later re-reads are spread so each cycle re-reads about a fifth of them.
+    pub agent_cpu_per_cycle_uncached: Duration,
     /// Mean time to encode the snapshot as metrics (scrape time, not per cycle).
     pub encode_per_scrape: Duration,
 }
@@ -333,7 +335,11 @@ fn thread_cpu() -> Duration {
 }
 
 /// Runs `cycles` NVML cycles against `lib` on this thread and reports their cost (benchmarks).
-pub fn measure_cycle_cost(lib: &Path, proc_root: &Path, cycles: u32) -> Result<CycleCost, NvmlError> {
+pub fn measure_cycle_cost(
+    lib: &Path,
+    proc_root: &Path,
+    cycles: u32,
+) -> Result<CycleCost, NvmlError> {
     let nvml = init_nvml(lib)?;
     let tracker: CallTracker = Arc::new(Mutex::new(None));
     let limits = Limits {
@@ -353,6 +359,14 @@ pub fn measure_cycle_cost(lib: &Path, proc_root: &Path, cycles: u32) -> Result<C
         cpu += thread_cpu() - t0;
         lib_time += c.nvml_time;
     }
+    let (mut cpu_u, mut lib_u) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..n {
+        c.forget_cgroups();
+        let t0 = thread_cpu();
+        snap = c.cycle();
+        cpu_u += thread_cpu() - t0;
+        lib_u += c.nvml_time;
+    }
     let t0 = Instant::now();
     let mut out = String::new();
     for _ in 0..n {
@@ -368,6 +382,7 @@ pub fn measure_cycle_cost(lib: &Path, proc_root: &Path, cycles: u32) -> Result<C
         cpu_per_cycle: cpu,
         nvml_per_cycle: lib_time,
         agent_cpu_per_cycle: cpu.saturating_sub(lib_time),
+        agent_cpu_per_cycle_uncached: (cpu_u / n).saturating_sub(lib_u / n),
         encode_per_scrape: encode,
     })
 }

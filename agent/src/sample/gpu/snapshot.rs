@@ -14,8 +14,12 @@ pub enum NvmlStatus {
     /// Turned off in the configuration.
     Disabled,
     /// Not (yet) initialised: library missing, driver not loaded, init failed.
-    Missing { reason: String },
-    Up { driver_version: String },
+    Missing {
+        reason: String,
+    },
+    Up {
+        driver_version: String,
+    },
 }
 
 /// The fixed identity of one GPU; these become the DCGM-exporter labels.
@@ -129,6 +133,10 @@ pub struct GpuSnapshot {
 }
 
 type Labels = Vec<(Cow<'static, str>, Cow<'static, str>)>;
+type Getter = fn(&Gpu) -> Option<f64>;
+
+/// A value for history: metric name, labels, value.
+pub type Series = (String, Vec<(String, String)>, f64);
 
 /// Throttle reason bits (nvml.h `nvmlClocksThrottleReason*`) and their label values.
 const THROTTLE_REASONS: [(u64, &str); 9] = [
@@ -243,33 +251,61 @@ impl GpuSnapshot {
             return Ok(());
         }
 
-        let mut fams: Vec<(Family, fn(&Gpu) -> Option<f64>)> = vec![
+        let mut fams: Vec<(Family, Getter)> = vec![
             (
-                Family::new("headroom_gpu_healthy", "1 when the GPU is healthy, 0 when it is lost, has a critical XID or a failing NVML call", Gauge),
+                Family::new(
+                    "headroom_gpu_healthy",
+                    "1 when the GPU is healthy, 0 when it is lost, has a critical XID or a failing NVML call",
+                    Gauge,
+                ),
                 |g| Some(if g.health.healthy { 1.0 } else { 0.0 }),
             ),
             (
-                Family::new("headroom_gpu_utilization_ratio", "Fraction of the last sample period a kernel was running (nvmlDeviceGetUtilizationRates)", Gauge),
+                Family::new(
+                    "headroom_gpu_utilization_ratio",
+                    "Fraction of the last sample period a kernel was running (nvmlDeviceGetUtilizationRates)",
+                    Gauge,
+                ),
                 |g| g.stats.utilization_ratio,
             ),
             (
-                Family::new("headroom_gpu_memory_utilization_ratio", "Fraction of the last sample period device memory was read or written", Gauge),
+                Family::new(
+                    "headroom_gpu_memory_utilization_ratio",
+                    "Fraction of the last sample period device memory was read or written",
+                    Gauge,
+                ),
                 |g| g.stats.memory_utilization_ratio,
             ),
             (
-                Family::new("headroom_gpu_memory_used_bytes", "Framebuffer memory used", Gauge),
+                Family::new(
+                    "headroom_gpu_memory_used_bytes",
+                    "Framebuffer memory used",
+                    Gauge,
+                ),
                 |g| f(g.stats.memory_used_bytes),
             ),
             (
-                Family::new("headroom_gpu_memory_free_bytes", "Framebuffer memory free", Gauge),
+                Family::new(
+                    "headroom_gpu_memory_free_bytes",
+                    "Framebuffer memory free",
+                    Gauge,
+                ),
                 |g| f(g.stats.memory_free_bytes),
             ),
             (
-                Family::new("headroom_gpu_memory_total_bytes", "Framebuffer memory total", Gauge),
+                Family::new(
+                    "headroom_gpu_memory_total_bytes",
+                    "Framebuffer memory total",
+                    Gauge,
+                ),
                 |g| f(g.stats.memory_total_bytes),
             ),
             (
-                Family::new("headroom_gpu_memory_reserved_bytes", "Framebuffer memory reserved by the driver", Gauge),
+                Family::new(
+                    "headroom_gpu_memory_reserved_bytes",
+                    "Framebuffer memory reserved by the driver",
+                    Gauge,
+                ),
                 |g| f(g.stats.memory_reserved_bytes),
             ),
             (
@@ -285,23 +321,43 @@ impl GpuSnapshot {
                 |g| g.stats.power_watts,
             ),
             (
-                Family::new("headroom_gpu_power_limit_watts", "Enforced power limit", Gauge),
+                Family::new(
+                    "headroom_gpu_power_limit_watts",
+                    "Enforced power limit",
+                    Gauge,
+                ),
                 |g| g.stats.power_limit_watts,
             ),
             (
-                Family::new("headroom_gpu_energy_joules", "Energy used since the driver was loaded", Counter),
+                Family::new(
+                    "headroom_gpu_energy_joules",
+                    "Energy used since the driver was loaded",
+                    Counter,
+                ),
                 |g| g.stats.energy_joules,
             ),
             (
-                Family::new("headroom_gpu_temperature_celsius", "GPU core temperature", Gauge),
+                Family::new(
+                    "headroom_gpu_temperature_celsius",
+                    "GPU core temperature",
+                    Gauge,
+                ),
                 |g| g.stats.temperature_celsius,
             ),
             (
-                Family::new("headroom_gpu_pcie_tx_bytes_per_second", "PCIe transmit throughput", Gauge),
+                Family::new(
+                    "headroom_gpu_pcie_tx_bytes_per_second",
+                    "PCIe transmit throughput",
+                    Gauge,
+                ),
                 |g| g.stats.pcie_tx_bytes_per_second,
             ),
             (
-                Family::new("headroom_gpu_pcie_rx_bytes_per_second", "PCIe receive throughput", Gauge),
+                Family::new(
+                    "headroom_gpu_pcie_rx_bytes_per_second",
+                    "PCIe receive throughput",
+                    Gauge,
+                ),
                 |g| g.stats.pcie_rx_bytes_per_second,
             ),
             (
@@ -313,27 +369,51 @@ impl GpuSnapshot {
                 |g| g.stats.mig_instances.map(f64::from),
             ),
             (
-                Family::new("headroom_gpu_gpm_sm_activity_ratio", "GPM SM activity (Hopper+); plain utilisation overstates partial use", Gauge),
+                Family::new(
+                    "headroom_gpu_gpm_sm_activity_ratio",
+                    "GPM SM activity (Hopper+); plain utilisation overstates partial use",
+                    Gauge,
+                ),
                 |g| g.stats.gpm_sm_activity_ratio,
             ),
             (
-                Family::new("headroom_gpu_gpm_sm_occupancy_ratio", "GPM SM occupancy (Hopper+)", Gauge),
+                Family::new(
+                    "headroom_gpu_gpm_sm_occupancy_ratio",
+                    "GPM SM occupancy (Hopper+)",
+                    Gauge,
+                ),
                 |g| g.stats.gpm_sm_occupancy_ratio,
             ),
             (
-                Family::new("headroom_gpu_gpm_tensor_activity_ratio", "GPM any tensor pipe activity (Hopper+)", Gauge),
+                Family::new(
+                    "headroom_gpu_gpm_tensor_activity_ratio",
+                    "GPM any tensor pipe activity (Hopper+)",
+                    Gauge,
+                ),
                 |g| g.stats.gpm_tensor_activity_ratio,
             ),
             (
-                Family::new("headroom_gpu_gpm_dram_bandwidth_ratio", "GPM DRAM bandwidth utilisation (Hopper+)", Gauge),
+                Family::new(
+                    "headroom_gpu_gpm_dram_bandwidth_ratio",
+                    "GPM DRAM bandwidth utilisation (Hopper+)",
+                    Gauge,
+                ),
                 |g| g.stats.gpm_dram_bandwidth_ratio,
             ),
             (
-                Family::new("headroom_gpu_xid_errors", "XID critical error events seen since the agent started", Counter),
+                Family::new(
+                    "headroom_gpu_xid_errors",
+                    "XID critical error events seen since the agent started",
+                    Counter,
+                ),
                 |g| Some(g.stats.xid_errors as f64),
             ),
             (
-                Family::new("headroom_gpu_last_xid", "The most recent XID error code seen", Gauge),
+                Family::new(
+                    "headroom_gpu_last_xid",
+                    "The most recent XID error code seen",
+                    Gauge,
+                ),
                 |g| f(g.stats.last_xid),
             ),
         ];
@@ -367,8 +447,14 @@ impl GpuSnapshot {
             for (fam, get) in &mut fams {
                 fam.push(l.clone(), get(g));
             }
-            ecc.push(with(l.clone(), "type", "corrected"), f(g.stats.ecc_corrected_errors));
-            ecc.push(with(l.clone(), "type", "uncorrected"), f(g.stats.ecc_uncorrected_errors));
+            ecc.push(
+                with(l.clone(), "type", "corrected"),
+                f(g.stats.ecc_corrected_errors),
+            );
+            ecc.push(
+                with(l.clone(), "type", "uncorrected"),
+                f(g.stats.ecc_uncorrected_errors),
+            );
             retired.push(
                 with(l.clone(), "cause", "multiple_single_bit"),
                 f(g.stats.retired_pages_single_bit),
@@ -489,7 +575,7 @@ impl GpuSnapshot {
 
     /// The values that go into history: per-GPU utilisation and memory used, and per-container
     /// GPU utilisation and memory, keyed by metric name and labels.
-    pub fn series(&self) -> Vec<(String, Vec<(String, String)>, f64)> {
+    pub fn series(&self) -> Vec<Series> {
         let mut out = Vec::new();
         for g in &self.gpus {
             let l = vec![("UUID".to_owned(), g.id.uuid.clone())];

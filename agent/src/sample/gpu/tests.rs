@@ -22,7 +22,9 @@ fn fake_lib() -> PathBuf {
         .unwrap_or_else(|| root.join("target"));
     let lib = target.join("debug/libnvidia_ml_fake.so");
     static BUILT: Mutex<bool> = Mutex::new(false);
-    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if !*built {
         let status = Command::new(env!("CARGO"))
             .args(["build", "-q", "-p", "fake-nvml"])
@@ -92,7 +94,10 @@ fn until(s: &mut GpuSampler, what: &str, pred: impl Fn(&GpuSnapshot) -> bool) ->
             snap.events = events;
             return snap;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {snap:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {snap:#?}"
+        );
         std::thread::sleep(Duration::from_millis(30));
     }
 }
@@ -111,7 +116,10 @@ fn metric(text: &str, name: &str, must_contain: &[&str]) -> Option<f64> {
         .filter(|l| must_contain.iter().all(|m| l.contains(m)))
         .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
         .collect();
-    assert!(found.len() <= 1, "{name} {must_contain:?} matched {found:?}");
+    assert!(
+        found.len() <= 1,
+        "{name} {must_contain:?} matched {found:?}"
+    );
     found.first().copied()
 }
 
@@ -135,7 +143,10 @@ fn reports_every_metric_from_the_script() {
     let fake = Fake::new(&json!({"driver_version": "550.54.15", "gpus": [g0, g1]}));
     let mut s = GpuSampler::new(&fake.cfg(), Path::new("/proc"));
     let snap = until(&mut s, "GPM values", |s| {
-        s.gpus.first().and_then(|g| g.stats.gpm_sm_activity_ratio).is_some()
+        s.gpus
+            .first()
+            .and_then(|g| g.stats.gpm_sm_activity_ratio)
+            .is_some()
     });
     assert_eq!(
         snap.status,
@@ -160,7 +171,10 @@ fn reports_every_metric_from_the_script() {
     assert_eq!(st.power_watts, Some(350.5));
     assert_eq!(st.power_limit_watts, Some(700.0));
     let energy = st.energy_joules.expect("energy");
-    assert!((5000.0..5000.0 + 350.5 * 30.0).contains(&energy), "{energy}");
+    assert!(
+        (5000.0..5000.0 + 350.5 * 30.0).contains(&energy),
+        "{energy}"
+    );
     assert_eq!(st.temperature_celsius, Some(51.0));
     assert_eq!(st.throttle_reasons, Some(0x44));
     assert_eq!(st.pcie_tx_bytes_per_second, Some(1000.0 * 1024.0));
@@ -176,15 +190,25 @@ fn reports_every_metric_from_the_script() {
     assert_eq!(st.gpm_tensor_activity_ratio, Some(0.125));
     assert_eq!(st.gpm_dram_bandwidth_ratio, Some(0.60));
     let b = &snap.gpus[1];
-    assert!(b.health.healthy, "unsupported calls are not faults: {:?}", b.health);
+    assert!(
+        b.health.healthy,
+        "unsupported calls are not faults: {:?}",
+        b.health
+    );
     assert_eq!(b.stats.utilization_ratio, Some(0.41));
     assert_eq!(b.stats.mig_enabled, Some(true));
     assert_eq!(b.stats.mig_instances, Some(3));
     assert_eq!(b.stats.pcie_tx_bytes_per_second, None);
     assert_eq!(b.stats.ecc_corrected_errors, None);
-    assert_eq!(b.stats.gpm_sm_activity_ratio, None, "no GPM without support");
+    assert_eq!(
+        b.stats.gpm_sm_activity_ratio, None,
+        "no GPM without support"
+    );
     assert!(b.unsupported.contains(&"nvmlDeviceGetPcieThroughput(TX)"));
-    assert!(b.unsupported.contains(&"nvmlGpmQueryDeviceSupport") || b.stats.gpm_sm_activity_ratio.is_none());
+    assert!(
+        b.unsupported.contains(&"nvmlGpmQueryDeviceSupport")
+            || b.stats.gpm_sm_activity_ratio.is_none()
+    );
 
     let text = encoded(&snap);
     let g0l = [
@@ -194,34 +218,72 @@ fn reports_every_metric_from_the_script() {
         "modelName=\"NVIDIA H200\"",
         "Hostname=\"test-host\"",
     ];
-    assert_eq!(metric(&text, "headroom_gpu_utilization_ratio", &g0l), Some(0.40));
-    assert_eq!(metric(&text, "headroom_gpu_memory_used_bytes", &g0l), Some(1e9));
+    assert_eq!(
+        metric(&text, "headroom_gpu_utilization_ratio", &g0l),
+        Some(0.40)
+    );
+    assert_eq!(
+        metric(&text, "headroom_gpu_memory_used_bytes", &g0l),
+        Some(1e9)
+    );
     assert_eq!(metric(&text, "headroom_gpu_power_watts", &g0l), Some(350.5));
     assert_eq!(metric(&text, "headroom_gpu_healthy", &g0l), Some(1.0));
     assert_eq!(
-        metric(&text, "headroom_gpu_throttle_reason_active", &["gpu=\"0\"", "reason=\"hw_thermal_slowdown\""]),
+        metric(
+            &text,
+            "headroom_gpu_throttle_reason_active",
+            &["gpu=\"0\"", "reason=\"hw_thermal_slowdown\""]
+        ),
         Some(1.0)
     );
     assert_eq!(
-        metric(&text, "headroom_gpu_throttle_reason_active", &["gpu=\"0\"", "reason=\"gpu_idle\""]),
+        metric(
+            &text,
+            "headroom_gpu_throttle_reason_active",
+            &["gpu=\"0\"", "reason=\"gpu_idle\""]
+        ),
         Some(0.0)
     );
     assert_eq!(
-        metric(&text, "headroom_gpu_ecc_errors_total", &["gpu=\"0\"", "type=\"corrected\""]),
+        metric(
+            &text,
+            "headroom_gpu_ecc_errors_total",
+            &["gpu=\"0\"", "type=\"corrected\""]
+        ),
         Some(12.0)
     );
-    assert_eq!(metric(&text, "headroom_gpu_mig_instances", &["gpu=\"1\""]), Some(3.0));
     assert_eq!(
-        metric(&text, "headroom_gpu_nvml_call_unsupported", &["gpu=\"1\"", "call=\"nvmlDeviceGetPcieThroughput(TX)\""]),
+        metric(&text, "headroom_gpu_mig_instances", &["gpu=\"1\""]),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "headroom_gpu_nvml_call_unsupported",
+            &["gpu=\"1\"", "call=\"nvmlDeviceGetPcieThroughput(TX)\""]
+        ),
         Some(1.0)
     );
-    assert_eq!(metric(&text, "headroom_gpu_pcie_tx_bytes_per_second", &["gpu=\"1\""]), None);
-    assert!(text.contains("# TYPE headroom_gpu_energy_joules counter"), "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "headroom_gpu_pcie_tx_bytes_per_second",
+            &["gpu=\"1\""]
+        ),
+        None
+    );
+    assert!(
+        text.contains("# TYPE headroom_gpu_energy_joules counter"),
+        "{text}"
+    );
 
     let series = snap.series();
     assert!(series.contains(&(
         "headroom_gpu_utilization_ratio".to_owned(),
-        vec![("UUID".to_owned(), "GPU-00000001-1111-2222-3333-444444444441".to_owned())],
+        vec![(
+            "UUID".to_owned(),
+            "GPU-00000001-1111-2222-3333-444444444441".to_owned()
+        )],
         0.41
     )));
 }
@@ -231,11 +293,20 @@ fn reports_every_metric_from_the_script() {
 #[test]
 fn attributes_processes_to_containers() {
     let mut kids: Vec<Child> = (0..3)
-        .map(|_| Command::new("sleep").arg("30").spawn().expect("spawn sleep"))
+        .map(|_| {
+            Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("spawn sleep")
+        })
         .collect();
     let pids: Vec<u32> = kids.iter().map(Child::id).collect();
     let proc_root = tempfile::tempdir().expect("tempdir");
-    let cgroups = ["/kubepods/pod-a/ctr-1", "/kubepods/pod-a/ctr-1", "/kubepods/pod-b/ctr-2"];
+    let cgroups = [
+        "/kubepods/pod-a/ctr-1",
+        "/kubepods/pod-a/ctr-1",
+        "/kubepods/pod-b/ctr-2",
+    ];
     for (pid, cg) in pids.iter().zip(cgroups) {
         let d = proc_root.path().join(pid.to_string());
         std::fs::create_dir_all(&d).expect("mkdir");
@@ -255,7 +326,9 @@ fn attributes_processes_to_containers() {
     let snap = until(&mut s, "5 processes with utilisation", |s| {
         s.processes.len() == 5
             && s.processes.iter().all(|p| p.sm_utilization_ratio.is_some())
-            && s.processes.iter().any(|p| p.sm_utilization_ratio == Some(0.70))
+            && s.processes
+                .iter()
+                .any(|p| p.sm_utilization_ratio == Some(0.70))
     });
     let a = snap
         .containers
@@ -279,7 +352,11 @@ fn attributes_processes_to_containers() {
         .expect("container b on gpu 1");
     assert_eq!(b1.memory_used_bytes, 50);
     assert!((b1.sm_utilization_ratio - 0.70).abs() < 1e-9);
-    assert_eq!(snap.containers.len(), 3, "the unresolvable PID is in no container");
+    assert_eq!(
+        snap.containers.len(),
+        3,
+        "the unresolvable PID is in no container"
+    );
     let ghost = snap
         .processes
         .iter()
@@ -292,13 +369,19 @@ fn attributes_processes_to_containers() {
     #[derive(Debug)]
     struct C(GpuSnapshot);
     impl prometheus_client::collector::Collector for C {
-        fn encode(&self, mut e: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        fn encode(
+            &self,
+            mut e: prometheus_client::encoding::DescriptorEncoder,
+        ) -> std::fmt::Result {
             self.0.encode(&mut e, "node-1", &|cg| {
                 let parts: Vec<&str> = cg.split('/').collect();
                 vec![
                     ("namespace".into(), "default".into()),
                     ("pod".into(), parts.get(2).copied().unwrap_or("").into()),
-                    ("container".into(), parts.get(3).copied().unwrap_or("").into()),
+                    (
+                        "container".into(),
+                        parts.get(3).copied().unwrap_or("").into(),
+                    ),
                 ]
             })
         }
@@ -310,7 +393,14 @@ fn attributes_processes_to_containers() {
         metric(
             &text,
             "headroom_gpu_container_memory_used_bytes",
-            &["gpu=\"0\"", "cgroup=\"/kubepods/pod-a/ctr-1\"", "pod=\"pod-a\"", "container=\"ctr-1\"", "namespace=\"default\"", "Hostname=\"node-1\""]
+            &[
+                "gpu=\"0\"",
+                "cgroup=\"/kubepods/pod-a/ctr-1\"",
+                "pod=\"pod-a\"",
+                "container=\"ctr-1\"",
+                "namespace=\"default\"",
+                "Hostname=\"node-1\""
+            ]
         ),
         Some(3e8)
     );
@@ -318,14 +408,22 @@ fn attributes_processes_to_containers() {
         metric(
             &text,
             "headroom_gpu_process_memory_used_bytes",
-            &["gpu=\"1\"", &format!("pid=\"{}\"", pids[2]), "cgroup=\"/kubepods/pod-b/ctr-2\""]
+            &[
+                "gpu=\"1\"",
+                &format!("pid=\"{}\"", pids[2]),
+                "cgroup=\"/kubepods/pod-b/ctr-2\""
+            ]
         ),
         Some(50.0)
     );
     let series = snap.series();
-    assert!(series.iter().any(|(n, l, v)| n == "headroom_gpu_container_memory_used_bytes"
-        && l.contains(&("cgroup".to_owned(), "/kubepods/pod-a/ctr-1".to_owned()))
-        && *v == 3e8));
+    assert!(
+        series
+            .iter()
+            .any(|(n, l, v)| n == "headroom_gpu_container_memory_used_bytes"
+                && l.contains(&("cgroup".to_owned(), "/kubepods/pod-a/ctr-1".to_owned()))
+                && *v == 3e8)
+    );
     for k in &mut kids {
         let _ = k.kill();
         let _ = k.wait();
@@ -343,7 +441,11 @@ fn lists_many_processes() {
     let fake = Fake::new(&json!({"gpus": [g0]}));
     let mut s = GpuSampler::new(&fake.cfg(), Path::new("/proc"));
     let snap = until(&mut s, "40 processes", |s| s.processes.len() == 40);
-    let total: u64 = snap.processes.iter().filter_map(|p| p.memory_used_bytes).sum();
+    let total: u64 = snap
+        .processes
+        .iter()
+        .filter_map(|p| p.memory_used_bytes)
+        .sum();
     assert_eq!(total, (0..40).map(|k| 1000 + k).sum::<u64>());
 }
 
@@ -375,7 +477,11 @@ fn replays_a_real_trace() {
         let Some(u) = snap.gpus.first().and_then(|g| g.stats.utilization_ratio) else {
             continue;
         };
-        let at = snap.at.duration_since(UNIX_EPOCH).expect("clock").as_millis() as u64;
+        let at = snap
+            .at
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64;
         let idx = |t: u64| ((t - epoch) / step) as usize % points.len();
         let expect: Vec<f64> = [at, at + 100]
             .iter()
@@ -390,7 +496,10 @@ fn replays_a_real_trace() {
         values.insert((u * 100.0) as u64);
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(seen.len() >= 8, "the replay moved through the trace: {seen:?}");
+    assert!(
+        seen.len() >= 8,
+        "the replay moved through the trace: {seen:?}"
+    );
     assert!(values.len() >= 4, "the trace varies: {values:?}");
 }
 
@@ -400,7 +509,10 @@ fn with_logs<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
     struct Buf(Arc<Mutex<Vec<u8>>>);
     impl std::io::Write for Buf {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(b);
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend_from_slice(b);
             Ok(b.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -414,7 +526,12 @@ fn with_logs<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
         .with_ansi(false)
         .finish();
     let out = tracing::subscriber::with_default(sub, f);
-    let text = String::from_utf8_lossy(&buf.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned();
+    let text = String::from_utf8_lossy(
+        &buf.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )
+    .into_owned();
     (out, text.lines().map(str::to_owned).collect())
 }
 
@@ -426,7 +543,10 @@ fn fault_roundtrip(fault: Value, reason: &str) {
     let mut s = GpuSampler::new(&fake.cfg(), Path::new("/proc"));
     let ((), logs) = with_logs(|| {
         until(&mut s, "two healthy GPUs", |s| {
-            s.gpus.len() == 2 && s.gpus.iter().all(|g| g.health.healthy && g.stats.utilization_ratio.is_some())
+            s.gpus.len() == 2
+                && s.gpus
+                    .iter()
+                    .all(|g| g.health.healthy && g.stats.utilization_ratio.is_some())
         });
         let mut faulty = base.clone();
         for (k, v) in fault.as_object().expect("fault object") {
@@ -442,8 +562,14 @@ fn fault_roundtrip(fault: Value, reason: &str) {
         assert!(bad.gpus[0].health.healthy);
         assert_eq!(bad.gpus[0].stats.utilization_ratio, Some(0.40));
         let text = encoded(&bad);
-        assert_eq!(metric(&text, "headroom_gpu_healthy", &["gpu=\"1\""]), Some(0.0));
-        assert_eq!(metric(&text, "headroom_gpu_healthy", &["gpu=\"0\""]), Some(1.0));
+        assert_eq!(
+            metric(&text, "headroom_gpu_healthy", &["gpu=\"1\""]),
+            Some(0.0)
+        );
+        assert_eq!(
+            metric(&text, "headroom_gpu_healthy", &["gpu=\"0\""]),
+            Some(1.0)
+        );
         // Stays unhealthy without further events while the fault lasts.
         std::thread::sleep(Duration::from_millis(300));
         let still = s.sample(SystemTime::now());
@@ -458,7 +584,10 @@ fn fault_roundtrip(fault: Value, reason: &str) {
         assert_eq!(good.gpus[1].stats.utilization_ratio, Some(0.41));
     });
     let unhealthy: Vec<_> = logs.iter().filter(|l| l.contains("is unhealthy")).collect();
-    let healthy: Vec<_> = logs.iter().filter(|l| l.contains("healthy again")).collect();
+    let healthy: Vec<_> = logs
+        .iter()
+        .filter(|l| l.contains("healthy again"))
+        .collect();
     assert_eq!(unhealthy.len(), 1, "{logs:#?}");
     assert_eq!(healthy.len(), 1, "{logs:#?}");
     assert!(unhealthy[0].contains(reason), "{logs:#?}");
@@ -523,7 +652,10 @@ fn missing_library_reports_no_gpus() {
     assert!(snap.gpus.is_empty());
     match &snap.status {
         NvmlStatus::Missing { reason } => {
-            assert!(reason.contains("/nonexistent/libnvidia-ml.so.1"), "{reason}")
+            assert!(
+                reason.contains("/nonexistent/libnvidia-ml.so.1"),
+                "{reason}"
+            )
         }
         other => panic!("expected Missing, got {other:?}"),
     }
