@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::history::{History, SeriesKey};
 use crate::report::metrics::{counters, gauges};
 use crate::sample::cgroup::CgroupSampler;
+use crate::sample::gpu::{self, GpuSampler};
 use crate::sample::node::NodeSampler;
 use crate::sample::{Snapshot, unix_seconds};
 use crate::state::{self, StateDir, StateError};
@@ -235,6 +236,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 pub struct Samplers {
     node: NodeSampler,
     cgroups: Option<CgroupSampler>,
+    gpu: GpuSampler,
 }
 
 impl Samplers {
@@ -253,9 +255,20 @@ impl Samplers {
                 None
             }
         };
+        let gpu = GpuSampler::new(
+            &gpu::GpuConfig {
+                nvml_library: config.gpu.nvml_library.clone(),
+                enabled: config.gpu.enabled,
+                period: Duration::from_secs_f64(config.sample_interval_s),
+                xid_unhealthy_hold: Duration::from_secs_f64(config.gpu.xid_unhealthy_hold_s),
+                ..gpu::GpuConfig::default()
+            },
+            &config.cgroup.proc_root,
+        );
         Samplers {
             node: NodeSampler::new(&config.cgroup.proc_root),
             cgroups,
+            gpu,
         }
     }
 
@@ -309,10 +322,31 @@ impl Samplers {
             }
             None => Vec::new(),
         };
+        let gpu = self.gpu.sample(at);
+        shared.set_health(
+            "gpu",
+            SamplerHealth {
+                // No driver is normal on a CPU node (`headroom_gpu_nvml_up` says so); this
+                // turns 0 only when a GPU is unhealthy.
+                healthy: gpu.gpus.iter().all(|g| g.health.healthy),
+                last_error: match &gpu.status {
+                    gpu::NvmlStatus::Missing { reason } => Some(format!("no GPU found: {reason}")),
+                    _ => gpu.gpus.iter().find_map(|g| {
+                        g.health
+                            .reason
+                            .as_ref()
+                            .map(|r| format!("GPU {}: {r}", g.id.index))
+                    }),
+                },
+                last_duration_seconds: 0.0,
+                detail: Some(format!("{} GPU(s)", gpu.gpus.len())),
+            },
+        );
         Snapshot {
             at,
             node,
             containers,
+            gpu,
         }
     }
 }
@@ -329,6 +363,9 @@ pub fn history_points(s: &Snapshot) -> Vec<(SeriesKey, f64)> {
             n.memory_total_bytes
                 .saturating_sub(n.memory_available_bytes) as f64,
         ));
+    }
+    for (name, labels, v) in s.gpu.series() {
+        out.push((SeriesKey::new(&name, labels), v));
     }
     for c in &s.containers {
         let labels = || vec![("cgroup".to_string(), c.ident.cgroup.clone())];

@@ -95,6 +95,8 @@ pub struct GpuConfig {
     pub enabled: bool,
     /// Path to `libnvidia-ml.so.1`; empty means the system's default search path.
     pub nvml_library: Option<PathBuf>,
+    /// Seconds a critical XID error keeps a GPU marked unhealthy after the last one.
+    pub xid_unhealthy_hold_s: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -162,6 +164,7 @@ impl Default for GpuConfig {
         GpuConfig {
             enabled: true,
             nvml_library: None,
+            xid_unhealthy_hold_s: 300.0,
         }
     }
 }

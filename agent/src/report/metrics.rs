@@ -84,7 +84,20 @@ fn none() -> [(&'static str, &'static str); 0] {
     []
 }
 
-pub fn encode_snapshot(s: &Snapshot, _hostname: &str, enc: &mut DescriptorEncoder) -> fmt::Result {
+pub fn encode_snapshot(s: &Snapshot, hostname: &str, enc: &mut DescriptorEncoder) -> fmt::Result {
+    s.gpu.encode(enc, hostname, &|cgroup| {
+        s.containers
+            .iter()
+            .find(|c| c.ident.cgroup == cgroup)
+            .map(|c| {
+                c.ident
+                    .labels()
+                    .into_iter()
+                    .filter(|(k, _)| k == "namespace" || k == "pod" || k == "container")
+                    .collect()
+            })
+            .unwrap_or_default()
+    })?;
     if let Some(n) = &s.node {
         counters(
             enc,

@@ -17,6 +17,9 @@ pub struct Snapshot {
     pub at: SystemTime,
     pub node: Option<node::NodeSample>,
     pub containers: Vec<cgroup::ContainerSample>,
+    /// GPUs, their processes and containers; served through `/metrics`, not the JSON API.
+    #[serde(skip)]
+    pub gpu: gpu::GpuSnapshot,
 }
 
 /// Time as float seconds since the epoch in JSON.

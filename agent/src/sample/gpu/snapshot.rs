@@ -573,17 +573,19 @@ impl GpuSnapshot {
         Ok(())
     }
 
-    /// The values that go into history: per-GPU utilisation and memory used, and per-container
-    /// GPU utilisation and memory, keyed by metric name and labels.
+    /// The values that go into history, named like the agent's other history series:
+    /// `gpu_utilization_ratio` and `gpu_memory_used_bytes` by `UUID`, and
+    /// `container_gpu_utilization_ratio` (SM) and `container_gpu_memory_used_bytes` by `UUID`
+    /// and `cgroup`.
     pub fn series(&self) -> Vec<Series> {
         let mut out = Vec::new();
         for g in &self.gpus {
             let l = vec![("UUID".to_owned(), g.id.uuid.clone())];
             if let Some(u) = g.stats.utilization_ratio {
-                out.push(("headroom_gpu_utilization_ratio".to_owned(), l.clone(), u));
+                out.push(("gpu_utilization_ratio".to_owned(), l.clone(), u));
             }
             if let Some(m) = g.stats.memory_used_bytes {
-                out.push(("headroom_gpu_memory_used_bytes".to_owned(), l, m as f64));
+                out.push(("gpu_memory_used_bytes".to_owned(), l, m as f64));
             }
         }
         for c in &self.containers {
@@ -595,12 +597,12 @@ impl GpuSnapshot {
                 ("cgroup".to_owned(), c.cgroup.clone()),
             ];
             out.push((
-                "headroom_gpu_container_sm_utilization_ratio".to_owned(),
+                "container_gpu_utilization_ratio".to_owned(),
                 l.clone(),
                 c.sm_utilization_ratio,
             ));
             out.push((
-                "headroom_gpu_container_memory_used_bytes".to_owned(),
+                "container_gpu_memory_used_bytes".to_owned(),
                 l,
                 c.memory_used_bytes as f64,
             ));

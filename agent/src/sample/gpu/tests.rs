@@ -420,7 +420,7 @@ fn attributes_processes_to_containers() {
     assert!(
         series
             .iter()
-            .any(|(n, l, v)| n == "headroom_gpu_container_memory_used_bytes"
+            .any(|(n, l, v)| n == "container_gpu_memory_used_bytes"
                 && l.contains(&("cgroup".to_owned(), "/kubepods/pod-a/ctr-1".to_owned()))
                 && *v == 3e8)
     );
