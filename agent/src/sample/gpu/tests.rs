@@ -279,7 +279,7 @@ fn reports_every_metric_from_the_script() {
 
     let series = snap.series();
     assert!(series.contains(&(
-        "headroom_gpu_utilization_ratio".to_owned(),
+        "gpu_utilization_ratio".to_owned(),
         vec![(
             "UUID".to_owned(),
             "GPU-00000001-1111-2222-3333-444444444441".to_owned()
