@@ -153,7 +153,7 @@ def main():
     print("=" * 100)
     print(smi())
     print("=" * 100)
-    print("driver version:", smi("--query-gpu=driver_version", "--format=csv,noheader").splitlines()[0:1])
+    print("driver version:", (smi("--query-gpu=driver_version", "--format=csv,noheader").splitlines() or ["?"])[0])
     print("binary:", args.binary, "| output:", args.out)
 
     port = free_port()
@@ -161,7 +161,8 @@ def main():
     agent_log = open(os.path.join(args.out, "agent.log"), "w")
     agent_cmd = [args.binary, "agent", "--listen", f"127.0.0.1:{port}", "--state-dir", state]
     print("agent:", " ".join(agent_cmd))
-    agent = subprocess.Popen(agent_cmd, stdout=agent_log, stderr=subprocess.STDOUT)
+    agent = subprocess.Popen(agent_cmd, stdout=agent_log, stderr=subprocess.STDOUT,
+                             env={**os.environ, "NO_COLOR": "1"})
     url = f"http://127.0.0.1:{port}/metrics"
     workload = None
     cg = None
@@ -268,7 +269,8 @@ def main():
         print()
         print(f"memory 'used' definition that matched nvidia-smi: {sorted(mem_def)}")
         checks = []
-        checks.append(("samples taken (>= 20)", n >= 20, f"{n}"))
+        want_n = int(0.6 * args.seconds / args.interval)
+        checks.append((f"samples taken (>= {want_n})", n >= want_n, f"{n}"))
         checks.append((f"GPU utilisation within {UTIL_TOL_POINTS:.0f} points (>= 90% of steady samples)",
                        util_n > 0 and util_ok >= 0.9 * util_n,
                        f"{util_ok}/{util_n}, median |d| {statistics.median(diffs) if diffs else float('nan'):.1f}"))

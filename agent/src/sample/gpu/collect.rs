@@ -100,7 +100,18 @@ impl CallCtx<'_> {
         }
         match r {
             Ok(v) => Some(v),
-            Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => {
+            // Not a fault of the GPU: the driver, the wrapper or our permissions cannot answer
+            // this call. Remember it and stop asking.
+            Err(
+                NvmlError::NotSupported
+                | NvmlError::FailedToLoadSymbol(_)
+                | NvmlError::FunctionNotFound
+                | NvmlError::NoPermission
+                | NvmlError::UnexpectedVariant(_)
+                | NvmlError::IncorrectBits(_)
+                | NvmlError::Utf8Error(_)
+                | NvmlError::InvalidArg,
+            ) => {
                 self.unsupported.insert(name);
                 None
             }

@@ -685,3 +685,25 @@ fn disabled_reports_no_gpus() {
     let mut s = GpuSampler::new(&cfg, Path::new("/proc"));
     assert_eq!(s.sample(SystemTime::now()).status, NvmlStatus::Disabled);
 }
+
+/// A call the driver refuses for lack of permission (common in unprivileged containers) is
+/// remembered as unsupported, not a GPU fault.
+#[test]
+fn permission_denied_is_not_a_fault() {
+    let mut g0 = gpu(0);
+    g0["errors"] = json!({"nvmlDeviceGetTotalEnergyConsumption": 4});
+    let fake = Fake::new(&json!({"gpus": [g0]}));
+    let mut s = GpuSampler::new(&fake.cfg(), Path::new("/proc"));
+    let snap = until(&mut s, "a cycle", |s| {
+        s.gpus
+            .first()
+            .is_some_and(|g| g.stats.utilization_ratio.is_some())
+    });
+    assert!(snap.gpus[0].health.healthy, "{:?}", snap.gpus[0].health);
+    assert_eq!(snap.gpus[0].stats.energy_joules, None);
+    assert!(
+        snap.gpus[0]
+            .unsupported
+            .contains(&"nvmlDeviceGetTotalEnergyConsumption")
+    );
+}
