@@ -134,6 +134,9 @@ fn gpu_metrics_match_the_script_and_attribute_real_cgroups() {
             {
                 "uuid": UUID1, "name": "NVIDIA H200", "pci_bus_id": "00000000:3B:00.0",
                 "memory_used": 8_000_000_000u64, "utilization": 77, "memory_utilization": 18,
+                "mig_mode": 1, "mig_instances": 2, "pcie_tx_kbps": 500, "pcie_rx_kbps": 250,
+                "retired_pages_dbe": 1, "remapped_correctable": 2, "ecc_uncorrected": 1,
+                "xids": [{"seq": 1, "xid": 13}],
                 "processes": [{"pid": pb1, "memory_used": 1_000_000_000u64, "sm_util": 50}]
             }
         ]
@@ -251,6 +254,44 @@ fn gpu_metrics_match_the_script_and_attribute_real_cgroups() {
         Some(0.225)
     );
     assert_eq!(value(&m, "headroom_gpu_gpm_sm_activity_ratio", &g1), None);
+    assert_eq!(value(&m, "headroom_gpu_mig_enabled", &g1), Some(1.0));
+    assert_eq!(value(&m, "headroom_gpu_mig_instances", &g1), Some(2.0));
+    assert_eq!(value(&m, "headroom_gpu_mig_enabled", &g0), Some(0.0));
+    assert_eq!(
+        value(&m, "headroom_gpu_pcie_tx_bytes_per_second", &g1),
+        Some(500.0 * 1024.0)
+    );
+    assert_eq!(
+        value(&m, "headroom_gpu_pcie_rx_bytes_per_second", &g1),
+        Some(250.0 * 1024.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "headroom_gpu_retired_pages",
+            &[("UUID", UUID1), ("cause", "double_bit")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "headroom_gpu_remapped_rows",
+            &[("UUID", UUID1), ("type", "correctable")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "headroom_gpu_ecc_errors_total",
+            &[("UUID", UUID1), ("type", "uncorrected")]
+        ),
+        Some(1.0)
+    );
+    // XID 13 is an application error: counted, and the GPU stays healthy.
+    assert_eq!(value(&m, "headroom_gpu_xid_errors_total", &g1), Some(1.0));
+    assert_eq!(value(&m, "headroom_gpu_last_xid", &g1), Some(13.0));
     assert_eq!(value(&m, "headroom_gpu_healthy", &g0), Some(1.0));
     assert_eq!(value(&m, "headroom_gpu_healthy", &g1), Some(1.0));
     assert_eq!(value(&m, "headroom_gpu_nvml_up", &[]), Some(1.0));
@@ -266,6 +307,15 @@ fn gpu_metrics_match_the_script_and_attribute_real_cgroups() {
         assert_eq!(p[0].labels.get("cgroup"), Some(cg), "pid {pid}");
         assert_eq!(p[0].value, mem);
     }
+    let p = [("UUID", UUID0), ("pid", &*pa1.to_string())];
+    assert_eq!(
+        value(&m, "headroom_gpu_process_sm_utilization_ratio", &p),
+        Some(0.30)
+    );
+    assert_eq!(
+        value(&m, "headroom_gpu_process_memory_utilization_ratio", &p),
+        Some(0.12)
+    );
     let ca = [("UUID", UUID0), ("cgroup", a.rel.as_str())];
     assert_eq!(
         value(&m, "headroom_gpu_container_memory_used_bytes", &ca),
