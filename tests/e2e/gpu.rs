@@ -108,6 +108,16 @@ fn gpu_metrics_match_the_script_and_attribute_real_cgroups() {
     let mut a2 = a.spawn(&w, &["sleep"]);
     let mut b1 = b.spawn(&w, &["sleep"]);
     let (pa1, pa2, pb1) = (a1.id(), a2.id(), b1.id());
+    // `spawn` moves the child into its cgroup from the child's side: wait until it has.
+    for (pid, cg) in [(pa1, &a.rel), (pb1, &b.rel), (pa2, &a.rel)] {
+        wait_for(Duration::from_secs(5), || {
+            let t = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+            t.lines()
+                .any(|l| l.ends_with(&format!(":{cg}")))
+                .then_some(())
+        })
+        .unwrap_or_else(|| panic!("pid {pid} never entered {cg}"));
+    }
 
     let points = trace_points();
     let (epoch, step) = (now_ms(), 1500u64);
