@@ -125,9 +125,9 @@ impl Default for Config {
 impl Default for HistoryConfig {
     fn default() -> Self {
         HistoryConfig {
-            fine_retention_s: 3600,
+            fine_retention_s: 900,
             coarse_step_s: 60,
-            coarse_retention_s: 7 * 86400,
+            coarse_retention_s: 86400,
             save_interval_s: 60,
             stale_after_s: 600,
         }
