@@ -1,0 +1,278 @@
+//! headroom's own model: ridge regression, fitted with linfa, of the (transformed) demand `lead`
+//! steps ahead on recent lags, window statistics and — only when the history shows the cycle —
+//! daily and weekly seasonal terms. Training rows are rebuilt from the bounded history at each
+//! refit, so the model state is just its weights. Never does I/O.
+
+use linfa::prelude::*;
+use linfa_linear::LinearRegression;
+use ndarray::{Array1, Array2};
+use serde::{Deserialize, Serialize};
+
+use crate::history::{History, Period};
+
+/// Variance-stabilising transform the model is fitted in. The signed square root turns
+/// Poisson-like counts (variance ∝ level) into roughly constant-variance data and keeps the sign.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Transform {
+    Identity,
+    SignedSqrt,
+}
+
+impl Transform {
+    pub fn apply(self, v: f64) -> f64 {
+        match self {
+            Transform::Identity => v,
+            Transform::SignedSqrt => v.signum() * v.abs().sqrt(),
+        }
+    }
+
+    pub fn invert(self, z: f64) -> f64 {
+        match self {
+            Transform::Identity => z,
+            Transform::SignedSqrt => z * z.abs(),
+        }
+    }
+}
+
+/// Longest lag window a feature reads.
+const LAGS: usize = 64;
+/// Fewest training rows worth a fit.
+pub const MIN_ROWS: usize = 32;
+/// Ridge penalty on standardised features, relative to the number of rows.
+const LAMBDA: f64 = 1e-3;
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+struct Seasons {
+    daily: bool,
+    weekly: bool,
+}
+
+impl Seasons {
+    fn features(self) -> usize {
+        5 + 2 * usize::from(self.daily) + 2 * usize::from(self.weekly)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Ridge {
+    pub transform: Transform,
+    seasons: Seasons,
+    /// Weights on raw (unstandardised) features, then the intercept.
+    weights: Vec<f64>,
+    intercept: f64,
+    fitted: bool,
+}
+
+/// Error from a refit; the previous weights stay in use.
+#[derive(Debug, thiserror::Error)]
+pub enum FitError {
+    #[error("too few training rows ({0}, need {MIN_ROWS})")]
+    TooFewRows(usize),
+    #[error("linear solver failed: {0}")]
+    Solver(String),
+}
+
+impl Ridge {
+    pub fn new(transform: Transform) -> Self {
+        Self {
+            transform,
+            seasons: Seasons::default(),
+            weights: Vec::new(),
+            intercept: 0.0,
+            fitted: false,
+        }
+    }
+
+    pub fn is_fitted(&self) -> bool {
+        self.fitted
+    }
+
+    /// Features at origin `t` (absolute step) for target `t + lead`. `z(age)` returns the
+    /// transformed value `age` steps before `t`.
+    fn features(
+        &self,
+        seasons: Seasons,
+        h: &History,
+        t: u64,
+        lead: u64,
+        z: &dyn Fn(usize) -> Option<f64>,
+        out: &mut Vec<f64>,
+    ) -> Option<()> {
+        out.clear();
+        let last = z(0)?;
+        let (mut s4, mut s16, mut s64, mut max16) = (0.0, 0.0, 0.0, f64::NEG_INFINITY);
+        let (mut n16, mut n64) = (0usize, 0usize);
+        for age in 0..LAGS {
+            let Some(v) = z(age) else { break };
+            if age < 4 {
+                s4 += v;
+            }
+            if age < 16 {
+                s16 += v;
+                n16 += 1;
+                max16 = max16.max(v);
+            }
+            s64 += v;
+            n64 += 1;
+        }
+        out.push(last);
+        out.push(s4 / n16.clamp(1, 4) as f64);
+        out.push(s16 / n16.max(1) as f64);
+        out.push(s64 / n64.max(1) as f64);
+        out.push(max16);
+        for (on, p) in [(seasons.daily, Period::Day), (seasons.weekly, Period::Week)] {
+            if !on {
+                continue;
+            }
+            let ps = h.period_steps(p);
+            let g = |at: u64| h.seasonal_level(at).map(|v| self.transform.apply(v));
+            // Expected change from now to the target, as seen one period earlier, and the
+            // target's level one period earlier; neutral values when the buckets do not reach.
+            let target = (t + lead).checked_sub(ps).and_then(g);
+            let now = t.checked_sub(ps).and_then(g);
+            match (target, now) {
+                (Some(a), Some(b)) => {
+                    out.push(a - b);
+                    out.push(a);
+                }
+                (Some(a), None) => {
+                    out.push(0.0);
+                    out.push(a);
+                }
+                _ => {
+                    out.push(0.0);
+                    out.push(last);
+                }
+            }
+        }
+        Some(())
+    }
+
+    /// Point forecast (in original units) for the step `lead` after the newest observation.
+    pub fn predict(&self, h: &History, lead: u64, buf: &mut Vec<f64>) -> Option<f64> {
+        if !self.fitted || h.count == 0 {
+            return None;
+        }
+        let tr = self.transform;
+        let z = |age: usize| h.raw.back(age).map(|v| tr.apply(v));
+        self.features(self.seasons, h, h.count - 1, lead, &z, buf)?;
+        let zhat = self.intercept
+            + buf
+                .iter()
+                .zip(&self.weights)
+                .map(|(x, w)| x * w)
+                .sum::<f64>();
+        Some(tr.invert(zhat))
+    }
+
+    /// Refit on every origin in the bounded history whose target is already observed.
+    pub fn fit(&mut self, h: &History, lead: u64) -> Result<(), FitError> {
+        let tr = self.transform;
+        let vals: Vec<f64> = h.raw.to_vec().into_iter().map(|v| tr.apply(v)).collect();
+        let n = vals.len();
+        let lead_us = lead as usize;
+        let first = LAGS.min(n).saturating_sub(1).max(3);
+        if n <= first + lead_us {
+            return Err(FitError::TooFewRows(0));
+        }
+        let rows = n - lead_us - first;
+        if rows < MIN_ROWS {
+            return Err(FitError::TooFewRows(rows));
+        }
+        let seasons = Seasons {
+            daily: h.daily,
+            weekly: h.weekly,
+        };
+        let p = seasons.features();
+        let base = h.count - n as u64; // absolute step of vals[0]
+        let mut x = Array2::<f64>::zeros((rows + p, p));
+        let mut y = Array1::<f64>::zeros(rows + p);
+        let mut buf = Vec::with_capacity(p);
+        for (r, i) in (first..n - lead_us).enumerate() {
+            let z = |age: usize| if age <= i { Some(vals[i - age]) } else { None };
+            if self
+                .features(seasons, h, base + i as u64, lead, &z, &mut buf)
+                .is_none()
+            {
+                return Err(FitError::TooFewRows(r));
+            }
+            for (j, v) in buf.iter().enumerate() {
+                x[[r, j]] = *v;
+            }
+            y[r] = vals[i + lead_us];
+        }
+        // Standardise so one penalty suits every feature scale; centre so the intercept is not
+        // penalised.
+        let mut mean = vec![0.0; p];
+        let mut sd = vec![1.0; p];
+        for j in 0..p {
+            let col = x.slice(ndarray::s![..rows, j]);
+            let m = col.sum() / rows as f64;
+            let v = col.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / rows as f64;
+            mean[j] = m;
+            sd[j] = if v > 1e-24 { v.sqrt() } else { 1.0 };
+        }
+        let ymean = y.slice(ndarray::s![..rows]).sum() / rows as f64;
+        for r in 0..rows {
+            for j in 0..p {
+                x[[r, j]] = (x[[r, j]] - mean[j]) / sd[j];
+            }
+            y[r] -= ymean;
+        }
+        // Ridge as least squares on data augmented with sqrt(λ)·I rows (targets 0).
+        let ridge = (LAMBDA * rows as f64).sqrt();
+        for j in 0..p {
+            x[[rows + j, j]] = ridge;
+        }
+        let ds = Dataset::new(x, y);
+        let fitted = LinearRegression::new()
+            .with_intercept(false)
+            .fit(&ds)
+            .map_err(|e| FitError::Solver(e.to_string()))?;
+        let beta = fitted.params();
+        let mut w = Vec::with_capacity(p);
+        let mut icpt = ymean;
+        for j in 0..p {
+            let wj = beta[j] / sd[j];
+            if !wj.is_finite() {
+                return Err(FitError::Solver("non-finite weight".into()));
+            }
+            icpt -= wj * mean[j];
+            w.push(wj);
+        }
+        self.weights = w;
+        self.intercept = icpt;
+        self.seasons = seasons;
+        self.fitted = true;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learns_a_linear_trend_ahead() {
+        let mut h = History::new(60.0);
+        for i in 0..500 {
+            h.push(100.0 + 2.0 * i as f64);
+        }
+        let mut m = Ridge::new(Transform::Identity);
+        m.fit(&h, 5)
+            .map_err(|e| e.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut buf = Vec::new();
+        let p = m.predict(&h, 5, &mut buf).unwrap_or(f64::NAN);
+        // Last value 1098; five steps on the trend is 1108.
+        assert!((p - 1108.0).abs() < 2.0, "predicted {p}");
+    }
+
+    #[test]
+    fn signed_sqrt_round_trips() {
+        for v in [-9.0, 0.0, 2.5, 1e6] {
+            let t = Transform::SignedSqrt;
+            assert!((t.invert(t.apply(v)) - v).abs() < 1e-9 * v.abs().max(1.0));
+        }
+    }
+}
