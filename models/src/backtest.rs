@@ -275,7 +275,8 @@ pub fn score(demand: &[f64], cap: &[f64], from: usize) -> Summary {
     for s in from..n {
         let (d, c) = (demand[s], cap[s]);
         tot += d;
-        if !(d <= c) {
+        // A missing (NaN) capacity counts as a violation.
+        if matches!(d.partial_cmp(&c), Some(std::cmp::Ordering::Greater) | None) {
             viol += 1;
         }
         slack += (c - d).max(0.0);

@@ -51,7 +51,7 @@ pub fn window_max(h: &History, step_seconds: f64) -> Option<f64> {
     let mut m: Option<f64> = None;
     for age in 0..w {
         match h.raw.back(age) {
-            Some(v) => m = Some(m.map_or(v, |x: f64| x.max(v))),
+            Some(v) => m = Some(m.map_or(f64::from(v), |x: f64| x.max(f64::from(v)))),
             None => break,
         }
     }
@@ -74,7 +74,7 @@ pub fn seasonal_naive(h: &History, lead: u64) -> Option<f64> {
     }
     let age = (h.count - 1) - (target - d);
     match h.raw.back(age as usize) {
-        Some(v) => Some(v),
+        Some(v) => Some(f64::from(v)),
         None => h.seasonal_level(target - d).or(Some(last)),
     }
 }

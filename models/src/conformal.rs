@@ -12,9 +12,26 @@ pub const WINDOW: usize = 200;
 /// A sliding window of scores kept both in arrival order (to evict) and sorted (to read a
 /// quantile in O(1)); insertion is a binary search plus a short memmove.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(from = "crate::history::Ring<f32>", into = "crate::history::Ring<f32>")]
 pub struct ScoreWindow {
     order: crate::history::Ring<f32>,
     sorted: Vec<f32>,
+}
+
+// Only the arrival order is persisted; the sorted copy is rebuilt on restore.
+impl From<ScoreWindow> for crate::history::Ring<f32> {
+    fn from(w: ScoreWindow) -> Self {
+        w.order
+    }
+}
+
+impl From<crate::history::Ring<f32>> for ScoreWindow {
+    fn from(order: crate::history::Ring<f32>) -> Self {
+        let mut sorted = order.to_vec();
+        sorted.retain(|x| x.is_finite());
+        sorted.sort_by(f32::total_cmp);
+        Self { order, sorted }
+    }
 }
 
 impl ScoreWindow {

@@ -42,7 +42,7 @@ impl ForecastConfig {
             lead_steps,
             target_violation,
             step_seconds,
-            refit_every: 256,
+            refit_every: 512,
         }
     }
 }
@@ -63,7 +63,10 @@ pub enum ConfigError {
 /// One forecast: the expected demand and the capacity covering it at the configured risk.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Forecast {
+    /// Expected demand: headroom's ridge forecast (the latest value until the ridge is first
+    /// fitted). Not tied to the candidate in charge, so it is not guaranteed to lie below `upper`.
     pub point: f64,
+    /// Capacity that demand should exceed with probability at most the target violation rate.
     pub upper: f64,
     /// Name of the candidate model in charge.
     pub model: &'static str,
@@ -149,31 +152,40 @@ impl Kind {
     }
 }
 
+/// The forecasts of one step awaiting their outcome: the local error scale, the bound that was
+/// applied, and per candidate its transformed point and its bound (None where it had none).
+/// f32 and positional to keep the persisted state small; the applied bound stays exact.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-struct Pending {
-    z: f64,
-    scale: f64,
-    upper: f64,
+struct PendingStep(f32, Option<f64>, Vec<Option<f32>>, Vec<Option<f32>>);
+
+/// JSON has no NaN: persist "no value yet" as null.
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        let o = if v.is_finite() { Some(*v) } else { None };
+        o.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 struct Candidate {
     kind: Kind,
     scores: ScoreWindow,
-    pending: VecDeque<Pending>,
     cost: f64,
     viol: f64,
     slack: f64,
     demand: f64,
     outcomes: u32,
     /// The model's own output (a baseline's capacity as its source defines it), newest step.
+    #[serde(with = "nan_as_null")]
     raw: f64,
     /// Its calibrated bound for the newest step; NaN until calibrated.
-    upper: f64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-struct FinalPending {
+    #[serde(with = "nan_as_null")]
     upper: f64,
 }
 
@@ -190,7 +202,7 @@ pub struct SeriesForecaster {
     candidates: Vec<Candidate>,
     level: AdaptiveLevel,
     chosen: Option<usize>,
-    final_pending: VecDeque<FinalPending>,
+    pending: VecDeque<PendingStep>,
     since_refit: u32,
     /// Fast and slow EWMAs of the ridge's absolute error, for drift-triggered refits.
     err_fast: f64,
@@ -217,7 +229,6 @@ impl SeriesForecaster {
             .map(|&kind| Candidate {
                 kind,
                 scores: ScoreWindow::new(),
-                pending: VecDeque::new(),
                 cost: 0.0,
                 viol: 0.0,
                 slack: 0.0,
@@ -237,7 +248,7 @@ impl SeriesForecaster {
             candidates,
             level: AdaptiveLevel::new(cfg.target_violation),
             chosen: None,
-            final_pending: VecDeque::new(),
+            pending: VecDeque::new(),
             since_refit: 0,
             err_fast: 0.0,
             err_slow: 0.0,
@@ -280,7 +291,7 @@ impl SeriesForecaster {
             let (Some(a), Some(b)) = (h.back(age), h.back(age + 1)) else {
                 break;
             };
-            let (za, zb) = (t.apply(a), t.apply(b));
+            let (za, zb) = (t.apply(f64::from(a)), t.apply(f64::from(b)));
             s += (za - zb).abs();
             lvl += za.abs();
             n += 1;
@@ -291,6 +302,13 @@ impl SeriesForecaster {
         (s / n as f64).max(0.05 * lvl / n as f64).max(1e-6)
     }
 
+    /// Steps between scheduled refits: while the history is young the training window grows
+    /// fast, so refit whenever it has grown by a quarter, up to `refit_every`.
+    fn refit_interval(&self) -> u32 {
+        let grown = (self.history.raw.len() / 4) as u32;
+        grown.clamp(1, self.cfg.refit_every)
+    }
+
     fn do_refit(&mut self) {
         self.history.detect_periods();
         let lead = self.lead();
@@ -298,6 +316,7 @@ impl SeriesForecaster {
         let _ = self.ridge_id.fit(&self.history, lead);
         let _ = self.ridge_sqrt.fit(&self.history, lead);
         self.since_refit = 0;
+        self.err_fast = self.err_slow;
     }
 }
 
@@ -326,33 +345,37 @@ impl Forecaster for SeriesForecaster {
         let tau = 1.0 - self.cfg.target_violation;
         let k = 2.0 / (COST_SPAN + 1.0);
         // 1. Outcomes of the forecasts issued `lead` steps ago.
-        for c in &mut self.candidates {
-            if c.pending.len() >= lead {
-                if let Some(p) = c.pending.pop_front() {
+        if self.pending.len() >= lead {
+            if let Some(PendingStep(scale, applied, zs, uppers)) = self.pending.pop_front() {
+                for ((c, pz), pu) in self.candidates.iter_mut().zip(zs).zip(uppers) {
+                    let Some(pz) = pz else { continue };
                     let z = c.kind.transform().apply(value);
-                    c.scores.push((z - p.z) / p.scale);
-                    if p.upper.is_finite() {
-                        let l = pinball(value, p.upper, tau);
+                    let sc = if c.kind.scaled() {
+                        f64::from(scale)
+                    } else {
+                        1.0
+                    };
+                    c.scores.push((z - f64::from(pz)) / sc);
+                    if let Some(u) = pu {
+                        let u = f64::from(u);
                         let first = c.outcomes == 0;
                         let mix =
                             |old: f64, new: f64| if first { new } else { old + k * (new - old) };
-                        c.cost = mix(c.cost, l);
-                        c.viol = mix(c.viol, if value > p.upper { 1.0 } else { 0.0 });
-                        c.slack = mix(c.slack, (p.upper - value).max(0.0));
+                        c.cost = mix(c.cost, pinball(value, u, tau));
+                        c.viol = mix(c.viol, if value > u { 1.0 } else { 0.0 });
+                        c.slack = mix(c.slack, (u - value).max(0.0));
                         c.demand = mix(c.demand, value.abs());
                         c.outcomes = c.outcomes.saturating_add(1);
                     }
                     if c.kind == Kind::RidgeSqrt {
-                        let e = (z - p.z).abs();
+                        let e = (z - f64::from(pz)).abs();
                         self.err_fast += 0.1 * (e - self.err_fast);
                         self.err_slow += 0.005 * (e - self.err_slow);
                     }
                 }
-            }
-        }
-        if self.final_pending.len() >= lead {
-            if let Some(p) = self.final_pending.pop_front() {
-                self.level.update(value > p.upper);
+                if let Some(u) = applied {
+                    self.level.update(value > u);
+                }
             }
         }
 
@@ -363,11 +386,16 @@ impl Forecaster for SeriesForecaster {
         self.vpa.update(value, at);
         self.koord.update(value, at);
         self.since_refit = self.since_refit.saturating_add(1);
-        let rows_ready = self.history.raw.len() > crate::ridge::MIN_ROWS + 4 + lead;
-        let drift =
-            self.err_slow > 0.0 && self.err_fast > 2.5 * self.err_slow && self.since_refit >= 32;
+        let rows_ready =
+            self.history.raw.len() >= crate::ridge::LAGS + crate::ridge::MIN_ROWS + lead;
+        // Drift: recent errors well above their long-run level. Rate-limited, and the fast
+        // average restarts from the slow one after a refit, so a bursty series that is merely
+        // noisy does not refit every few steps.
+        let drift = self.err_slow > 0.0
+            && self.err_fast > 2.5 * self.err_slow
+            && self.since_refit >= (self.cfg.refit_every / 4).max(1);
         if rows_ready
-            && (!self.ridge_sqrt.is_fitted() || self.since_refit >= self.cfg.refit_every || drift)
+            && (!self.ridge_sqrt.is_fitted() || self.since_refit >= self.refit_interval() || drift)
         {
             self.do_refit();
         }
@@ -383,17 +411,21 @@ impl Forecaster for SeriesForecaster {
         let vpa = self.vpa.capacity();
         let koord = self.koord.capacity();
         let react = self.reactive.capacity();
+        let last = value;
         let points = [
             ridge_id, ridge_sqrt, ridge_sqrt, react, wmax, vpa, koord, snaive,
         ];
         let scale = self.local_scale();
         let alpha = self.level.alpha;
         let (nonneg, integral) = (self.history.nonnegative, self.history.integral);
+        let mut zs = Vec::with_capacity(points.len());
+        let mut bounds = Vec::with_capacity(points.len());
         for (c, point) in self.candidates.iter_mut().zip(points) {
             let Some(point) = point else {
                 c.raw = f64::NAN;
                 c.upper = f64::NAN;
-                c.pending.clear();
+                zs.push(None);
+                bounds.push(None);
                 continue;
             };
             let tr = c.kind.transform();
@@ -407,14 +439,8 @@ impl Forecaster for SeriesForecaster {
             };
             c.raw = point;
             c.upper = upper;
-            c.pending.push_back(Pending {
-                z,
-                scale: sc,
-                upper,
-            });
-            while c.pending.len() > lead {
-                c.pending.pop_front();
-            }
+            zs.push(Some(z as f32));
+            bounds.push(upper.is_finite().then_some(crate::history::up_f32(upper)));
         }
 
         // 4. Choose: lowest recent cost among calibrated candidates; the incumbent keeps its
@@ -438,14 +464,11 @@ impl Forecaster for SeriesForecaster {
             (_, b) => b,
         };
         self.latest = match self.chosen {
-            Some(i) => {
-                let c = &self.candidates[i];
-                Some((c.raw, c.upper, i))
-            }
+            Some(i) => Some((ridge_sqrt.unwrap_or(last), self.candidates[i].upper, i)),
             // Nothing calibrated yet: the moving-window maximum with HPA's 25 % headroom.
             None => wmax.map(|m| {
                 (
-                    m,
+                    ridge_sqrt.unwrap_or(last),
                     round(m * 1.25, nonneg, integral),
                     Kind::ALL
                         .iter()
@@ -454,16 +477,18 @@ impl Forecaster for SeriesForecaster {
                 )
             }),
         };
-        if let Some((_, upper, _)) = self.latest {
-            self.final_pending.push_back(FinalPending { upper });
-            while self.final_pending.len() > lead {
-                self.final_pending.pop_front();
-            }
+        let applied = self.latest.map(|(_, upper, _)| upper);
+        self.pending
+            .push_back(PendingStep(scale as f32, applied, zs, bounds));
+        while self.pending.len() > lead {
+            self.pending.pop_front();
         }
     }
 
     fn refit(&mut self) {
-        if self.history.raw.len() > crate::ridge::MIN_ROWS + 4 + self.cfg.lead_steps as usize {
+        if self.history.raw.len()
+            >= crate::ridge::LAGS + crate::ridge::MIN_ROWS + self.cfg.lead_steps as usize
+        {
             self.do_refit();
         }
     }

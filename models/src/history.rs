@@ -15,10 +15,40 @@ const DETECT_MIN_ACF: f64 = 0.3;
 
 /// Fixed-capacity ring buffer.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(try_from = "RingRepr<T>")]
 pub struct Ring<T> {
     buf: Vec<T>,
     cap: usize,
     head: usize,
+}
+
+/// Restored state is checked before use: a damaged file must not break the ring's invariants.
+#[derive(Deserialize)]
+struct RingRepr<T> {
+    buf: Vec<T>,
+    cap: usize,
+    head: usize,
+}
+
+impl<T> TryFrom<RingRepr<T>> for Ring<T> {
+    type Error = String;
+
+    fn try_from(r: RingRepr<T>) -> Result<Self, String> {
+        let full = r.buf.len() == r.cap;
+        if r.cap == 0 || r.buf.len() > r.cap || r.head >= r.cap || (!full && r.head != 0) {
+            return Err(format!(
+                "inconsistent ring: {} values, capacity {}, head {}",
+                r.buf.len(),
+                r.cap,
+                r.head
+            ));
+        }
+        Ok(Ring {
+            buf: r.buf,
+            cap: r.cap,
+            head: r.head,
+        })
+    }
 }
 
 impl<T: Copy> Ring<T> {
@@ -75,6 +105,14 @@ impl<T: Copy> Ring<T> {
     }
 }
 
+/// `v` as the smallest f32 not below it: a capacity read back from the history (moving-window
+/// maximum, seasonal naive) then never falls below the sample it came from, which an ordinary
+/// rounding would turn into a false violation; the cost is at most one part in 10^7 of slack.
+pub fn up_f32(v: f64) -> f32 {
+    let x = v as f32;
+    if f64::from(x) < v { x.next_up() } else { x }
+}
+
 /// Period the detector may find, in steps.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Period {
@@ -86,8 +124,8 @@ pub enum Period {
 pub struct History {
     /// Steps observed so far (the index of the next sample).
     pub count: u64,
-    /// Raw samples at full precision: capacities are compared with them exactly.
-    pub raw: Ring<f64>,
+    /// Recent samples as f32 rounded up (see [`up_f32`]), which halves the state.
+    pub raw: Ring<f32>,
     /// Means of completed buckets of `bucket_steps` samples (f32: they only shape features).
     pub buckets: Ring<f32>,
     pub bucket_steps: u64,
@@ -134,13 +172,13 @@ impl History {
     }
 
     pub fn push(&mut self, v: f64) {
-        self.raw.push(v);
+        self.raw.push(up_f32(v));
         self.count += 1;
         self.integral &= v.fract() == 0.0;
         self.nonnegative &= v >= 0.0;
         self.bucket_sum += v;
         self.bucket_n += 1;
-        if self.count % self.bucket_steps == 0 {
+        if self.count.is_multiple_of(self.bucket_steps) {
             self.buckets
                 .push((self.bucket_sum / f64::from(self.bucket_n.max(1))) as f32);
             self.bucket_sum = 0.0;
@@ -150,7 +188,7 @@ impl History {
 
     /// Latest value.
     pub fn last(&self) -> Option<f64> {
-        self.raw.back(0)
+        self.raw.back(0).map(f64::from)
     }
 
     pub fn period_steps(&self, p: Period) -> u64 {
@@ -228,6 +266,14 @@ fn acf(x: &[f64], lag: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_samples_never_round_down() {
+        for v in [0.1, 22.84, 1.0 / 3.0, 123_456_789.123, -0.7] {
+            assert!(f64::from(up_f32(v)) >= v, "{v}");
+            assert!(f64::from(up_f32(v)) - v <= v.abs() * 1.2e-7, "{v}");
+        }
+    }
 
     #[test]
     fn ring_wraps_and_reads_back() {

@@ -35,7 +35,7 @@ impl Transform {
 }
 
 /// Longest lag window a feature reads.
-const LAGS: usize = 64;
+pub(crate) const LAGS: usize = 64;
 /// Fewest training rows worth a fit.
 pub const MIN_ROWS: usize = 32;
 /// Ridge penalty on standardised features, relative to the number of rows.
@@ -87,39 +87,26 @@ impl Ridge {
         self.fitted
     }
 
-    /// Features at origin `t` (absolute step) for target `t + lead`. `z(age)` returns the
-    /// transformed value `age` steps before `t`.
+    /// Features at origin `t` (absolute step) for target `t + lead`. `recent` holds the
+    /// transformed values up to and including step `t`, oldest first (at most `LAGS` used).
     fn features(
         &self,
         seasons: Seasons,
         h: &History,
         t: u64,
         lead: u64,
-        z: &dyn Fn(usize) -> Option<f64>,
+        recent: &[f64],
         out: &mut Vec<f64>,
     ) -> Option<()> {
         out.clear();
-        let last = z(0)?;
-        let (mut s4, mut s16, mut s64, mut max16) = (0.0, 0.0, 0.0, f64::NEG_INFINITY);
-        let (mut n16, mut n64) = (0usize, 0usize);
-        for age in 0..LAGS {
-            let Some(v) = z(age) else { break };
-            if age < 4 {
-                s4 += v;
-            }
-            if age < 16 {
-                s16 += v;
-                n16 += 1;
-                max16 = max16.max(v);
-            }
-            s64 += v;
-            n64 += 1;
-        }
-        out.push(last);
-        out.push(s4 / n16.clamp(1, 4) as f64);
-        out.push(s16 / n16.max(1) as f64);
-        out.push(s64 / n64.max(1) as f64);
-        out.push(max16);
+        let last = *recent.last()?;
+        let w = &recent[recent.len().saturating_sub(LAGS)..];
+        let tail = |k: usize| &w[w.len().saturating_sub(k)..];
+        let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+        let (s4, s16) = (tail(4), tail(16));
+        let max16 = s16.iter().fold(f64::NEG_INFINITY, |a, b| a.max(*b));
+        let (m4, m16, m64) = (mean(s4), mean(s16), mean(w));
+        out.extend_from_slice(&[last, m4, m16, m64, max16]);
         for (on, p) in [(seasons.daily, Period::Day), (seasons.weekly, Period::Week)] {
             if !on {
                 continue;
@@ -154,8 +141,12 @@ impl Ridge {
             return None;
         }
         let tr = self.transform;
-        let z = |age: usize| h.raw.back(age).map(|v| tr.apply(v));
-        self.features(self.seasons, h, h.count - 1, lead, &z, buf)?;
+        let k = h.raw.len().min(LAGS);
+        let mut recent = [0.0; LAGS];
+        for (i, r) in recent[..k].iter_mut().enumerate() {
+            *r = tr.apply(f64::from(h.raw.back(k - 1 - i)?));
+        }
+        self.features(self.seasons, h, h.count - 1, lead, &recent[..k], buf)?;
         let zhat = self.intercept
             + buf
                 .iter()
@@ -168,7 +159,12 @@ impl Ridge {
     /// Refit on every origin in the bounded history whose target is already observed.
     pub fn fit(&mut self, h: &History, lead: u64) -> Result<(), FitError> {
         let tr = self.transform;
-        let vals: Vec<f64> = h.raw.to_vec().into_iter().map(|v| tr.apply(v)).collect();
+        let vals: Vec<f64> = h
+            .raw
+            .to_vec()
+            .into_iter()
+            .map(|v| tr.apply(f64::from(v)))
+            .collect();
         let n = vals.len();
         let lead_us = lead as usize;
         let first = LAGS.min(n).saturating_sub(1).max(3);
@@ -189,9 +185,8 @@ impl Ridge {
         let mut y = Array1::<f64>::zeros(rows + p);
         let mut buf = Vec::with_capacity(p);
         for (r, i) in (first..n - lead_us).enumerate() {
-            let z = |age: usize| if age <= i { Some(vals[i - age]) } else { None };
             if self
-                .features(seasons, h, base + i as u64, lead, &z, &mut buf)
+                .features(seasons, h, base + i as u64, lead, &vals[..=i], &mut buf)
                 .is_none()
             {
                 return Err(FitError::TooFewRows(r));

@@ -44,13 +44,12 @@ fn check(rel: &str, max_len: usize) {
         let b = run(&truncated(&full, n), lead, 0.05, &MODELS, &mut |_, _| {})
             .unwrap_or_else(|e| panic!("{rel} cut at {n}: {e}"));
         let mut compared = 0;
-        for m in 0..MODELS.len() {
+        for (m, name) in MODELS.iter().enumerate() {
             for s in 0..n {
                 let (x, y) = (a.capacity[m][s], b.capacity[m][s]);
                 assert!(
                     x.to_bits() == y.to_bits(),
-                    "{rel}: model {} step {s}: full run {x}, run cut at {n} {y}",
-                    MODELS[m]
+                    "{rel}: model {name} step {s}: full run {x}, run cut at {n} {y}"
                 );
                 compared += usize::from(x.is_finite());
             }
