@@ -325,7 +325,12 @@ impl SeriesForecaster {
 /// is pure slack.
 fn round(v: f64, nonnegative: bool, integral: bool) -> f64 {
     let v = if nonnegative { v.max(0.0) } else { v };
-    if integral { v.floor() } else { v }
+    // The nudge keeps float noise (4.9999999 for a bound of exactly 5) from dropping a whole unit.
+    if integral {
+        (v + 1e-9 * v.abs().max(1.0)).floor()
+    } else {
+        v
+    }
 }
 
 fn pinball(y: f64, upper: f64, tau: f64) -> f64 {
@@ -439,7 +444,7 @@ impl Forecaster for SeriesForecaster {
             };
             c.raw = point;
             c.upper = upper;
-            zs.push(Some(z as f32));
+            zs.push(Some(crate::history::down_f32(z)));
             bounds.push(upper.is_finite().then_some(crate::history::up_f32(upper)));
         }
 
@@ -525,5 +530,74 @@ impl Forecaster for SeriesForecaster {
             .collect();
         v.sort_by_key(|(not_chosen, _)| *not_chosen);
         v.into_iter().map(|(_, e)| e).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(values: impl Iterator<Item = f64>, lead: u32) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let mut f = SeriesForecaster::new(ForecastConfig::new(lead, 0.05, 60.0))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (mut d, mut cap, mut ridge) = (Vec::new(), Vec::new(), Vec::new());
+        for v in values {
+            f.observe(v);
+            d.push(v);
+            cap.push(f.forecast().map_or(f64::NAN, |fc| fc.upper));
+            ridge.push(f.candidate_outputs().nth(1).map_or(f64::NAN, |o| o.2));
+        }
+        (d, cap, ridge)
+    }
+
+    #[test]
+    fn constant_demand_is_never_violated() {
+        for level in [5.0, 5.5, 0.37, 1234.0] {
+            let (d, cap, ridge) = run(std::iter::repeat_n(level, 600), 3);
+            for s in 200..d.len() {
+                assert!(
+                    cap[s - 3] >= d[s],
+                    "level {level}: default {} at {s}",
+                    cap[s - 3]
+                );
+                assert!(
+                    ridge[s - 3] >= d[s],
+                    "level {level}: ridge {} at {s}",
+                    ridge[s - 3]
+                );
+                assert!(
+                    cap[s - 3] <= level * 1.001,
+                    "level {level}: default {} wastes",
+                    cap[s - 3]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn violation_rate_recovers_after_a_level_shift() {
+        // A noisy level that triples halfway: the bound must follow within a few hundred steps.
+        let mut x: u64 = 42;
+        let series = (0..4000).map(move |i| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+            (if i < 2000 { 100.0 } else { 300.0 }) * (0.8 + 0.4 * u)
+        });
+        let (d, cap, _) = run(series, 1);
+        let viol = |a: usize, b: usize| {
+            (a..b).filter(|&s| d[s] > cap[s - 1]).count() as f64 / (b - a) as f64
+        };
+        assert!(
+            viol(2500, 4000) <= 0.08,
+            "after the shift: {}",
+            viol(2500, 4000)
+        );
+        assert!(
+            viol(500, 2000) >= 0.02 && viol(500, 2000) <= 0.08,
+            "before: {}",
+            viol(500, 2000)
+        );
     }
 }

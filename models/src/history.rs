@@ -113,6 +113,13 @@ pub fn up_f32(v: f64) -> f32 {
     if f64::from(x) < v { x.next_up() } else { x }
 }
 
+/// `v` as the largest f32 not above it. A stored point rounded down can only make the error
+/// scored against it larger, so the bound built from those errors stays conservative.
+pub fn down_f32(v: f64) -> f32 {
+    let x = v as f32;
+    if f64::from(x) > v { x.next_down() } else { x }
+}
+
 /// Period the detector may find, in steps.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Period {
@@ -272,6 +279,7 @@ mod tests {
         for v in [0.1, 22.84, 1.0 / 3.0, 123_456_789.123, -0.7] {
             assert!(f64::from(up_f32(v)) >= v, "{v}");
             assert!(f64::from(up_f32(v)) - v <= v.abs() * 1.2e-7, "{v}");
+            assert!(f64::from(down_f32(v)) <= v, "{v}");
         }
     }
 
