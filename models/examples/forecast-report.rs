@@ -217,7 +217,8 @@ How the bound is made:
   latest value, 4/16/64-step means and the 16-step maximum, plus daily and weekly seasonal terms only
   once the history shows those cycles (autocorrelation at the period ≥ 0.3 and above the half-period,
   over two full periods). It is fitted both on the raw values and on their square root (which
-  stabilises the variance of bursty counts), and refitted every 256 steps and early on drift.
+  stabilises the variance of bursty counts). Each fit uses the latest 1,024 origins; refits come
+  every 1,024 steps (sooner while the history is young) and early on drift.
 - **Baselines**, implemented from their sources: reactive (Kubernetes HPA at 80 % target utilisation
   with its 10 % tolerance), moving-window max (HPA's 300 s scale-down stabilisation window), Kubernetes
   VPA recommender (decaying histogram, 5 % bucket growth, 24 h half-life, p90 × 1.15), Koordinator's
@@ -262,9 +263,11 @@ capacity, and VPA's and the hindsight-best baseline's capacities as their source
 const TAIL: &str = r#"
 ## Cost
 
-`scripts/bench-forecast.sh` prints the cost figures: a ridge fit on a full history, ingesting a week of
-1-minute samples (10,080 points) including scheduled refits, one observe + forecast step, and the
-serialised state size per series.
+`scripts/bench-forecast.sh` prints the cost figures on the NASA trace, on one core: training from
+scratch on a week of 1-minute samples (10,080 observes including every refit), one refit (period
+detection and both linfa ridge fits), one observe + forecast step with refits amortised, the
+serialised state size, and the CPU share of 500 series at 1 Hz. Times are thread CPU time, so a busy
+machine does not inflate them.
 
 ## Data
 

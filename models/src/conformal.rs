@@ -51,21 +51,34 @@ impl ScoreWindow {
     }
 
     pub fn push(&mut self, s: f64) {
-        let s = s as f32;
         if !s.is_finite() {
             return;
         }
-        if self.order.len() == WINDOW {
-            if let Some(old) = self.order.back(WINDOW - 1) {
-                let i = self.sorted.partition_point(|x| *x < old);
-                if i < self.sorted.len() {
-                    self.sorted.remove(i);
-                }
-            }
-        }
+        // Rounded up: a stored error is never smaller than the real one.
+        let s = crate::history::up_f32(s);
+        let evict = if self.order.len() == WINDOW {
+            self.order.back(WINDOW - 1)
+        } else {
+            None
+        };
         self.order.push(s);
-        let i = self.sorted.partition_point(|x| *x < s);
-        self.sorted.insert(i, s);
+        let j = self.sorted.partition_point(|x| *x < s);
+        let Some(old) = evict else {
+            self.sorted.insert(j, s);
+            return;
+        };
+        // Replace the evicted score in place, shifting only the scores between the two slots.
+        let i = self
+            .sorted
+            .partition_point(|x| *x < old)
+            .min(self.sorted.len() - 1);
+        if i < j {
+            self.sorted.copy_within(i + 1..j, i);
+            self.sorted[j - 1] = s;
+        } else {
+            self.sorted.copy_within(j..i, j + 1);
+            self.sorted[j] = s;
+        }
     }
 
     /// Conformal quantile at miscoverage `alpha`: the ⌈(n+1)(1−α)⌉-th smallest score, which
@@ -130,6 +143,24 @@ mod tests {
         let q = w.quantile(0.05).unwrap_or(f64::NAN);
         // rank ceil(201 × 0.95) = 191 → the 191st smallest of 0..199 is 190.
         assert_eq!(q, 190.0);
+    }
+
+    #[test]
+    fn sorted_copy_stays_the_sorted_window() {
+        let mut w = ScoreWindow::new();
+        let mut x: u64 = 3;
+        let mut all = Vec::new();
+        for _ in 0..(3 * WINDOW) {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let v = ((x >> 40) % 50) as f64 - 25.0; // many ties
+            w.push(v);
+            all.push(v as f32);
+            let mut expect: Vec<f32> = all[all.len().saturating_sub(WINDOW)..].to_vec();
+            expect.sort_by(f32::total_cmp);
+            assert_eq!(w.sorted, expect);
+        }
     }
 
     #[test]

@@ -42,7 +42,7 @@ impl ForecastConfig {
             lead_steps,
             target_violation,
             step_seconds,
-            refit_every: 512,
+            refit_every: 1024,
         }
     }
 }
@@ -281,27 +281,6 @@ impl SeriesForecaster {
         u64::from(self.cfg.lead_steps)
     }
 
-    /// Local volatility in transformed units: mean absolute step change over the last 16 steps,
-    /// floored so a flat stretch does not collapse the bound to nothing.
-    fn local_scale(&self) -> f64 {
-        let t = Transform::SignedSqrt;
-        let h = &self.history.raw;
-        let (mut s, mut n, mut lvl) = (0.0, 0usize, 0.0);
-        for age in 0..16 {
-            let (Some(a), Some(b)) = (h.back(age), h.back(age + 1)) else {
-                break;
-            };
-            let (za, zb) = (t.apply(f64::from(a)), t.apply(f64::from(b)));
-            s += (za - zb).abs();
-            lvl += za.abs();
-            n += 1;
-        }
-        if n == 0 {
-            return 1.0;
-        }
-        (s / n as f64).max(0.05 * lvl / n as f64).max(1e-6)
-    }
-
     /// Steps between scheduled refits: while the history is young the training window grows
     /// fast, so refit whenever it has grown by a quarter, up to `refit_every`.
     fn refit_interval(&self) -> u32 {
@@ -318,6 +297,26 @@ impl SeriesForecaster {
         self.since_refit = 0;
         self.err_fast = self.err_slow;
     }
+}
+
+/// Local volatility in transformed units: mean absolute step change over the last 16 steps of
+/// `recent` (oldest first), floored so a flat stretch does not collapse the bound to nothing.
+fn local_scale(recent: &[f64]) -> f64 {
+    let t = Transform::SignedSqrt;
+    let w = &recent[recent.len().saturating_sub(17)..];
+    let n = w.len().saturating_sub(1);
+    if n == 0 {
+        return 1.0;
+    }
+    let (mut s, mut lvl) = (0.0, 0.0);
+    let mut prev = t.apply(w[0]);
+    for v in &w[1..] {
+        let z = t.apply(*v);
+        s += (z - prev).abs();
+        lvl += z.abs();
+        prev = z;
+    }
+    (s / n as f64).max(0.05 * lvl / n as f64).max(1e-6)
 }
 
 /// Capacity as applied: never below zero for a non-negative series, and rounded down for
@@ -349,10 +348,12 @@ impl Forecaster for SeriesForecaster {
         let lead = self.cfg.lead_steps as usize;
         let tau = 1.0 - self.cfg.target_violation;
         let k = 2.0 / (COST_SPAN + 1.0);
-        // 1. Outcomes of the forecasts issued `lead` steps ago.
+        // 1. Outcomes of the forecasts issued `lead` steps ago (their buffers are reused below).
+        let mut spare = None;
         if self.pending.len() >= lead {
             if let Some(PendingStep(scale, applied, zs, uppers)) = self.pending.pop_front() {
-                for ((c, pz), pu) in self.candidates.iter_mut().zip(zs).zip(uppers) {
+                for ((c, pz), pu) in self.candidates.iter_mut().zip(&zs).zip(&uppers) {
+                    let (pz, pu) = (*pz, *pu);
                     let Some(pz) = pz else { continue };
                     let z = c.kind.transform().apply(value);
                     let sc = if c.kind.scaled() {
@@ -381,6 +382,7 @@ impl Forecaster for SeriesForecaster {
                 if let Some(u) = applied {
                     self.level.update(value > u);
                 }
+                spare = Some((zs, uppers));
             }
         }
 
@@ -409,8 +411,11 @@ impl Forecaster for SeriesForecaster {
         let h = &self.history;
         let mut buf = Vec::with_capacity(9);
         let leadu = self.lead();
-        let ridge_id = self.ridge_id.predict(h, leadu, &mut buf);
-        let ridge_sqrt = self.ridge_sqrt.predict(h, leadu, &mut buf);
+        let mut window = [0.0; crate::ridge::LAGS];
+        let k = crate::ridge::recent(h, &mut window);
+        let window = &window[..k];
+        let ridge_id = self.ridge_id.predict(h, leadu, window, &mut buf);
+        let ridge_sqrt = self.ridge_sqrt.predict(h, leadu, window, &mut buf);
         let wmax = window_max(h, self.cfg.step_seconds);
         let snaive = seasonal_naive(h, leadu);
         let vpa = self.vpa.capacity();
@@ -420,11 +425,12 @@ impl Forecaster for SeriesForecaster {
         let points = [
             ridge_id, ridge_sqrt, ridge_sqrt, react, wmax, vpa, koord, snaive,
         ];
-        let scale = self.local_scale();
+        let scale = local_scale(window);
         let alpha = self.level.alpha;
         let (nonneg, integral) = (self.history.nonnegative, self.history.integral);
-        let mut zs = Vec::with_capacity(points.len());
-        let mut bounds = Vec::with_capacity(points.len());
+        let (mut zs, mut bounds) = spare.unwrap_or_default();
+        zs.clear();
+        bounds.clear();
         for (c, point) in self.candidates.iter_mut().zip(points) {
             let Some(point) = point else {
                 c.raw = f64::NAN;
