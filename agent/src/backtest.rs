@@ -103,6 +103,12 @@ pub fn run(args: &BacktestArgs) -> anyhow::Result<()> {
     w.flush().map_err(werr)?;
 
     let summaries = backtest::summarize(&trace, &run);
+    // Which candidate the default model put in charge, as shares of the emitted steps.
+    let mut selection = std::collections::BTreeMap::<&str, f64>::new();
+    let emitted = (trace.values.len() - run.first).max(1) as f64;
+    for m in &run.chosen[run.first..] {
+        *selection.entry(m).or_default() += 1.0 / emitted;
+    }
     let doc = serde_json::json!({
         "input": path,
         "step_seconds": trace.step,
@@ -110,6 +116,7 @@ pub fn run(args: &BacktestArgs) -> anyhow::Result<()> {
         "target_violation": args.target_violation,
         "emitted_from_index": run.first,
         "models": summaries,
+        "default_selection": selection,
     });
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
