@@ -199,6 +199,7 @@ pub struct SeriesForecaster {
     reactive: Reactive,
     vpa: PercentileRecommender,
     koord: PercentileRecommender,
+    #[serde(deserialize_with = "candidates_in_order")]
     candidates: Vec<Candidate>,
     level: AdaptiveLevel,
     chosen: Option<usize>,
@@ -297,6 +298,20 @@ impl SeriesForecaster {
         self.since_refit = 0;
         self.err_fast = self.err_slow;
     }
+}
+
+/// Restored state must hold one candidate per [`Kind`], in order: the forecasts are matched to
+/// candidates by position.
+fn candidates_in_order<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Candidate>, D::Error> {
+    let v = Vec::<Candidate>::deserialize(d)?;
+    if v.len() != Kind::ALL.len() || v.iter().zip(Kind::ALL).any(|(c, k)| c.kind != k) {
+        return Err(serde::de::Error::custom(format!(
+            "state holds candidates {:?}, expected {:?}",
+            v.iter().map(|c| c.kind.name()).collect::<Vec<_>>(),
+            Kind::ALL.map(Kind::name)
+        )));
+    }
+    Ok(v)
 }
 
 /// Local volatility in transformed units: mean absolute step change over the last 16 steps of
@@ -465,8 +480,9 @@ impl Forecaster for SeriesForecaster {
             .min_by(|a, b| a.1.cost.total_cmp(&b.1.cost))
             .map(|(i, _)| i);
         self.chosen = match (self.chosen, best) {
-            (Some(cur), Some(b)) if ready(&self.candidates[cur]) => {
-                if self.candidates[b].cost < (1.0 - SWITCH_PENALTY) * self.candidates[cur].cost {
+            (Some(cur), Some(b)) if self.candidates.get(cur).is_some_and(ready) => {
+                let cur_cost = self.candidates.get(cur).map_or(f64::INFINITY, |c| c.cost);
+                if self.candidates[b].cost < (1.0 - SWITCH_PENALTY) * cur_cost {
                     Some(b)
                 } else {
                     Some(cur)
@@ -508,7 +524,7 @@ impl Forecaster for SeriesForecaster {
         self.latest.map(|(point, upper, i)| Forecast {
             point,
             upper,
-            model: Kind::ALL[i].name(),
+            model: Kind::ALL.get(i).map_or("unknown", |k| k.name()),
         })
     }
 

@@ -83,6 +83,9 @@ fn damaged_state_is_rejected() {
     let broken = json.replacen("\"cap\":2048", "\"cap\":0", 1);
     assert_ne!(broken, json, "test must actually damage the state");
     assert!(serde_json::from_str::<SeriesForecaster>(&broken).is_err());
+    let reordered = json.replacen("\"kind\":\"Ridge\"", "\"kind\":\"Vpa\"", 1);
+    assert_ne!(reordered, json, "test must actually damage the state");
+    assert!(serde_json::from_str::<SeriesForecaster>(&reordered).is_err());
 }
 
 #[test]
