@@ -8,6 +8,7 @@
 //! Nothing in this crate writes a cgroup file it was not told to manage.
 
 pub mod agent;
+pub mod backtest;
 pub mod config;
 pub mod history;
 pub mod report;
