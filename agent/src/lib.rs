@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod backtest;
 pub mod config;
+pub mod forecast;
 pub mod history;
 pub mod report;
 pub mod sample;

@@ -20,6 +20,8 @@ pub struct Snapshot {
     /// GPUs, their processes and containers; served through `/metrics`, not the JSON API.
     #[serde(skip)]
     pub gpu: gpu::GpuSnapshot,
+    /// Forecasts made from this sample, one per forecast series.
+    pub forecasts: Vec<crate::forecast::ForecastRow>,
 }
 
 /// Time as float seconds since the epoch in JSON.
