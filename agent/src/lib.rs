@@ -8,8 +8,10 @@
 //! Nothing in this crate writes a cgroup file it was not told to manage.
 
 pub mod agent;
+pub mod backtest;
 pub mod caps;
 pub mod config;
+pub mod forecast;
 pub mod history;
 pub mod notify;
 pub mod report;
