@@ -318,7 +318,15 @@ fn window(view: &SeriesView, from_ms: u64, to_ms: u64, columns: usize) -> Line {
     line
 }
 
-/// A series key's labels other than `cgroup`, as `k="v"` text.
+/// `GPU 3` when the newest snapshot knows the UUID's index, else the UUID.
+fn gpu_name(latest: Option<&Snapshot>, uuid: &str) -> String {
+    latest
+        .and_then(|s| s.gpu.gpus.iter().find(|g| g.id.uuid == uuid))
+        .map(|g| format!("GPU {}", g.id.index))
+        .unwrap_or_else(|| format!("GPU {uuid}"))
+}
+
+/// A series key's labels as `k="v"` text.
 fn label_text(key: &SeriesKey) -> String {
     key.labels
         .iter()
@@ -386,10 +394,14 @@ fn build(
                 .flatten()
         });
         let mut panels = Vec::new();
-        let mut plotted: Vec<&str> = Vec::new();
-        let known_order = KNOWN
-            .iter()
-            .filter_map(|k| find(k.demand).map(|key| (key, Some(k))));
+        let mut plotted: Vec<&SeriesKey> = Vec::new();
+        // A container on two GPUs has one series per GPU under the same name: each is a panel.
+        let known_order = KNOWN.iter().flat_map(|kn| {
+            keys.iter()
+                .copied()
+                .filter(move |k| k.name == kn.demand)
+                .map(move |k| (k, Some(kn)))
+        });
         let others = keys
             .iter()
             .copied()
@@ -400,23 +412,29 @@ fn build(
             })
             .map(|k| (k, None));
         for (key, known) in known_order.chain(others).collect::<Vec<_>>() {
-            if plotted.contains(&key.name.as_str()) {
+            if plotted.contains(&key) {
                 continue;
             }
-            plotted.push(&key.name);
+            plotted.push(key);
             let Some(demand) = line(key) else { continue };
             if demand.points() == 0 {
                 continue;
             }
+            // Forecast and capacity belong to the same series: same labels, other name.
+            let same = |name: &str| {
+                keys.iter()
+                    .copied()
+                    .find(|k| k.labels == key.labels && k.name == name)
+            };
             let forecast = keys
                 .iter()
-                .find(|k| is_forecast_of(&k.name, &key.name))
+                .find(|k| k.labels == key.labels && is_forecast_of(&k.name, &key.name))
                 .and_then(|k| line(k));
             let capacity = known
                 .map(|k| k.capacity)
                 .unwrap_or(&[])
                 .iter()
-                .find_map(|c| find(c))
+                .find_map(|c| same(c).or_else(|| find(c)))
                 .and_then(line)
                 .filter(|l| l.points() > 0);
             let capacity_now = match (capacity.is_none(), key.name.as_str(), container, latest) {
@@ -430,6 +448,13 @@ fn build(
                 (true, "node_memory_used_bytes", _, Some(s)) => {
                     s.node.as_ref().map(|n| n.memory_total_bytes as f64)
                 }
+                (true, "gpu_memory_used_bytes", _, Some(s)) => s
+                    .gpu
+                    .gpus
+                    .iter()
+                    .find(|g| Some(g.id.uuid.as_str()) == key.label("UUID"))
+                    .and_then(|g| g.stats.memory_total_bytes)
+                    .map(|v| v as f64),
                 _ => None,
             };
             let resource_of = |m: &Mark| {
@@ -446,10 +471,16 @@ fn build(
                 })
                 .cloned()
                 .collect();
+            let mut title = known
+                .map(|k| k.title.to_string())
+                .unwrap_or_else(|| key.name.replace('_', " "));
+            if kind == GroupKind::Container
+                && let Some(uuid) = key.label("UUID")
+            {
+                title = format!("{title} on {}", gpu_name(latest, uuid));
+            }
             panels.push(Panel {
-                title: known
-                    .map(|k| k.title.to_string())
-                    .unwrap_or_else(|| key.name.replace('_', " ")),
+                title,
                 unit: Unit::of(&key.name),
                 demand,
                 forecast,
@@ -465,13 +496,13 @@ fn build(
             GroupKind::Node => (String::new(), String::new()),
             GroupKind::Gpu => {
                 let k = keys[0];
-                let name = k
-                    .label("gpu")
-                    .map(|g| format!("GPU {g}"))
-                    .unwrap_or_else(|| "GPU".into());
-                let model = k.label("modelName").unwrap_or("").to_string();
-                let uuid = k.label("UUID").unwrap_or("").to_string();
-                (name, format!("{model} {uuid}").trim().to_string())
+                let uuid = k.label("UUID").unwrap_or("");
+                let gpu = latest.and_then(|s| s.gpu.gpus.iter().find(|g| g.id.uuid == uuid));
+                let sub = match gpu {
+                    Some(g) => format!("{} · {} · {}", g.id.model, g.id.pci_bus_id, uuid),
+                    None => label_text(k),
+                };
+                (gpu_name(latest, uuid), sub)
             }
             GroupKind::Container => {
                 let ident = container.map(|c| &c.ident);
@@ -938,6 +969,48 @@ mod tests {
         assert!(c4 < c3);
         assert!(!html.contains("<h3>/c0</h3>"));
         assert!(html.contains("3 quieter containers not drawn"));
+    }
+
+    #[test]
+    fn gpus_and_per_gpu_container_series_get_their_own_panels() {
+        let mut h = History::new(1000, 100, 60, 10);
+        let t0 = 1_700_000_000_000u64;
+        let gpu = |uuid: &str| vec![("UUID".to_string(), uuid.to_string())];
+        let cg = |uuid: &str| {
+            vec![
+                ("UUID".to_string(), uuid.to_string()),
+                ("cgroup".to_string(), "/job".to_string()),
+            ]
+        };
+        for i in 0..60u64 {
+            let t = t0 + i * 1000;
+            for u in ["GPU-a", "GPU-b"] {
+                h.record(&SeriesKey::new("gpu_utilization_ratio", gpu(u)), t, 0.5);
+                h.record(
+                    &SeriesKey::new("container_gpu_utilization_ratio", cg(u)),
+                    t,
+                    0.4,
+                );
+            }
+            h.record(
+                &SeriesKey::new(
+                    "forecast_upper_container_gpu_utilization_ratio",
+                    cg("GPU-b"),
+                ),
+                t,
+                0.7,
+            );
+        }
+        let html = page(&h, &[], t0 + 60_000);
+        assert_eq!(html.matches("<section class=\"group gpu\">").count(), 2);
+        let job = &html[html.find("<h3>/job</h3>").unwrap()..];
+        assert_eq!(
+            count(job, "demand"),
+            2,
+            "one panel per GPU the container uses"
+        );
+        assert_eq!(count(job, "forecast"), 1, "the forecast of GPU-b only");
+        assert!(job.contains("GPU utilisation on GPU GPU-b"));
     }
 
     #[test]
