@@ -921,7 +921,7 @@ mod tests {
             }
             h.record(&k, t0 + i * 1000, if i == 600 { 9.0 } else { 1.0 });
         }
-        let now = t0 + 3600_000;
+        let now = t0 + 3_600_000;
         let html = render(
             &Header::default(),
             &h,
