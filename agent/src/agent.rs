@@ -383,6 +383,22 @@ pub fn history_points(s: &Snapshot) -> Vec<(SeriesKey, f64)> {
         if let Some(v) = c.throttled_ratio {
             out.push((SeriesKey::new("container_cpu_throttled_ratio", labels()), v));
         }
+        // Capacity in force, for the status page; only where a limit is set. memory.high (the
+        // soft limit on v1) is what policies move, so it stands for the limit when both are set.
+        if let Some(v) = c.stats.cpu_quota_cores {
+            out.push((SeriesKey::new("container_cpu_quota_cores", labels()), v));
+        }
+        match (c.stats.memory_high_bytes, c.stats.memory_limit_bytes) {
+            (Some(v), _) => out.push((
+                SeriesKey::new("container_memory_high_bytes", labels()),
+                v as f64,
+            )),
+            (None, Some(v)) => out.push((
+                SeriesKey::new("container_memory_limit_bytes", labels()),
+                v as f64,
+            )),
+            (None, None) => {}
+        }
     }
     out
 }

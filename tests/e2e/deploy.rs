@@ -486,6 +486,11 @@ fn status_page_plots_real_containers_in_chromium() {
         busy_html.contains("GPU memory on GPU 1"),
         "per-GPU container panel"
     );
+    // The quota is a history series: drawn as a line over time, not only as today's value.
+    assert!(
+        busy_html.contains("class=\"capacity\" data-points="),
+        "CPU capacity line"
+    );
     // The quota the test set is the applied CPU capacity: 0.40 cores.
     let busy_section = &dom[dom
         .find(&format!("<h3>{}</h3>", busy.rel))

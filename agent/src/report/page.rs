@@ -27,6 +27,46 @@ pub struct Mark {
     pub applied: bool,
 }
 
+/// Marks from the JSON the agent serves at `/v1/decisions`
+/// (`{"decisions": [{"at", "container", "resource", "from", "to", "reason", "applied", "note"}]}`,
+/// `at` in seconds since the epoch). Entries missing a field the timeline needs are skipped.
+pub fn marks_from_decisions(v: &serde_json::Value) -> Vec<Mark> {
+    let Some(items) = v["decisions"].as_array() else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|d| {
+            let at = d["at"].as_f64()?;
+            let cgroup = d["container"].as_str()?.to_string();
+            let resource = d["resource"].as_str()?.to_ascii_lowercase();
+            let reason = d["reason"].as_str().unwrap_or("").replace('_', " ");
+            let applied = d["applied"].as_bool().unwrap_or(false);
+            let from = d["from"]
+                .as_f64()
+                .map(short)
+                .unwrap_or_else(|| "unlimited".into());
+            let to = d["to"].as_f64().map(short).unwrap_or_default();
+            let mut text = format!("{resource} {from} → {to}: {reason}");
+            if !applied {
+                text.push_str(" (not applied");
+                if let Some(n) = d["note"].as_str() {
+                    text.push_str(": ");
+                    text.push_str(n);
+                }
+                text.push(')');
+            }
+            Some(Mark {
+                t_ms: (at * 1000.0) as u64,
+                cgroup,
+                resource,
+                text,
+                applied,
+            })
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Options {
     /// Width of the time window, in hours.
@@ -152,8 +192,8 @@ const KNOWN: &[Known] = &[
         demand: "container_memory_working_set_bytes",
         title: "memory (working set)",
         capacity: &[
-            "container_memory_limit_bytes",
             "container_memory_high_bytes",
+            "container_memory_limit_bytes",
         ],
     },
     Known {
@@ -439,9 +479,11 @@ fn build(
                 .filter(|l| l.points() > 0);
             let capacity_now = match (capacity.is_none(), key.name.as_str(), container, latest) {
                 (true, "container_cpu_usage_cores", Some(c), _) => c.stats.cpu_quota_cores,
-                (true, "container_memory_working_set_bytes", Some(c), _) => {
-                    c.stats.memory_limit_bytes.map(|v| v as f64)
-                }
+                (true, "container_memory_working_set_bytes", Some(c), _) => c
+                    .stats
+                    .memory_high_bytes
+                    .or(c.stats.memory_limit_bytes)
+                    .map(|v| v as f64),
                 (true, "node_cpu_usage_cores", _, Some(s)) => {
                     s.node.as_ref().map(|n| n.cpus as f64)
                 }
@@ -1011,6 +1053,27 @@ mod tests {
         );
         assert_eq!(count(job, "forecast"), 1, "the forecast of GPU-b only");
         assert!(job.contains("GPU utilisation on GPU GPU-b"));
+    }
+
+    #[test]
+    fn decisions_json_becomes_marks() {
+        let v = serde_json::json!({"mode": "enforce", "decisions": [
+            {"at": 1_700_000_000.5, "mode": "enforce", "container": "/a", "resource": "cpu",
+             "from": 2.0, "to": 3.0, "reason": "forecast", "applied": true, "note": null},
+            {"at": 1_700_000_001.0, "container": "/a", "resource": "memory", "from": null,
+             "to": 1e9, "reason": "oom_kill", "applied": false, "note": "rate limited"},
+            {"container": "/a", "resource": "cpu"}
+        ]});
+        let m = marks_from_decisions(&v);
+        assert_eq!(m.len(), 2, "the entry without a time is skipped");
+        assert_eq!(m[0].t_ms, 1_700_000_000_500);
+        assert_eq!(m[0].text, "cpu 2.00 → 3.00: forecast");
+        assert!(m[0].applied);
+        assert_eq!(
+            m[1].text,
+            "memory unlimited → 1000000000: oom kill (not applied: rate limited)"
+        );
+        assert!(marks_from_decisions(&serde_json::json!({})).is_empty());
     }
 
     #[test]
