@@ -378,10 +378,14 @@ fn label_text(key: &SeriesKey) -> String {
 /// Start of the plotted window: `hours` back, or where history begins if that is later (a young
 /// agent's minutes of data fill the plot instead of a sliver at its right edge), at least a
 /// minute back.
-fn window_start(history: &History, opts: &Options, now_ms: u64) -> u64 {
+fn window_start<'a>(
+    history: &History,
+    keys: impl Iterator<Item = &'a SeriesKey>,
+    opts: &Options,
+    now_ms: u64,
+) -> u64 {
     let asked = now_ms.saturating_sub((opts.hours * 3_600_000.0) as u64);
-    let oldest = history
-        .keys()
+    let oldest = keys
         .filter_map(|k| history.view(k))
         .filter_map(|v| {
             let coarse = v.coarse.iter().find(|c| c.1.is_finite()).map(|c| c.0);
@@ -393,15 +397,15 @@ fn window_start(history: &History, opts: &Options, now_ms: u64) -> u64 {
     asked.max(oldest.min(now_ms.saturating_sub(60_000)))
 }
 
-/// Everything the page shows, computed from history and the newest snapshot.
+/// Everything the page shows, computed from history and the newest snapshot: the groups, how
+/// many containers were left out, and where the time axis starts.
 fn build(
     history: &History,
     latest: Option<&Snapshot>,
     marks: &[Mark],
     opts: &Options,
     now_ms: u64,
-) -> (Vec<Group>, usize) {
-    let from_ms = window_start(history, opts, now_ms);
+) -> (Vec<Group>, usize, u64) {
     const COLUMNS: usize = 560;
     // Group the series: containers by cgroup, GPUs by their labels, the node alone.
     let mut groups: BTreeMap<(GroupKind, String), Vec<&SeriesKey>> = BTreeMap::new();
@@ -419,6 +423,31 @@ fn build(
         };
         groups.entry(g).or_default().push(key);
     }
+    // Only the busiest containers are drawn; choosing them from the newest CPU point alone keeps
+    // the cost (and the time the history lock is held) independent of how many run here.
+    let busiest = |keys: &[&SeriesKey]| {
+        keys.iter()
+            .find(|k| k.name == "container_cpu_usage_cores")
+            .and_then(|k| history.latest(k))
+            .map(|(_, v)| v as f64)
+            .filter(|v| v.is_finite())
+            .unwrap_or(0.0)
+    };
+    let mut ranked: Vec<(f64, String)> = groups
+        .iter()
+        .filter(|((kind, _), _)| *kind == GroupKind::Container)
+        .map(|((_, id), keys)| (busiest(keys), id.clone()))
+        .collect();
+    ranked.sort_by(|a, b| {
+        b.0.partial_cmp(&a.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then_with(|| a.1.cmp(&b.1))
+    });
+    let hidden = ranked.len().saturating_sub(opts.max_containers);
+    for (_, id) in ranked.into_iter().skip(opts.max_containers) {
+        groups.remove(&(GroupKind::Container, id));
+    }
+    let from_ms = window_start(history, groups.values().flatten().copied(), opts, now_ms);
     let mut out = Vec::new();
     for ((kind, id), mut keys) in groups {
         keys.sort();
@@ -587,19 +616,7 @@ fn build(
                 .then_with(|| a.title.cmp(&b.title)),
         )
     });
-    let containers = out
-        .iter()
-        .filter(|g| g.kind == GroupKind::Container)
-        .count();
-    let mut kept = 0;
-    out.retain(|g| {
-        if g.kind != GroupKind::Container {
-            return true;
-        }
-        kept += 1;
-        kept <= opts.max_containers
-    });
-    (out, containers.saturating_sub(opts.max_containers))
+    (out, hidden, from_ms)
 }
 
 fn esc(s: &str) -> String {
@@ -766,8 +783,7 @@ pub fn render(
     opts: &Options,
     now_ms: u64,
 ) -> String {
-    let (groups, hidden) = build(history, latest, marks, opts, now_ms);
-    let from_ms = window_start(history, opts, now_ms);
+    let (groups, hidden, from_ms) = build(history, latest, marks, opts, now_ms);
     let mut out = String::with_capacity(64 * 1024);
     let _ = write!(
         out,
