@@ -492,6 +492,52 @@ impl Probes {
             .collect()
     }
 
+    /// Deletes histograms from the kernel maps (keys of cgroups gone or idle), so the bounded maps
+    /// keep room for new ones. A key seen again later starts from zero. Returns how many were
+    /// deleted; keys already absent are not errors.
+    pub fn forget(
+        &mut self,
+        requests: &[RequestKey],
+        runqueue: &[u64],
+    ) -> Result<usize, ReadError> {
+        let Some(ebpf) = &mut self.ebpf else {
+            return Ok(0);
+        };
+        let mut deleted = 0;
+        if !requests.is_empty() {
+            let map = ebpf
+                .map_mut("req_hist")
+                .ok_or(ReadError::MissingMap { map: "req_hist" })?;
+            let mut req: HashMap<&mut MapData, RawReqKey, RawHist> = HashMap::try_from(map)
+                .map_err(|source| ReadError::Map {
+                    map: "req_hist",
+                    source,
+                })?;
+            for k in requests {
+                let raw = RawReqKey {
+                    cgroup_id: k.cgroup_id,
+                    port: k.port,
+                    pad: [0; 3],
+                };
+                deleted += usize::from(req.remove(&raw).is_ok());
+            }
+        }
+        if !runqueue.is_empty() {
+            let map = ebpf
+                .map_mut("runq_hist")
+                .ok_or(ReadError::MissingMap { map: "runq_hist" })?;
+            let mut runq: HashMap<&mut MapData, u64, RawHist> =
+                HashMap::try_from(map).map_err(|source| ReadError::Map {
+                    map: "runq_hist",
+                    source,
+                })?;
+            for id in runqueue {
+                deleted += usize::from(runq.remove(id).is_ok());
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Reads every histogram. Cheap enough for each sampling tick: one map walk per key in use.
     pub fn read(&self) -> Result<Reading, ReadError> {
         let Some(ebpf) = &self.ebpf else {
