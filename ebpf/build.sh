@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Compiles bpf/headroom.bpf.c into the committed bpf/headroom.bpf.o that the headroom-ebpf crate
-# embeds, so building the agent never needs clang.
+# Compiles bpf/headroom.bpf.c into the committed objects that the headroom-ebpf crate embeds, so
+# building the agent never needs clang: bpf/headroom.bpf.o (socket/task local storage for the
+# tp_btf programs) and bpf/headroom_compat.bpf.o (-DHEADROOM_COMPAT: hash maps only, for kernels
+# without local-storage map types).
 #
-#   ebpf/build.sh           recompile and overwrite bpf/headroom.bpf.o
-#   ebpf/build.sh --check   recompile into a temporary file and fail if it differs from the
-#                           committed object (CI runs this)
+#   ebpf/build.sh           recompile and overwrite both objects
+#   ebpf/build.sh --check   recompile into temporary files and fail if either differs from the
+#                           committed one (CI runs this)
 #
 # The output is reproducible: no vmlinux.h from the build machine (bpf/kernel_types.h is written by
 # hand, CO-RE fixes offsets at load time), paths are mapped away and DWARF is stripped (BTF, which
@@ -13,7 +15,8 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 src="$here/bpf/headroom.bpf.c"
-committed="$here/bpf/headroom.bpf.o"
+# object file name, extra clang flags
+objects=("headroom.bpf.o:" "headroom_compat.bpf.o:-DHEADROOM_COMPAT")
 
 CLANG="${CLANG:-clang}"
 STRIP="${LLVM_STRIP:-llvm-strip}"
@@ -23,8 +26,8 @@ done
 [ -f /usr/include/bpf/bpf_helpers.h ] || { echo "build.sh: /usr/include/bpf/bpf_helpers.h missing (apt-get install libbpf-dev)" >&2; exit 127; }
 
 compile() {
-    local out="$1"
-    (cd "$here/bpf" && "$CLANG" -O2 -g -target bpf -D__TARGET_ARCH_x86 \
+    local out="$1" extra="$2"
+    (cd "$here/bpf" && "$CLANG" -O2 -g -target bpf -D__TARGET_ARCH_x86 $extra \
         -Wall -Werror \
         -fdebug-prefix-map="$here/bpf"=. -fdebug-compilation-dir=. \
         -I. -c headroom.bpf.c -o "$out")
@@ -34,19 +37,27 @@ compile() {
 
 case "${1:-}" in
     --check)
-        tmp="$(mktemp --suffix=.bpf.o)"
-        trap 'rm -f "$tmp"' EXIT
-        compile "$tmp"
-        if cmp -s "$tmp" "$committed"; then
-            echo "build.sh --check: $committed matches a fresh compile of $src ($("$CLANG" --version | head -n1))"
-        else
-            echo "build.sh --check: $committed differs from a fresh compile of $src; run ebpf/build.sh and commit the object" >&2
-            exit 1
-        fi
+        tmp="$(mktemp -d)"
+        trap 'rm -rf "$tmp"' EXIT
+        status=0
+        for spec in "${objects[@]}"; do
+            name="${spec%%:*}"
+            compile "$tmp/$name" "${spec#*:}"
+            if cmp -s "$tmp/$name" "$here/bpf/$name"; then
+                echo "build.sh --check: bpf/$name matches a fresh compile of $src ($("$CLANG" --version | head -n1))"
+            else
+                echo "build.sh --check: bpf/$name differs from a fresh compile of $src; run ebpf/build.sh and commit it" >&2
+                status=1
+            fi
+        done
+        exit "$status"
         ;;
     "")
-        compile "$committed"
-        echo "build.sh: wrote $committed ($(stat -c %s "$committed") bytes)"
+        for spec in "${objects[@]}"; do
+            name="${spec%%:*}"
+            compile "$here/bpf/$name" "${spec#*:}"
+            echo "build.sh: wrote bpf/$name ($(stat -c %s "$here/bpf/$name") bytes)"
+        done
         ;;
     *)
         echo "usage: $0 [--check]" >&2

@@ -10,7 +10,13 @@
  * Histogram layout (must match src/hist.rs): values in nanoseconds; 0..15 ns get one bucket each;
  * above that, each power of two [2^e, 2^(e+1)) is split into 16 equal linear sub-buckets, so a
  * bucket is never wider than 1/16 of its lower bound. e is capped at 35 (~68.7 s); larger values
- * land in the last bucket. */
+ * land in the last bucket.
+ *
+ * Per-socket and per-task state lives in socket/task local storage for the tp_btf programs (a
+ * pointer away from the object, freed with it) and in bounded LRU hash maps for the fentry and
+ * raw_tracepoint programs, whose arguments the verifier does not trust for local storage. Built
+ * with -DHEADROOM_COMPAT, the tp_btf programs use the hash maps too and the object needs no
+ * local-storage map types (kernels before 5.11). */
 #include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
@@ -41,10 +47,33 @@ struct sock_req {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 16384);
 	__type(key, u64);
 	__type(value, struct sock_req);
 } server_socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, u32);
+	__type(value, u64);
+} runq_start SEC(".maps");
+
+#ifndef HEADROOM_COMPAT
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sock_req);
+} sk_req SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, u64);
+} task_runq SEC(".maps");
+#endif
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -53,13 +82,6 @@ struct {
 	__type(key, struct req_key);
 	__type(value, struct hist);
 } req_hist SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, u32);
-	__type(value, u64);
-} runq_start SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -141,36 +163,56 @@ static __always_inline void record(void *map, const void *key, u64 ns, u32 which
 
 /* ---- request latency ---------------------------------------------------------------------- */
 
-static __always_inline void on_state(const struct sock *sk, int oldstate, int newstate)
+/* Where a socket's request state lives: `btf` is a compile-time constant per program type. */
+static __always_inline struct sock_req *sock_slot(struct sock *sk, bool btf, bool create)
 {
+#ifndef HEADROOM_COMPAT
+	if (btf)
+		return bpf_sk_storage_get(&sk_req, sk, 0, create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+#endif
 	u64 key = (u64)sk;
+	if (create) {
+		struct sock_req fresh = { .start_ns = 0 };
+		bpf_map_update_elem(&server_socks, &key, &fresh, BPF_ANY);
+	}
+	return bpf_map_lookup_elem(&server_socks, &key);
+}
+
+static __always_inline void on_state(struct sock *sk, int oldstate, int newstate, bool btf)
+{
 	/* SYN_RECV -> ESTABLISHED is the passive open of an accepted socket; a client's own sockets
 	 * go SYN_SENT -> ESTABLISHED and are never tracked. */
 	if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV) {
-		struct sock_req fresh = { .start_ns = 0 };
-		bpf_map_update_elem(&server_socks, &key, &fresh, BPF_ANY);
+		struct sock_req *r = sock_slot(sk, btf, true);
+		if (r)
+			r->start_ns = 0;
 	} else if (newstate == TCP_CLOSE) {
+#ifndef HEADROOM_COMPAT
+		if (btf) {
+			bpf_sk_storage_delete(&sk_req, sk);
+			return;
+		}
+#endif
+		u64 key = (u64)sk;
 		bpf_map_delete_elem(&server_socks, &key);
 	}
 }
 
-static __always_inline void on_recv(struct sock *sk, int ret)
+static __always_inline void on_recv(struct sock *sk, int ret, bool btf)
 {
 	if (ret <= 0)
 		return;
-	u64 key = (u64)sk;
-	struct sock_req *r = bpf_map_lookup_elem(&server_socks, &key);
+	struct sock_req *r = sock_slot(sk, btf, false);
 	/* Keep the first read of a request: later reads of the same request do not move its start. */
 	if (r && r->start_ns == 0)
 		r->start_ns = bpf_ktime_get_ns();
 }
 
-static __always_inline void on_send(struct sock *sk, int ret)
+static __always_inline void on_send(struct sock *sk, int ret, bool btf)
 {
 	if (ret <= 0)
 		return;
-	u64 key = (u64)sk;
-	struct sock_req *r = bpf_map_lookup_elem(&server_socks, &key);
+	struct sock_req *r = sock_slot(sk, btf, false);
 	if (!r)
 		return;
 	u64 start = r->start_ns;
@@ -189,70 +231,78 @@ static __always_inline void on_send(struct sock *sk, int ret)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(tp_sock_state, const struct sock *sk, int oldstate, int newstate)
 {
-	on_state(sk, oldstate, newstate);
+	on_state((struct sock *)sk, oldstate, newstate, true);
 	return 0;
 }
 
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(tp_sock_recv, struct sock *sk, int ret, int flags)
 {
-	on_recv(sk, ret);
+	on_recv(sk, ret, true);
 	return 0;
 }
 
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(tp_sock_send, struct sock *sk, int ret, int flags)
 {
-	on_send(sk, ret);
+	on_send(sk, ret, true);
 	return 0;
 }
 
 SEC("fentry/tcp_set_state")
 int BPF_PROG(fe_sock_state, struct sock *sk, int state)
 {
-	on_state(sk, BPF_CORE_READ(sk, __sk_common.skc_state), state);
+	on_state(sk, BPF_CORE_READ(sk, __sk_common.skc_state), state, false);
 	return 0;
 }
 
 SEC("fexit/sock_recvmsg")
 int BPF_PROG(fe_sock_recv, struct socket *sock, struct msghdr *msg, int flags, int ret)
 {
-	on_recv(BPF_CORE_READ(sock, sk), ret);
+	on_recv(BPF_CORE_READ(sock, sk), ret, false);
 	return 0;
 }
 
 SEC("fexit/sock_sendmsg")
 int BPF_PROG(fe_sock_send, struct socket *sock, struct msghdr *msg, int ret)
 {
-	on_send(BPF_CORE_READ(sock, sk), ret);
+	on_send(BPF_CORE_READ(sock, sk), ret, false);
 	return 0;
 }
 
 SEC("raw_tracepoint/inet_sock_set_state")
-int BPF_PROG(raw_sock_state, const struct sock *sk, int oldstate, int newstate)
+int BPF_PROG(raw_sock_state, struct sock *sk, int oldstate, int newstate)
 {
-	on_state(sk, oldstate, newstate);
+	on_state(sk, oldstate, newstate, false);
 	return 0;
 }
 
 SEC("raw_tracepoint/sock_recv_length")
 int BPF_PROG(raw_sock_recv, struct sock *sk, int ret, int flags)
 {
-	on_recv(sk, ret);
+	on_recv(sk, ret, false);
 	return 0;
 }
 
 SEC("raw_tracepoint/sock_send_length")
 int BPF_PROG(raw_sock_send, struct sock *sk, int ret, int flags)
 {
-	on_send(sk, ret);
+	on_send(sk, ret, false);
 	return 0;
 }
 
 /* ---- run-queue delay ---------------------------------------------------------------------- */
 
-static __always_inline void stamp_runnable(struct task_struct *p)
+static __always_inline void stamp_runnable(struct task_struct *p, bool btf)
 {
+#ifndef HEADROOM_COMPAT
+	if (btf) {
+		u64 *ts = bpf_task_storage_get(&task_runq, p, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+		if (ts)
+			*ts = bpf_ktime_get_ns();
+		return;
+	}
+#endif
 	u32 pid = BPF_CORE_READ(p, pid);
 	if (pid == 0)
 		return;
@@ -260,21 +310,43 @@ static __always_inline void stamp_runnable(struct task_struct *p)
 	bpf_map_update_elem(&runq_start, &pid, &now, BPF_ANY);
 }
 
-static __always_inline void on_switch(struct task_struct *prev, struct task_struct *next)
+/* When `p` became runnable, consumed (so each wait is counted once); 0 when unknown. */
+static __always_inline u64 take_stamp(struct task_struct *p, bool btf)
 {
-	/* A task switched out while still runnable (preempted or throttled) waits on the run queue
-	 * from now on, exactly like a freshly woken one. */
-	if (BPF_CORE_READ(prev, __state) == 0)
-		stamp_runnable(prev);
-
-	u32 pid = BPF_CORE_READ(next, pid);
+	u64 start = 0;
+#ifndef HEADROOM_COMPAT
+	if (btf) {
+		u64 *ts = bpf_task_storage_get(&task_runq, p, 0, 0);
+		if (ts) {
+			start = *ts;
+			*ts = 0;
+		}
+		return start;
+	}
+#endif
+	u32 pid = BPF_CORE_READ(p, pid);
 	if (pid == 0)
-		return;
+		return 0;
 	u64 *tsp = bpf_map_lookup_elem(&runq_start, &pid);
 	if (!tsp)
-		return;
-	u64 start = *tsp;
+		return 0;
+	start = *tsp;
 	bpf_map_delete_elem(&runq_start, &pid);
+	return start;
+}
+
+static __always_inline void on_switch(struct task_struct *prev, struct task_struct *next, bool btf)
+{
+	/* A task switched out while still runnable (preempted or throttled) waits on the run queue
+	 * from now on, exactly like a freshly woken one. The idle task (pid 0) is never counted. */
+	if (BPF_CORE_READ(prev, __state) == 0 && BPF_CORE_READ(prev, pid) != 0)
+		stamp_runnable(prev, btf);
+
+	if (BPF_CORE_READ(next, pid) == 0)
+		return;
+	u64 start = take_stamp(next, btf);
+	if (start == 0)
+		return;
 	u64 now = bpf_ktime_get_ns();
 	if (now <= start)
 		return;
@@ -285,42 +357,42 @@ static __always_inline void on_switch(struct task_struct *prev, struct task_stru
 SEC("tp_btf/sched_wakeup")
 int BPF_PROG(tp_sched_wakeup, struct task_struct *p)
 {
-	stamp_runnable(p);
+	stamp_runnable(p, true);
 	return 0;
 }
 
 SEC("tp_btf/sched_wakeup_new")
 int BPF_PROG(tp_sched_wakeup_new, struct task_struct *p)
 {
-	stamp_runnable(p);
+	stamp_runnable(p, true);
 	return 0;
 }
 
 SEC("tp_btf/sched_switch")
 int BPF_PROG(tp_sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
 {
-	on_switch(prev, next);
+	on_switch(prev, next, true);
 	return 0;
 }
 
 SEC("raw_tracepoint/sched_wakeup")
 int BPF_PROG(raw_sched_wakeup, struct task_struct *p)
 {
-	stamp_runnable(p);
+	stamp_runnable(p, false);
 	return 0;
 }
 
 SEC("raw_tracepoint/sched_wakeup_new")
 int BPF_PROG(raw_sched_wakeup_new, struct task_struct *p)
 {
-	stamp_runnable(p);
+	stamp_runnable(p, false);
 	return 0;
 }
 
 SEC("raw_tracepoint/sched_switch")
 int BPF_PROG(raw_sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
 {
-	on_switch(prev, next);
+	on_switch(prev, next, false);
 	return 0;
 }
 

@@ -13,8 +13,19 @@ use serde::Serialize;
 
 use crate::hist::{Histogram, NBUCKETS};
 
-/// The compiled probes (`bpf/headroom.bpf.o`, rebuilt by `ebpf/build.sh`).
-static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/headroom.bpf.o");
+/// The compiled probes, rebuilt by `ebpf/build.sh`: the first keeps tp_btf state in socket/task
+/// local storage (cheapest per event); the second uses hash maps only, for kernels that lack
+/// those map types (the whole object fails to load there, maps being created up front).
+static OBJECTS: [(&str, &[u8]); 2] = [
+    (
+        "local_storage",
+        aya::include_bytes_aligned!("../bpf/headroom.bpf.o"),
+    ),
+    (
+        "compat",
+        aya::include_bytes_aligned!("../bpf/headroom_compat.bpf.o"),
+    ),
+];
 
 /// A way of attaching a probe, in the order the default chain tries them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -173,6 +184,8 @@ pub struct Options {
     pub request_latency: bool,
     pub runqueue_delay: bool,
     pub chain: Vec<Attach>,
+    /// Skip the local-storage object and load the hash-map-only one (tests use it).
+    pub compat_only: bool,
 }
 
 impl Default for Options {
@@ -181,6 +194,7 @@ impl Default for Options {
             request_latency: true,
             runqueue_delay: true,
             chain: DEFAULT_CHAIN.to_vec(),
+            compat_only: false,
         }
     }
 }
@@ -271,13 +285,14 @@ pub struct Reading {
 /// The loaded probes. Dropping it releases every program, link and map.
 pub struct Probes {
     ebpf: Option<Ebpf>,
+    object: Option<&'static str>,
     status: Vec<ProgramStatus>,
 }
 
 impl fmt::Debug for Probes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Probes")
-            .field("loaded", &self.ebpf.is_some())
+            .field("object", &self.object)
             .field("status", &self.status)
             .finish()
     }
@@ -429,6 +444,7 @@ impl Probes {
         if groups.is_empty() {
             return Probes {
                 ebpf: None,
+                object: None,
                 status: Vec::new(),
             };
         }
@@ -439,40 +455,69 @@ impl Probes {
                 None
             }
         };
-        let mut ebpf = match EbpfLoader::new().btf(btf.as_ref()).load(OBJECT) {
-            Ok(ebpf) => ebpf,
-            Err(e) => {
-                let reason = format!(
-                    "refused: loading the object (maps, CO-RE relocations): {}",
-                    error_text(&e)
-                );
-                tracing::warn!(%reason, "eBPF unavailable; the agent runs without request latency and run-queue delay");
-                let status = groups
-                    .iter()
-                    .map(|&g| ProgramStatus {
-                        program: g,
-                        attached: None,
-                        attempts: opts
-                            .chain
-                            .iter()
-                            .map(|&how| AttachAttempt {
-                                attach: how,
-                                result: reason.clone(),
-                            })
-                            .collect(),
-                    })
-                    .collect();
-                return Probes { ebpf: None, status };
+        let mut failures = Vec::new();
+        let mut loaded = None;
+        for (name, bytes) in OBJECTS.iter().skip(usize::from(opts.compat_only)) {
+            match EbpfLoader::new()
+                .btf(btf.as_ref())
+                // aya 0.14 has no wrapper for task/socket storage maps; the kernel creates them
+                // all the same, and user space never reads them.
+                .allow_unsupported_maps()
+                .load(bytes)
+            {
+                Ok(ebpf) => {
+                    loaded = Some((*name, ebpf));
+                    break;
+                }
+                Err(e) => {
+                    let reason = format!("object {name}: {}", error_text(&e));
+                    tracing::warn!(%reason, "loading eBPF object refused; trying the next");
+                    failures.push(reason);
+                }
             }
+        }
+        let Some((object, mut ebpf)) = loaded else {
+            let reason = format!(
+                "refused: loading the object (maps, CO-RE relocations): {}",
+                failures.join("; ")
+            );
+            tracing::warn!(%reason, "eBPF unavailable; the agent runs without request latency and run-queue delay");
+            let status = groups
+                .iter()
+                .map(|&g| ProgramStatus {
+                    program: g,
+                    attached: None,
+                    attempts: opts
+                        .chain
+                        .iter()
+                        .map(|&how| AttachAttempt {
+                            attach: how,
+                            result: reason.clone(),
+                        })
+                        .collect(),
+                })
+                .collect();
+            return Probes {
+                ebpf: None,
+                object: None,
+                status,
+            };
         };
+        tracing::info!(object, "eBPF object loaded");
         let status = groups
             .iter()
             .map(|&g| attach_group(&mut ebpf, g, &opts.chain, btf.as_ref()))
             .collect();
         Probes {
             ebpf: Some(ebpf),
+            object: Some(object),
             status,
         }
+    }
+
+    /// Which embedded object loaded (`"local_storage"` or `"compat"`), if any.
+    pub fn object(&self) -> Option<&'static str> {
+        self.object
     }
 
     /// Per-group outcome of [`Probes::load`].
@@ -536,6 +581,22 @@ impl Probes {
             }
         }
         Ok(deleted)
+    }
+
+    /// Kernel run-time accounting per loaded program: (name, total run time, runs). The kernel
+    /// counts only while `kernel.bpf_stats_enabled` is 1 (it costs a clock read per run), so
+    /// benchmarks switch it on for a measuring run; otherwise both stay 0.
+    pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
+        let Some(ebpf) = &self.ebpf else {
+            return Vec::new();
+        };
+        ebpf.programs()
+            .filter_map(|(name, p)| {
+                p.info()
+                    .ok()
+                    .map(|i| (name.to_string(), i.run_time(), i.run_count()))
+            })
+            .collect()
     }
 
     /// Reads every histogram. Cheap enough for each sampling tick: one map walk per key in use.

@@ -273,6 +273,7 @@ fn request_latency_fixed_and_mixed_service_times() {
         return;
     }
     let probes = Probes::load(&Options::default());
+    assert_eq!(probes.object(), Some("local_storage"));
     let st = &probes.status()[0];
     assert!(st.up(), "request_latency not attached: {st:?}");
 
@@ -471,6 +472,36 @@ fn refused_program_type_falls_back_to_the_next() {
         },
     );
     assert_eq!(h.count, 20);
+}
+
+#[test]
+fn compat_object_without_local_storage_measures_too() {
+    if !can_run("compat_object_without_local_storage_measures_too") {
+        return;
+    }
+    let probes = Probes::load(&Options {
+        compat_only: true,
+        ..Options::default()
+    });
+    assert_eq!(probes.object(), Some("compat"));
+    assert!(
+        probes.status().iter().all(|s| s.up()),
+        "{:?}",
+        probes.status()
+    );
+    let cg = TestCgroup::new("compat");
+    let server = start_server(&cg);
+    load(server.port, 2, |_| vec![5; 10]);
+    let h = request_hist(
+        &probes,
+        RequestKey {
+            cgroup_id: cg.id(),
+            port: server.port,
+        },
+    );
+    assert_eq!(h.count, 20);
+    let p50 = h.quantile_seconds(0.5).expect("recorded");
+    assert!((0.005..0.0075).contains(&p50), "p50 {p50}");
 }
 
 fn loaded_program_ids() -> Vec<u32> {

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Overhead and accuracy of the eBPF request-latency/run-queue probes, against a real nginx and wrk
+# on loopback.
+#
+# Overhead: RUNS pairs of wrk runs against nginx serving a static page over keep-alive, alternating
+# without and with the probes attached (order flips every pair so drift hits both sides). Prints
+# requests/s and p99 of every run and the with/without throughput ratio (target >= 0.97).
+# Accuracy: for every run with probes, the p50/p99 the probes measured for nginx's cgroup and port
+# next to wrk --latency's for the same run. The two measure different intervals: wrk from request
+# write to response read on the client (including time the request waits in the socket before
+# nginx reads it), the probes from nginx's read of the request to its write of the response.
+#
+# Cost per event: one more run with probes and kernel.bpf_stats_enabled=1 prints the kernel's own
+# run-time accounting per program (ns per run, runs per second, share of one CPU); it is kept
+# out of the alternating runs because the accounting itself costs two clock reads per run.
+#
+# Needs root, nginx, wrk, cargo. Env: RUNS (10), DURATION (5s), CONNECTIONS (32), THREADS (1).
+# Writes everything under bench-out/ebpf/ (raw wrk output, summary.txt).
+set -euo pipefail
+
+RUNS="${RUNS:-10}"
+DURATION="${DURATION:-5s}"
+CONNECTIONS="${CONNECTIONS:-32}"
+THREADS="${THREADS:-1}"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="$repo/bench-out/ebpf"
+mkdir -p "$out"
+
+[ "$(id -u)" -eq 0 ] || { echo "bench-ebpf: needs root (eBPF, cgroups)" >&2; exit 1; }
+for tool in nginx wrk cargo; do
+    command -v "$tool" >/dev/null || { echo "bench-ebpf: $tool not found (apt-get install nginx wrk)" >&2; exit 1; }
+done
+
+if [ -f /sys/fs/cgroup/unified/cgroup.procs ]; then v2=/sys/fs/cgroup/unified; else v2=/sys/fs/cgroup; fi
+cg="$v2/headroom-bench-$$"
+work="$(mktemp -d /tmp/headroom-bench-nginx.XXXXXX)"
+port=$((20000 + $$ % 20000))
+
+cleanup() {
+    [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+    [ -n "${hold_pid:-}" ] && kill "$hold_pid" 2>/dev/null || true
+    sleep 0.5
+    rmdir "$cg" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+(cd "$repo" && cargo build --release -p headroom-ebpf --example hold >&2)
+hold="$repo/target/release/examples/hold"
+
+mkdir -p "$work/html" "$work/logs"
+head -c 4096 /dev/zero | tr '\0' 'x' > "$work/html/index.html"
+cat > "$work/nginx.conf" <<CONF
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/logs/error.log;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+    client_body_temp_path $work/tmp;
+    proxy_temp_path $work/tmp;
+    fastcgi_temp_path $work/tmp;
+    uwsgi_temp_path $work/tmp;
+    scgi_temp_path $work/tmp;
+    server {
+        listen 127.0.0.1:$port;
+        root $work/html;
+    }
+}
+CONF
+mkdir -p "$work/tmp" "$cg"
+# Start nginx from a shell already in the test cgroup so master and worker are both in it.
+sh -c "echo \$\$ > $cg/cgroup.procs && exec nginx -c $work/nginx.conf -p $work" 
+for _ in $(seq 50); do [ -f "$work/nginx.pid" ] && break; sleep 0.1; done
+curl -sf "http://127.0.0.1:$port/" >/dev/null 2>&1 || wrk -t1 -c1 -d1s "http://127.0.0.1:$port/" >/dev/null
+
+# wrk latency figure ("1.23ms", "456.00us", "1.02s") in seconds.
+to_s() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); print v/1e6 } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v/1e3 } else { sub(/s$/,"",v); print v+0 } }'; }
+wrk_rps() { awk '/^Requests\/sec:/ { print $2 }' "$1"; }
+wrk_pct() { awk -v p="$2%" '$1 == p { print $2 }' "$1" | to_s; }
+
+run_wrk() { wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "http://127.0.0.1:$port/" > "$1"; }
+
+summary="$out/summary.txt"
+: > "$summary"
+printf '%-4s %-8s %12s %10s %10s | %10s %10s %8s\n' run probes req/s wrk_p50 wrk_p99 probe_p50 probe_p99 count | tee -a "$summary"
+for i in $(seq 1 "$RUNS"); do
+    if [ $((i % 2)) -eq 1 ]; then order="off on"; else order="on off"; fi
+    for mode in $order; do
+        f="$out/wrk-$i-$mode.txt"
+        if [ "$mode" = on ]; then
+            coproc HOLD { "$hold" "$cg" "$port" 2>"$out/hold-$i.err"; }
+            hold_pid=$HOLD_PID
+            read -r ready <&"${HOLD[0]}"
+            [ "$ready" = ready ] || { echo "bench-ebpf: probes did not attach: $(cat "$out/hold-$i.err")" >&2; exit 1; }
+            run_wrk "$f"
+            echo done >&"${HOLD[1]}"
+            read -r result <&"${HOLD[0]}"
+            wait "$hold_pid" || true
+            hold_pid=
+            p50=$(sed -E 's/.*"p50_s":([^,]*).*/\1/' <<<"$result")
+            p99=$(sed -E 's/.*"p99_s":([^,]*).*/\1/' <<<"$result")
+            count=$(sed -E 's/.*"count":([0-9]+).*/\1/' <<<"$result")
+        else
+            run_wrk "$f"
+            p50=-; p99=-; count=-
+        fi
+        printf '%-4s %-8s %12s %10s %10s | %10s %10s %8s\n' "$i" "$mode" "$(wrk_rps "$f")" \
+            "$(wrk_pct "$f" 50)" "$(wrk_pct "$f" 99)" "$p50" "$p99" "$count" | tee -a "$summary"
+    done
+done
+
+awk '
+    $2 == "off" { off += $3; n_off++; p99_off += $5 }
+    $2 == "on"  { on  += $3; n_on++;  p99_on  += $5 }
+    END {
+        printf "\nmean req/s without probes %.0f, with %.0f: ratio %.4f (target >= 0.97)\n", off/n_off, on/n_on, (on/n_on)/(off/n_off)
+        printf "mean wrk p99 without probes %.6f s, with %.6f s\n", p99_off/n_off, p99_on/n_on
+    }' "$summary" | tee -a "$summary"
+
+# Cost per event, from the kernel's accounting.
+old_stats="$(cat /proc/sys/kernel/bpf_stats_enabled)"
+echo 1 > /proc/sys/kernel/bpf_stats_enabled
+coproc HOLD { "$hold" "$cg" "$port" 2>"$out/hold-stats.err"; }
+hold_pid=$HOLD_PID
+read -r ready <&"${HOLD[0]}"
+start_ns=$(date +%s%N)
+run_wrk "$out/wrk-stats.txt"
+end_ns=$(date +%s%N)
+echo done >&"${HOLD[1]}"
+read -r result <&"${HOLD[0]}"
+wait "$hold_pid" || true
+hold_pid=
+echo "$old_stats" > /proc/sys/kernel/bpf_stats_enabled
+echo "$result" > "$out/stats.json"
+{
+    echo
+    echo "per-program cost during one more ${DURATION} run ($(nproc) CPUs, kernel bpf_stats):"
+    grep -o '{"program":[^}]*}' <<<"$result" | sed -E 's/.*"program":"([^"]*)","run_ns":([0-9]+),"runs":([0-9]+).*/\1 \2 \3/' |
+        awk -v wall_ns=$((end_ns - start_ns)) '{
+            printf "  %-22s %9.0f ns/run %10.0f runs/s %7.3f %% of one CPU\n", $1, $2/$3, $3/(wall_ns/1e9), 100*$2/wall_ns
+            t += $2 }
+            END { printf "  %-22s %7.3f %% of one CPU in total\n", "all programs", 100*t/wall_ns }'
+} | tee -a "$summary"
+echo "bench-ebpf: raw output and summary in $out" >&2
