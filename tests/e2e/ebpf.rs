@@ -504,6 +504,77 @@ fn compat_object_without_local_storage_measures_too() {
     assert!((0.005..0.0075).contains(&p50), "p50 {p50}");
 }
 
+/// Clears the calling thread's effective capabilities (capabilities are per thread on Linux, so
+/// the rest of the test process keeps root's).
+fn drop_effective_capabilities() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset with a v3 header and two data structs, as capget(2) specifies.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut Header,
+            data.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "capget: {}", std::io::Error::last_os_error());
+    for d in &mut data {
+        d.effective = 0;
+    }
+    // SAFETY: as above.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
+    assert_eq!(rc, 0, "capset: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn without_privilege_every_program_is_reported_refused_and_nothing_fails() {
+    if !can_run("without_privilege_every_program_is_reported_refused_and_nothing_fails") {
+        return;
+    }
+    let unpriv_bpf =
+        std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled").unwrap_or_default();
+    std::thread::spawn(move || {
+        drop_effective_capabilities();
+        let probes = Probes::load(&Options::default());
+        println!("{:?}", probes.status());
+        assert_eq!(probes.status().len(), 2);
+        for st in probes.status() {
+            assert_eq!(
+                st.attached, None,
+                "{st:?} attached without privilege (unprivileged_bpf_disabled={unpriv_bpf:?})"
+            );
+            assert!(!st.attempts.is_empty());
+            assert!(
+                st.attempts
+                    .iter()
+                    .all(|a| a.result.starts_with("refused: ") || a.result == "not applicable"),
+                "{st:?}"
+            );
+        }
+        assert!(probes.program_ids().is_empty());
+        let reading = probes.read().expect("reading nothing is not an error");
+        assert!(reading.request_latency.is_empty() && reading.runqueue_delay.is_empty());
+    })
+    .join()
+    .expect("unprivileged load must not panic");
+}
+
 fn loaded_program_ids() -> Vec<u32> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
