@@ -29,9 +29,12 @@ const RUNQUEUE_EXP: (u32, u32) = (10, 32);
 const IDLE_FORGET: Duration = Duration::from_secs(15 * 60);
 
 /// Per-program status for `/v1/status`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct EbpfStatus {
     pub enabled: bool,
+    /// Which embedded object loaded: `local_storage`, or `compat` on kernels without
+    /// task/socket storage maps; `None` when none did.
+    pub object: Option<&'static str>,
     pub programs: Vec<ProgramStatus>,
     /// Events lost because a histogram map was full, per program, since start.
     pub dropped_events: HashMap<&'static str, u64>,
@@ -86,11 +89,12 @@ pub struct RunqueueRow {
 /// One reading of the probes.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct EbpfSnapshot {
-    /// (program, up) for `headroom_ebpf_program_up`.
-    pub programs: Vec<(&'static str, bool)>,
+    /// Which programs run (and why others do not), and events lost to full maps.
+    pub status: EbpfStatus,
     pub requests: Vec<RequestRow>,
     pub runqueue: Vec<RunqueueRow>,
-    pub dropped_events: HashMap<&'static str, u64>,
+    /// Why reading the maps failed this time, if it did.
+    pub read_error: Option<String>,
 }
 
 /// Loads and reads the probes.
@@ -141,33 +145,16 @@ impl EbpfSampler {
     pub fn status(&self) -> EbpfStatus {
         EbpfStatus {
             enabled: self.enabled,
+            object: self.probes.object(),
             programs: self.probes.status().to_vec(),
             dropped_events: dropped_map(self.dropped),
         }
     }
 
-    fn programs_up(&self) -> Vec<(&'static str, bool)> {
-        [REQUEST_LATENCY, RUNQUEUE_DELAY]
-            .into_iter()
-            .map(|p| {
-                (
-                    p,
-                    self.probes
-                        .status()
-                        .iter()
-                        .any(|s| s.program == p && s.up()),
-                )
-            })
-            .collect()
-    }
-
     /// Reads the maps: one walk per histogram key, no per-event work.
     pub fn sample(&mut self) -> EbpfSnapshot {
         let now = Instant::now();
-        let mut snap = EbpfSnapshot {
-            programs: self.programs_up(),
-            ..EbpfSnapshot::default()
-        };
+        let mut snap = EbpfSnapshot::default();
         let reading = match self.probes.read() {
             Ok(r) => {
                 self.read_error_logged = false;
@@ -178,13 +165,15 @@ impl EbpfSampler {
                     tracing::warn!(error = %e, "reading eBPF maps failed; request latency and run-queue delay are missing until it recovers");
                     self.read_error_logged = true;
                 }
+                snap.read_error = Some(e.to_string());
+                snap.status = self.status();
                 return snap;
             }
         };
         let since = self.prev.map(|t| now.duration_since(t).as_secs_f64());
         self.prev = Some(now);
         self.dropped = reading.dropped;
-        snap.dropped_events = dropped_map(reading.dropped);
+        snap.status = self.status();
 
         let mut idle_req = Vec::new();
         let mut next_req = HashMap::with_capacity(reading.request_latency.len());
@@ -324,15 +313,38 @@ impl EbpfSnapshot {
                 .iter()
                 .filter_map(|r| Some((ident(r.cgroup_id)?, &r.total))),
         )?;
+        if self.status.enabled {
+            let mut m = enc.encode_descriptor(
+                "headroom_ebpf_dropped_events",
+                "Events lost because a bounded eBPF histogram map was full.",
+                None,
+                MetricType::Counter,
+            )?;
+            for program in [REQUEST_LATENCY, RUNQUEUE_DELAY] {
+                let n = self
+                    .status
+                    .dropped_events
+                    .get(program)
+                    .copied()
+                    .unwrap_or(0);
+                m.encode_family(&[("program", program)])?
+                    .encode_counter::<NoLabelSet, u64, f64>(&n, None)?;
+            }
+        }
         let mut m = enc.encode_descriptor(
             "headroom_ebpf_program_up",
             "1 when the eBPF program is attached, 0 when the kernel refused every way in the chain or it is disabled.",
             None,
             MetricType::Gauge,
         )?;
-        for (program, up) in &self.programs {
-            let labels = [("program", *program)];
-            m.encode_family(&labels)?.encode_gauge(&(i64::from(*up)))?;
+        for program in [REQUEST_LATENCY, RUNQUEUE_DELAY] {
+            let up = self
+                .status
+                .programs
+                .iter()
+                .any(|s| s.program == program && s.up());
+            m.encode_family(&[("program", program)])?
+                .encode_gauge(&i64::from(up))?;
         }
         Ok(())
     }
@@ -396,8 +408,32 @@ mod tests {
         let total =
             Histogram::from_values((0..100).map(|i| if i < 90 { 2_000_000 } else { 50_000_000 }));
         let window = Some(Window::of(&total, 2.0));
+        let attempt = |ok: bool| headroom_ebpf::AttachAttempt {
+            attach: headroom_ebpf::Attach::TpBtf,
+            result: if ok {
+                "attached".into()
+            } else {
+                "refused: test".into()
+            },
+        };
         EbpfSnapshot {
-            programs: vec![(REQUEST_LATENCY, true), (RUNQUEUE_DELAY, false)],
+            status: EbpfStatus {
+                enabled: true,
+                object: Some("local_storage"),
+                programs: vec![
+                    ProgramStatus {
+                        program: REQUEST_LATENCY,
+                        attached: Some(headroom_ebpf::Attach::TpBtf),
+                        attempts: vec![attempt(true)],
+                    },
+                    ProgramStatus {
+                        program: RUNQUEUE_DELAY,
+                        attached: None,
+                        attempts: vec![attempt(false)],
+                    },
+                ],
+                dropped_events: HashMap::from([(REQUEST_LATENCY, 3)]),
+            },
             requests: vec![
                 RequestRow {
                     cgroup_id: 7,
@@ -417,7 +453,7 @@ mod tests {
                 total,
                 window,
             }],
-            dropped_events: HashMap::new(),
+            read_error: None,
         }
     }
 
@@ -470,6 +506,10 @@ mod tests {
             text.contains(r#"headroom_ebpf_program_up{program="runqueue_delay"} 0"#),
             "{text}"
         );
+        assert!(
+            text.contains(r#"headroom_ebpf_dropped_events_total{program="request_latency"} 3"#),
+            "{text}"
+        );
         // 90 of 100 at 2 ms: the bucket with bound 3 ms (1.5 * 2^21 ns) holds them cumulatively.
         let le = format!("{}", (3u64 << 20) as f64 / 1e9);
         assert!(
@@ -512,10 +552,8 @@ mod tests {
         let mut s = EbpfSampler::new(&EbpfConfig { enabled: false });
         let snap = s.sample();
         assert!(snap.requests.is_empty() && snap.runqueue.is_empty());
-        assert_eq!(
-            snap.programs,
-            vec![(REQUEST_LATENCY, false), (RUNQUEUE_DELAY, false)]
-        );
+        assert!(snap.status.programs.is_empty());
+        assert!(!snap.status.enabled);
         assert!(!s.status().enabled);
     }
 }
