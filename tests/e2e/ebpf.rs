@@ -1,4 +1,5 @@
-//! End-to-end checks of the eBPF probes on the real kernel: a real HTTP server with a known
+//! End-to-end checks of the eBPF probes on the real kernel, through the real agent where a user
+//! would look (`/metrics`, `/v1/history`, `/v1/status`): a real HTTP server with a known
 //! service time in a cgroup v2 directory made here, a real keep-alive client, CPU-starved and idle
 //! processes in cgroups made here, and the kernel's own per-task run-queue accounting
 //! (`/proc/<pid>/schedstat`) as the reference. Needs root; skips with a reason otherwise unless
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use headroom_ebpf::hist::bucket_of;
 use headroom_ebpf::{Attach, Histogram, Options, Probes, RequestKey, cgroup_id_of};
+use headroom_tests::{Agent, Sample, find, wait_for};
 
 fn require_privileged() -> bool {
     std::env::var("HEADROOM_REQUIRE_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
@@ -267,38 +269,201 @@ fn request_hist(probes: &Probes, key: RequestKey) -> Histogram {
         .unwrap_or_default()
 }
 
+impl TestCgroup {
+    /// Path relative to the hierarchy root, as the agent names the container.
+    fn rel(&self) -> String {
+        format!("/{}", self.v2.file_name().expect("named").to_string_lossy())
+    }
+}
+
+/// The agent, watching this test's cgroups, sampling every `interval_s`.
+fn start_agent(interval_s: &str) -> Agent {
+    let glob = format!("/headroom-test-{}-*", std::process::id());
+    let agent = Agent::start(&["--include-cgroup", &glob, "--sample-interval", interval_s]);
+    let status = agent.json("/v1/status");
+    for program in status["ebpf"]["programs"].as_array().expect("ebpf status") {
+        assert_eq!(program["attached"], "tp_btf", "{status}");
+    }
+    agent
+}
+
+/// Waits until the agent lists the container `rel` (its first sample after the cgroup appeared).
+fn wait_tracked(agent: &Agent, rel: &str) {
+    let found = wait_for(Duration::from_secs(15), || {
+        let s = agent.json("/v1/status");
+        s["containers"]["items"]
+            .as_array()?
+            .iter()
+            .any(|c| c["cgroup"] == rel)
+            .then_some(())
+    });
+    assert!(
+        found.is_some(),
+        "agent never tracked {rel}: {}",
+        agent.log_text()
+    );
+}
+
+/// Returns right after the agent finishes its next sample, so what follows lands in one window.
+fn next_sample(agent: &Agent) {
+    let last = |a: &Agent| a.json("/v1/status")["last_sample_at"].as_f64();
+    let before = last(agent);
+    let t0 = Instant::now();
+    while last(agent) == before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "agent stopped sampling: {}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The agent's fine history of `name` for `rel` (and `port`), as (unix ms, value).
+fn history(agent: &Agent, name: &str, rel: &str, port: Option<u16>) -> Vec<(u64, f64)> {
+    let port = port.map(|p| format!("&port={p}")).unwrap_or_default();
+    let v = agent.json(&format!("/v1/history?name={name}&cgroup={rel}{port}"));
+    v["series"]
+        .as_array()
+        .and_then(|s| s.first())
+        .and_then(|s| s["fine"].as_array())
+        .map(|pts| {
+            pts.iter()
+                .filter_map(|p| Some((p[0].as_u64()?, p[1].as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The newest history value of `name` for `rel` and `port`.
+fn newest(agent: &Agent, name: &str, rel: &str, port: u16) -> f64 {
+    history(agent, name, rel, Some(port))
+        .last()
+        .map(|p| p.1)
+        .unwrap_or_else(|| panic!("no {name} history for {rel}:{port}: {}", agent.log_text()))
+}
+
+/// One histogram family's `_count`, `_sum` and buckets for a label set, from /metrics.
+struct PromHist {
+    count: f64,
+    sum: f64,
+    buckets: Vec<(f64, f64)>,
+}
+
+fn prom_hist(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> Option<PromHist> {
+    let one = |suffix: &str| {
+        find(samples, &format!("{name}{suffix}"), want)
+            .first()
+            .map(|s| s.value)
+    };
+    let mut buckets: Vec<(f64, f64)> = find(samples, &format!("{name}_bucket"), want)
+        .iter()
+        .map(|s| {
+            let le = &s.labels["le"];
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().expect("le")
+            };
+            (le, s.value)
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Some(PromHist {
+        count: one("_count")?,
+        sum: one("_sum")?,
+        buckets,
+    })
+}
+
+impl PromHist {
+    /// Prometheus' histogram_quantile: linear interpolation inside the bucket holding the rank.
+    fn quantile(&self, q: f64) -> f64 {
+        let total = self.buckets.last().map_or(0.0, |b| b.1);
+        let rank = q * total;
+        let mut prev = (0.0, 0.0);
+        for &(le, cum) in &self.buckets {
+            if cum >= rank {
+                if le.is_infinite() {
+                    return prev.0;
+                }
+                return prev.0 + (le - prev.0) * (rank - prev.1) / (cum - prev.1).max(1.0);
+            }
+            prev = (le, cum);
+        }
+        prev.0
+    }
+
+    fn bucket_of(&self, v: f64) -> usize {
+        self.buckets
+            .iter()
+            .position(|b| v <= b.0)
+            .unwrap_or(self.buckets.len())
+    }
+}
+
+/// Interval long enough that a whole load (at most ~2.1 s) runs inside one sampling window, so
+/// the agent's windowed p50/p99 cover exactly the requests the client timed.
+const WINDOW_S: f64 = 4.0;
+
+/// Runs `plan` against a fresh server in its own cgroup inside one agent window; returns the
+/// cgroup, port and the client's sorted latencies.
+fn one_window_load(
+    agent: &Agent,
+    name: &str,
+    plan: impl Fn(usize) -> Vec<u32> + Sync,
+) -> (TestCgroup, Server, Vec<Duration>) {
+    let cg = TestCgroup::new(name);
+    let server = start_server(&cg);
+    wait_tracked(agent, &cg.rel());
+    next_sample(agent);
+    let t0 = Instant::now();
+    let mut lat = load(server.port, 5, plan);
+    assert!(
+        t0.elapsed().as_secs_f64() < WINDOW_S * 0.8,
+        "load took {:?}, longer than one window",
+        t0.elapsed()
+    );
+    next_sample(agent);
+    lat.sort();
+    (cg, server, lat)
+}
+
 #[test]
-fn request_latency_fixed_and_mixed_service_times() {
-    if !can_run("request_latency_fixed_and_mixed_service_times") {
+fn agent_request_latency_fixed_and_mixed_service_times() {
+    if !can_run("agent_request_latency_fixed_and_mixed_service_times") {
         return;
     }
-    let probes = Probes::load(&Options::default());
-    assert_eq!(probes.object(), Some("local_storage"));
-    let st = &probes.status()[0];
-    assert!(st.up(), "request_latency not attached: {st:?}");
+    let agent = start_agent(&WINDOW_S.to_string());
 
     // Fixed 20 ms: 500 requests over 5 keep-alive connections.
-    let cg = TestCgroup::new("fixed");
-    let server = start_server(&cg);
-    let mut client_lat = load(server.port, 5, |_| vec![20; 100]);
-    client_lat.sort();
-    let h = request_hist(
-        &probes,
-        RequestKey {
-            cgroup_id: cg.id(),
-            port: server.port,
-        },
-    );
-    let p50 = h.quantile_seconds(0.5).expect("requests recorded");
+    let (cg, server, client_lat) = one_window_load(&agent, "fixed", |_| vec![20; 100]);
+    let (rel, port) = (cg.rel(), server.port);
+    let port_s = port.to_string();
+    let labels = [("cgroup", rel.as_str()), ("port", port_s.as_str())];
+    let h = prom_hist(
+        &agent.metrics(),
+        "headroom_request_latency_seconds",
+        &labels,
+    )
+    .unwrap_or_else(|| panic!("no request latency for {labels:?}: {}", agent.log_text()));
+    let p50 = newest(&agent, "container_request_latency_p50_seconds", &rel, port);
+    let rate = newest(&agent, "container_request_rate_per_second", &rel, port);
     println!(
-        "fixed 20 ms: probes count {} p50 {:.3} ms mean {:.3} ms; client p50 {:.3} ms",
+        "fixed 20 ms: /metrics count {} mean {:.3} ms; history window rate {rate:.1}/s p50 {:.3} ms; client p50 {:.3} ms",
         h.count,
+        h.sum / h.count * 1e3,
         p50 * 1e3,
-        h.mean_seconds().unwrap_or(0.0) * 1e3,
         quantile(&client_lat, 0.5).as_secs_f64() * 1e3
     );
-    assert_eq!(h.count, 500, "one histogram entry per request");
-    assert_eq!(h.bucket_total(), 500);
+    assert_eq!(
+        h.count, 500.0,
+        "one count per request on keep-alive connections"
+    );
+    assert!(
+        (rate * WINDOW_S - 500.0).abs() < 500.0 * 0.05,
+        "window rate {rate}/s does not cover the 500 requests"
+    );
     assert!(
         (p50 - 0.020).abs() <= 0.020 * 0.05,
         "p50 {p50} s not within 5 % of 20 ms"
@@ -306,42 +471,45 @@ fn request_latency_fixed_and_mixed_service_times() {
     drop(server);
 
     // Mixed: 95 % at 2 ms, 5 % at 50 ms, so the 99th percentile is a 50 ms request.
-    let cg2 = TestCgroup::new("mixed");
-    let server = start_server(&cg2);
-    let mut client_lat = load(server.port, 5, |c| {
+    let (cg, server, client_lat) = one_window_load(&agent, "mixed", |c| {
         (0..100)
             .map(|i| if (i + c) % 20 == 0 { 50 } else { 2 })
             .collect()
     });
-    client_lat.sort();
-    let h = request_hist(
-        &probes,
-        RequestKey {
-            cgroup_id: cg2.id(),
-            port: server.port,
-        },
-    );
-    let p99 = h.quantile_seconds(0.99).expect("requests recorded");
+    let (rel, port) = (cg.rel(), server.port);
+    let port_s = port.to_string();
+    let labels = [("cgroup", rel.as_str()), ("port", port_s.as_str())];
+    let h = prom_hist(
+        &agent.metrics(),
+        "headroom_request_latency_seconds",
+        &labels,
+    )
+    .unwrap_or_else(|| panic!("no request latency for {labels:?}: {}", agent.log_text()));
     let truth = quantile(&client_lat, 0.99).as_secs_f64();
-    let (got_b, truth_b) = (
+    let p99 = newest(&agent, "container_request_latency_p99_seconds", &rel, port);
+    let prom_p99 = h.quantile(0.99);
+    let (got, want) = (
         bucket_of((p99 * 1e9) as u64),
         bucket_of((truth * 1e9) as u64),
     );
     println!(
-        "mixed 2/50 ms: probes count {} p99 {:.3} ms (bucket {got_b}); client p99 {:.3} ms (bucket {truth_b})",
+        "mixed 2/50 ms: /metrics count {} p99 {:.3} ms; history p99 {:.3} ms (bucket {got}); client p99 {:.3} ms (bucket {want})",
         h.count,
+        prom_p99 * 1e3,
         p99 * 1e3,
         truth * 1e3
     );
-    assert_eq!(h.count, 500);
+    assert_eq!(h.count, 500.0);
+    // Within one of the agent's own buckets (1/16 of a power of two), and within one of the
+    // coarser buckets it exports.
     assert!(
-        got_b.abs_diff(truth_b) <= 1,
-        "p99 {p99} s more than one bucket from the truth {truth} s"
+        got.abs_diff(want) <= 1,
+        "history p99 {p99} s more than one bucket from {truth} s"
     );
-    // The 2 ms mass must not leak into the 50 ms tail or vice versa.
-    let p50 = h.quantile_seconds(0.5).expect("recorded");
-    assert!((0.0019..0.004).contains(&p50), "mixed p50 {p50} s");
-    drop(server);
+    assert!(
+        h.bucket_of(prom_p99).abs_diff(h.bucket_of(truth)) <= 1,
+        "/metrics p99 {prom_p99} s more than one bucket from {truth} s"
+    );
 }
 
 fn schedstat_run_delay_ns(pids: &[u32]) -> u64 {
@@ -365,17 +533,14 @@ fn children_of(pid: u32) -> Vec<u32> {
 }
 
 #[test]
-fn runqueue_delay_starved_versus_idle() {
-    if !can_run("runqueue_delay_starved_versus_idle") {
+fn agent_runqueue_delay_starved_versus_idle() {
+    if !can_run("agent_runqueue_delay_starved_versus_idle") {
         return;
     }
-    let probes = Probes::load(&Options::default());
-    let st = &probes.status()[1];
-    assert!(st.up(), "runqueue_delay not attached: {st:?}");
-
     // 4 busy processes sharing 0.1 CPU: each waits most of every period.
     let starved = TestCgroup::new("starved").with_cpu_quota(10_000);
     let idle = TestCgroup::new("idle");
+    let agent = start_agent("0.5");
     let mut busy = Held::spawn(Command::new("sh").args([
         "-c",
         "read _; for i in 1 2 3 4; do (while :; do :; done) & done; wait",
@@ -386,49 +551,77 @@ fn runqueue_delay_starved_versus_idle() {
         Held::spawn(Command::new("sh").args(["-c", "read _; while :; do sleep 0.02; done"]));
     idle.enter(sleeper.pid());
     sleeper.release();
+    wait_tracked(&agent, &starved.rel());
+    wait_tracked(&agent, &idle.rel());
     std::thread::sleep(Duration::from_millis(500));
     let busy_pids = children_of(busy.pid());
     assert_eq!(busy_pids.len(), 4, "busy children {busy_pids:?}");
 
-    let before = probes.read().expect("read maps");
-    let ref_before = schedstat_run_delay_ns(&busy_pids);
-    std::thread::sleep(Duration::from_secs(3));
-    let after = probes.read().expect("read maps");
-    let ref_after = schedstat_run_delay_ns(&busy_pids);
+    let read = |cg: &TestCgroup| {
+        let rel = cg.rel();
+        prom_hist(
+            &agent.metrics(),
+            "headroom_runqueue_delay_seconds",
+            &[("cgroup", rel.as_str())],
+        )
+        .unwrap_or_else(|| panic!("no run-queue delay for {rel}: {}", agent.log_text()))
+    };
+    let (s0, i0, ref0) = (
+        read(&starved),
+        read(&idle),
+        schedstat_run_delay_ns(&busy_pids),
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let (s1, i1, ref1) = (
+        read(&starved),
+        read(&idle),
+        schedstat_run_delay_ns(&busy_pids),
+    );
 
-    let window =
-        |r: &headroom_ebpf::Reading, id| r.runqueue_delay.get(&id).cloned().unwrap_or_default();
-    let s = window(&after, starved.id()).since(&window(&before, starved.id()));
-    let i = window(&after, idle.id()).since(&window(&before, idle.id()));
-    let (s50, s99) = (
-        s.quantile_seconds(0.5).expect("starved samples"),
-        s.quantile_seconds(0.99).expect("starved"),
+    let mean = |a: &PromHist, b: &PromHist| (b.sum - a.sum) / (b.count - a.count).max(1.0);
+    let (s_mean, i_mean) = (mean(&s0, &s1), mean(&i0, &i1));
+    let measured = s1.sum - s0.sum;
+    let reference = (ref1 - ref0) as f64 / 1e9;
+    let s_p99 = history(
+        &agent,
+        "container_runqueue_delay_p99_seconds",
+        &starved.rel(),
+        None,
     );
-    let (i50, i99) = (
-        i.quantile_seconds(0.5).expect("idle samples"),
-        i.quantile_seconds(0.99).expect("idle"),
+    let i_p99 = history(
+        &agent,
+        "container_runqueue_delay_p99_seconds",
+        &idle.rel(),
+        None,
     );
-    let reference = (ref_after - ref_before) as f64 / 1e9;
-    let measured = s.sum_ns as f64 / 1e9;
+    let last = |v: &[(u64, f64)]| v.iter().rev().take(4).map(|p| p.1).fold(0.0, f64::max);
     println!(
-        "starved: n {} p50 {:.3} ms p99 {:.3} ms total wait {measured:.3} s (kernel schedstat {reference:.3} s); idle: n {} p50 {:.3} ms p99 {:.3} ms",
-        s.count,
-        s50 * 1e3,
-        s99 * 1e3,
-        i.count,
-        i50 * 1e3,
-        i99 * 1e3
+        "starved: {} waits, mean {:.3} ms, total {measured:.3} s (kernel schedstat {reference:.3} s), history p99 {:.3} ms; \
+         idle: {} waits, mean {:.3} ms, history p99 {:.3} ms",
+        s1.count - s0.count,
+        s_mean * 1e3,
+        last(&s_p99) * 1e3,
+        i1.count - i0.count,
+        i_mean * 1e3,
+        last(&i_p99) * 1e3
     );
     assert!(
-        s50 > 10.0 * i50,
-        "starved p50 {s50} not an order above idle p50 {i50}"
+        s1.count > s0.count && i1.count > i0.count,
+        "no waits recorded"
     );
-    assert!(s99 > i99, "starved p99 {s99} not above idle p99 {i99}");
-    // The total wait the probes saw agrees with the kernel's own per-task accounting within a
-    // factor of two (the windows are read at slightly different instants).
+    assert!(
+        s_mean > 10.0 * i_mean,
+        "starved mean {s_mean} not an order above idle {i_mean}"
+    );
+    // Right order of magnitude: each of 4 processes gets 0.025 CPU, so it waits ~97 % of the
+    // time; the total the agent saw matches the kernel's own per-task accounting.
     assert!(
         measured > reference / 2.0 && measured < reference * 2.0,
-        "probes saw {measured} s of run-queue wait, the kernel {reference} s"
+        "agent saw {measured} s of run-queue wait, the kernel {reference} s"
+    );
+    assert!(
+        last(&s_p99) > last(&i_p99),
+        "history p99: starved {s_p99:?} idle {i_p99:?}"
     );
     drop(busy);
     drop(sleeper);

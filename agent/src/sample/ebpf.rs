@@ -244,8 +244,11 @@ fn window_of(
             let changed = delta.bucket_total() > 0;
             (Some(Window::of(&delta, secs)), changed)
         }
-        // First sight of a key: everything in it is new, but its window length is unknown.
-        _ => (None, true),
+        // A key that was absent at the previous sample was created since then (the maps only
+        // grow between samples, or restart from zero after being forgotten): all of it is new.
+        (None, Some(secs)) => (Some(Window::of(total, secs)), true),
+        // The first sample after loading: what came before it has no known window.
+        (_, None) => (None, true),
     }
 }
 
