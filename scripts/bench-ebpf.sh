@@ -112,6 +112,8 @@ for i in $(seq 1 "$RUNS"); do
     done
 done
 
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+col() { awk -v m="$1" -v c="$2" '$2 == m { print $c }' "$summary"; }
 awk '
     $2 == "off" { off += $3; n_off++; p99_off += $5 }
     $2 == "on"  { on  += $3; n_on++;  p99_on  += $5 }
@@ -119,6 +121,10 @@ awk '
         printf "\nmean req/s without probes %.0f, with %.0f: ratio %.4f (target >= 0.97)\n", off/n_off, on/n_on, (on/n_on)/(off/n_off)
         printf "mean wrk p99 without probes %.6f s, with %.6f s\n", p99_off/n_off, p99_on/n_on
     }' "$summary" | tee -a "$summary"
+med_off=$(col off 3 | median); med_on=$(col on 3 | median)
+awk -v a="$med_off" -v b="$med_on" -v pa="$(col off 5 | median)" -v pb="$(col on 5 | median)" -v l="$(cut -d' ' -f1-3 /proc/loadavg)" 'BEGIN {
+    printf "median req/s without probes %.0f, with %.0f: ratio %.4f; median wrk p99 %.6f s vs %.6f s (load average %s)\n", a, b, b/a, pa, pb, l
+}' | tee -a "$summary"
 
 # Cost per event, from the kernel's accounting.
 old_stats="$(cat /proc/sys/kernel/bpf_stats_enabled)"

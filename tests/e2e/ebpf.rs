@@ -809,3 +809,41 @@ fn dropping_the_probes_releases_programs() {
         "{ours:?} still loaded after drop"
     );
 }
+
+#[test]
+fn committed_objects_match_a_fresh_compile() {
+    let have = |tool: &str| headroom_tests::which(tool).is_some();
+    let mut missing: Vec<&str> = ["clang", "llvm-strip"]
+        .into_iter()
+        .filter(|t| !have(t))
+        .collect();
+    if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
+        missing.push("libbpf-dev headers");
+    }
+    if !missing.is_empty() {
+        let reason = format!(
+            "{} not installed (apt-get install clang libbpf-dev)",
+            missing.join(", ")
+        );
+        if require_privileged() {
+            panic!(
+                "committed_objects_match_a_fresh_compile: {reason} and HEADROOM_REQUIRE_PRIVILEGED_TESTS=1"
+            );
+        }
+        println!("SKIP committed_objects_match_a_fresh_compile: {reason}");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ebpf/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("--check")
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "ebpf/build.sh --check failed: {text}");
+}
