@@ -3,12 +3,16 @@
 # on loopback.
 #
 # Overhead: RUNS pairs of wrk runs against nginx serving a static page over keep-alive, alternating
-# without and with the probes attached (order flips every pair so drift hits both sides). Prints
+# without and with the probes (order flips every pair so drift hits both sides). "With" means the
+# real agent (release build) running with its probes attached and nginx's cgroup included. Prints
 # requests/s and p99 of every run and the with/without throughput ratio (target >= 0.97).
-# Accuracy: for every run with probes, the p50/p99 the probes measured for nginx's cgroup and port
-# next to wrk --latency's for the same run. The two measure different intervals: wrk from request
-# write to response read on the client (including time the request waits in the socket before
-# nginx reads it), the probes from nginx's read of the request to its write of the response.
+# Accuracy: for every run with the agent, the p50/p99 and count the agent reports for nginx's
+# container and port next to wrk --latency's for the same run. The agent samples once per
+# DURATION + 3 s and the run is placed inside one sampling window, so its history p50/p99
+# (container_request_latency_p50/p99_seconds) cover exactly that run. The two measure different
+# intervals: wrk from request write to response read on the client (including the time a request
+# waits in the socket before nginx reads it, and wrk's own scheduling), the agent from nginx's
+# read of the request to its write of the response.
 #
 # Cost per event: one more run with probes and kernel.bpf_stats_enabled=1 prints the kernel's own
 # run-time accounting per program (ns per run, runs per second, share of one CPU); it is kept
@@ -27,7 +31,7 @@ out="$repo/bench-out/ebpf"
 mkdir -p "$out"
 
 [ "$(id -u)" -eq 0 ] || { echo "bench-ebpf: needs root (eBPF, cgroups)" >&2; exit 1; }
-for tool in nginx wrk cargo; do
+for tool in nginx wrk cargo curl python3; do
     command -v "$tool" >/dev/null || { echo "bench-ebpf: $tool not found (apt-get install nginx wrk)" >&2; exit 1; }
 done
 
@@ -39,14 +43,51 @@ port=$((20000 + $$ % 20000))
 cleanup() {
     [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
     [ -n "${hold_pid:-}" ] && kill "$hold_pid" 2>/dev/null || true
+    [ -n "${agent_pid:-}" ] && kill "$agent_pid" 2>/dev/null || true
     sleep 0.5
     rmdir "$cg" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
 
-(cd "$repo" && cargo build --release -p headroom-ebpf --example hold >&2)
+(cd "$repo" && cargo build --release -p headroom -p headroom-ebpf --bin headroom --example hold >&2)
 hold="$repo/target/release/examples/hold"
+agent="$repo/target/release/headroom"
+agent_port=$((40000 + $$ % 20000))
+window_s=$(( ${DURATION%s} + 3 ))
+
+status_field() { curl -sf "http://127.0.0.1:$agent_port/v1/status" | python3 -c "import json,sys; print(json.load(sys.stdin).get('$1'))"; }
+
+# Starts the agent, runs wrk inside one of its sampling windows, and prints
+# "p50 p99 count" as the agent reports them for nginx's container and port.
+run_with_agent() {
+    local f="$1" log="$2" state
+    state="$(mktemp -d /tmp/headroom-bench-state.XXXXXX)"
+    "$agent" agent --listen "127.0.0.1:$agent_port" --state-dir "$state" \
+        --sample-interval "$window_s" --include-cgroup "/$(basename "$cg")" 2>"$log" &
+    agent_pid=$!
+    for _ in $(seq 100); do [ "$(status_field ready 2>/dev/null)" = True ] && break; sleep 0.1; done
+    [ "$(status_field ready)" = True ] || { echo "bench-ebpf: agent not ready: $(cat "$log")" >&2; exit 1; }
+    local first; first="$(status_field last_sample_at)"
+    run_wrk "$f"
+    while [ "$(status_field last_sample_at)" = "$first" ]; do sleep 0.1; done
+    curl -sf "http://127.0.0.1:$agent_port/v1/history?name=container_request_latency_p50_seconds&port=$port" > "$state/p50.json"
+    curl -sf "http://127.0.0.1:$agent_port/v1/history?name=container_request_latency_p99_seconds&port=$port" > "$state/p99.json"
+    curl -sf "http://127.0.0.1:$agent_port/metrics" > "$state/metrics.txt"
+    kill "$agent_pid"; wait "$agent_pid" || true; agent_pid=
+    python3 - "$state" "$port" <<'PY'
+import json, re, sys
+state, port = sys.argv[1], sys.argv[2]
+def newest(name):
+    s = json.load(open(f"{state}/{name}.json"))["series"]
+    pts = [p for p in s[0]["fine"] if p[1] is not None] if s else []
+    return pts[-1][1] if pts else float("nan")
+count = next((float(l.rsplit(" ", 1)[1]) for l in open(f"{state}/metrics.txt")
+              if l.startswith("headroom_request_latency_seconds_count{") and f'port="{port}"' in l), 0)
+print(f"{newest('p50'):.9f} {newest('p99'):.9f} {count:.0f}")
+PY
+    rm -rf "$state"
+}
 
 mkdir -p "$work/html" "$work/logs"
 head -c 4096 /dev/zero | tr '\0' 'x' > "$work/html/index.html"
@@ -85,29 +126,19 @@ run_wrk() { wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "http://12
 
 summary="$out/summary.txt"
 : > "$summary"
-printf '%-4s %-8s %12s %10s %10s | %10s %10s %8s\n' run probes req/s wrk_p50 wrk_p99 probe_p50 probe_p99 count | tee -a "$summary"
+printf '%-4s %-8s %12s %10s %10s | %11s %11s %8s\n' run probes req/s wrk_p50 wrk_p99 agent_p50 agent_p99 count | tee -a "$summary"
 for i in $(seq 1 "$RUNS"); do
     if [ $((i % 2)) -eq 1 ]; then order="off on"; else order="on off"; fi
     for mode in $order; do
         f="$out/wrk-$i-$mode.txt"
         if [ "$mode" = on ]; then
-            coproc HOLD { "$hold" "$cg" "$port" 2>"$out/hold-$i.err"; }
-            hold_pid=$HOLD_PID
-            read -r ready <&"${HOLD[0]}"
-            [ "$ready" = ready ] || { echo "bench-ebpf: probes did not attach: $(cat "$out/hold-$i.err")" >&2; exit 1; }
-            run_wrk "$f"
-            echo done >&"${HOLD[1]}"
-            read -r result <&"${HOLD[0]}"
-            wait "$hold_pid" || true
-            hold_pid=
-            p50=$(sed -E 's/.*"p50_s":([^,]*).*/\1/' <<<"$result")
-            p99=$(sed -E 's/.*"p99_s":([^,]*).*/\1/' <<<"$result")
-            count=$(sed -E 's/.*"count":([0-9]+).*/\1/' <<<"$result")
+            run_with_agent "$f" "$out/agent-$i.log" > "$out/agent-$i.result"
+            read -r p50 p99 count < "$out/agent-$i.result"
         else
             run_wrk "$f"
             p50=-; p99=-; count=-
         fi
-        printf '%-4s %-8s %12s %10s %10s | %10s %10s %8s\n' "$i" "$mode" "$(wrk_rps "$f")" \
+        printf '%-4s %-8s %12s %10s %10s | %11s %11s %8s\n' "$i" "$mode" "$(wrk_rps "$f")" \
             "$(wrk_pct "$f" 50)" "$(wrk_pct "$f" 99)" "$p50" "$p99" "$count" | tee -a "$summary"
     done
 done
@@ -126,7 +157,7 @@ awk -v a="$med_off" -v b="$med_on" -v pa="$(col off 5 | median)" -v pb="$(col on
     printf "median req/s without probes %.0f, with %.0f: ratio %.4f; median wrk p99 %.6f s vs %.6f s (load average %s)\n", a, b, b/a, pa, pb, l
 }' | tee -a "$summary"
 
-# Cost per event, from the kernel's accounting.
+# Cost per event, from the kernel's accounting (the probes alone, through the benchmark helper).
 old_stats="$(cat /proc/sys/kernel/bpf_stats_enabled)"
 echo 1 > /proc/sys/kernel/bpf_stats_enabled
 coproc HOLD { "$hold" "$cg" "$port" 2>"$out/hold-stats.err"; }

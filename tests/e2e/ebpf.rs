@@ -460,6 +460,15 @@ fn agent_request_latency_fixed_and_mixed_service_times() {
         h.count, 500.0,
         "one count per request on keep-alive connections"
     );
+    let metrics = agent.metrics();
+    for program in ["request_latency", "runqueue_delay"] {
+        let up = find(
+            &metrics,
+            "headroom_ebpf_program_up",
+            &[("program", program)],
+        );
+        assert_eq!(up.first().map(|s| s.value), Some(1.0), "{program}");
+    }
     assert!(
         (rate * WINDOW_S - 500.0).abs() < 500.0 * 0.05,
         "window rate {rate}/s does not cover the 500 requests"
@@ -672,7 +681,7 @@ fn compat_object_without_local_storage_measures_too() {
     if !can_run("compat_object_without_local_storage_measures_too") {
         return;
     }
-    let probes = Probes::load(&Options {
+    let mut probes = Probes::load(&Options {
         compat_only: true,
         ..Options::default()
     });
@@ -695,6 +704,30 @@ fn compat_object_without_local_storage_measures_too() {
     assert_eq!(h.count, 20);
     let p50 = h.quantile_seconds(0.5).expect("recorded");
     assert!((0.005..0.0075).contains(&p50), "p50 {p50}");
+
+    // Forgetting a key deletes its histogram from the kernel map; unknown keys are not errors.
+    let key = RequestKey {
+        cgroup_id: cg.id(),
+        port: server.port,
+    };
+    let gone = probes.forget(
+        &[
+            key,
+            RequestKey {
+                cgroup_id: 0,
+                port: 1,
+            },
+        ],
+        &[0],
+    );
+    assert_eq!(gone.expect("forget"), 1);
+    assert!(
+        !probes
+            .read()
+            .expect("read")
+            .request_latency
+            .contains_key(&key)
+    );
 }
 
 /// Clears the calling thread's effective capabilities (capabilities are per thread on Linux, so
@@ -766,6 +799,100 @@ fn without_privilege_every_program_is_reported_refused_and_nothing_fails() {
     })
     .join()
     .expect("unprivileged load must not panic");
+}
+
+#[test]
+fn unprivileged_agent_reports_programs_refused_and_runs_on() {
+    if !can_run("unprivileged_agent_reports_programs_refused_and_runs_on") {
+        return;
+    }
+    if headroom_tests::which("setpriv").is_none() {
+        let reason = "setpriv not installed (util-linux)";
+        assert!(
+            !require_privileged(),
+            "{reason} and HEADROOM_REQUIRE_PRIVILEGED_TESTS=1"
+        );
+        println!("SKIP unprivileged_agent_reports_programs_refused_and_runs_on: {reason}");
+        return;
+    }
+    // The agent as user nobody with no capabilities: loading any eBPF program is refused.
+    let state = std::env::temp_dir().join(format!("headroom-test-{}-unpriv", std::process::id()));
+    std::fs::create_dir_all(&state).expect("state dir");
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod state dir");
+    let port = headroom_tests::free_port();
+    let log = state.join("agent.log");
+    let mut child = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(headroom_tests::agent_binary())
+        .args([
+            "agent",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--sample-interval",
+            "0.5",
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .env("HEADROOM_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start the agent under setpriv");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let ready = wait_for(Duration::from_secs(30), || {
+        matches!(headroom_tests::http_get(port, "/readyz"), Ok((200, _))).then_some(())
+    });
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert!(
+            ready.is_some(),
+            "unprivileged agent never got ready: {}",
+            log_text()
+        );
+        let (_, body) = headroom_tests::http_get(port, "/v1/status").expect("status");
+        let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+        let programs = status["ebpf"]["programs"]
+            .as_array()
+            .expect("ebpf programs");
+        assert_eq!(programs.len(), 2, "{status}");
+        for p in programs {
+            assert!(p["attached"].is_null(), "{p} attached without privilege");
+            let attempts = p["attempts"].as_array().expect("attempts");
+            assert!(
+                attempts.iter().all(|a| a["result"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("refused: ") || r == "not applicable")),
+                "{p}"
+            );
+        }
+        let (_, text) = headroom_tests::http_get(port, "/metrics").expect("metrics");
+        let metrics = headroom_tests::parse_metrics(&text);
+        for program in ["request_latency", "runqueue_delay"] {
+            let up = find(
+                &metrics,
+                "headroom_ebpf_program_up",
+                &[("program", program)],
+            );
+            assert_eq!(up.first().map(|s| s.value), Some(0.0), "{program}: {text}");
+        }
+        assert!(
+            log_text().contains("refused"),
+            "refusal not logged: {}",
+            log_text()
+        );
+    }));
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&state);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
 }
 
 fn loaded_program_ids() -> Vec<u32> {
