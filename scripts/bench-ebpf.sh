@@ -120,13 +120,14 @@ curl -sf "http://127.0.0.1:$port/" >/dev/null 2>&1 || wrk -t1 -c1 -d1s "http://1
 # wrk latency figure ("1.23ms", "456.00us", "1.02s") in seconds.
 to_s() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); print v/1e6 } else if (v ~ /ms$/) { sub(/ms$/,"",v); print v/1e3 } else { sub(/s$/,"",v); print v+0 } }'; }
 wrk_rps() { awk '/^Requests\/sec:/ { print $2 }' "$1"; }
+wrk_n() { awk '/ requests in / { print $1 }' "$1"; }
 wrk_pct() { awk -v p="$2%" '$1 == p { print $2 }' "$1" | to_s; }
 
 run_wrk() { wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "http://127.0.0.1:$port/" > "$1"; }
 
 summary="$out/summary.txt"
 : > "$summary"
-printf '%-4s %-8s %12s %10s %10s | %11s %11s %8s\n' run probes req/s wrk_p50 wrk_p99 agent_p50 agent_p99 count | tee -a "$summary"
+printf '%-4s %-8s %12s %10s %10s %9s | %11s %11s %9s\n' run probes req/s wrk_p50 wrk_p99 wrk_n agent_p50 agent_p99 agent_n | tee -a "$summary"
 for i in $(seq 1 "$RUNS"); do
     if [ $((i % 2)) -eq 1 ]; then order="off on"; else order="on off"; fi
     for mode in $order; do
@@ -138,8 +139,8 @@ for i in $(seq 1 "$RUNS"); do
             run_wrk "$f"
             p50=-; p99=-; count=-
         fi
-        printf '%-4s %-8s %12s %10s %10s | %11s %11s %8s\n' "$i" "$mode" "$(wrk_rps "$f")" \
-            "$(wrk_pct "$f" 50)" "$(wrk_pct "$f" 99)" "$p50" "$p99" "$count" | tee -a "$summary"
+        printf '%-4s %-8s %12s %10s %10s %9s | %11s %11s %9s\n' "$i" "$mode" "$(wrk_rps "$f")" \
+            "$(wrk_pct "$f" 50)" "$(wrk_pct "$f" 99)" "$(wrk_n "$f")" "$p50" "$p99" "$count" | tee -a "$summary"
     done
 done
 
@@ -152,6 +153,8 @@ awk '
         printf "\nmean req/s without probes %.0f, with %.0f: ratio %.4f (target >= 0.97)\n", off/n_off, on/n_on, (on/n_on)/(off/n_off)
         printf "mean wrk p99 without probes %.6f s, with %.6f s\n", p99_off/n_off, p99_on/n_on
     }' "$summary" | tee -a "$summary"
+awk '$2 == "on" { n++; if ($6 == $10) same++; d = $10 - $6; if (d < 0) d = -d; if (d > worst) worst = d }
+    END { printf "agent request count equal to wrk'"'"'s completed requests in %d of %d runs (largest difference %d; up to one per connection is still in flight when wrk stops)\n", same, n, worst }' "$summary" | tee -a "$summary"
 med_off=$(col off 3 | median); med_on=$(col on 3 | median)
 awk -v a="$med_off" -v b="$med_on" -v pa="$(col off 5 | median)" -v pb="$(col on 5 | median)" -v l="$(cut -d' ' -f1-3 /proc/loadavg)" 'BEGIN {
     printf "median req/s without probes %.0f, with %.0f: ratio %.4f; median wrk p99 %.6f s vs %.6f s (load average %s)\n", a, b, b/a, pa, pb, l
