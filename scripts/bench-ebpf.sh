@@ -155,6 +155,9 @@ awk '
     }' "$summary" | tee -a "$summary"
 awk '$2 == "on" { n++; if ($6 == $10) same++; d = $10 - $6; if (d < 0) d = -d; if (d > worst) worst = d }
     END { printf "agent request count equal to wrk'"'"'s completed requests in %d of %d runs (largest difference %d; up to one per connection is still in flight when wrk stops)\n", same, n, worst }' "$summary" | tee -a "$summary"
+# Each pair ran back to back, so its ratio is the least exposed to drift in other load.
+awk '$2 == "off" { off[$1] = $3 } $2 == "on" { on[$1] = $3 } END { for (r in on) if (r in off) print on[r] / off[r] }' "$summary" |
+    median | awk '{ printf "median of per-pair throughput ratios (with/without): %.4f\n", $1 }' | tee -a "$summary"
 med_off=$(col off 3 | median); med_on=$(col on 3 | median)
 awk -v a="$med_off" -v b="$med_on" -v pa="$(col off 5 | median)" -v pb="$(col on 5 | median)" -v l="$(cut -d' ' -f1-3 /proc/loadavg)" 'BEGIN {
     printf "median req/s without probes %.0f, with %.0f: ratio %.4f; median wrk p99 %.6f s vs %.6f s (load average %s)\n", a, b, b/a, pa, pb, l
