@@ -14,6 +14,11 @@
 # waits in the socket before nginx reads it, and wrk's own scheduling), the agent from nginx's
 # read of the request to its write of the response.
 #
+# CPU per request: nginx's cgroup CPU time (cpu.stat usage_usec) over the requests wrk completed,
+# per run. On a machine shared with other load, throughput swings far more than the probes cost;
+# nginx's own CPU per request is much less exposed to that and gives the throughput ratio a
+# CPU-bound nginx would see (without/with).
+#
 # Cost per event: one more run with probes and kernel.bpf_stats_enabled=1 prints the kernel's own
 # run-time accounting per program (ns per run, runs per second, share of one CPU); it is kept
 # out of the alternating runs because the accounting itself costs two clock reads per run.
@@ -123,11 +128,18 @@ wrk_rps() { awk '/^Requests\/sec:/ { print $2 }' "$1"; }
 wrk_n() { awk '/ requests in / { print $1 }' "$1"; }
 wrk_pct() { awk -v p="$2%" '$1 == p { print $2 }' "$1" | to_s; }
 
-run_wrk() { wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "http://127.0.0.1:$port/" > "$1"; }
+nginx_usec() { awk '$1 == "usage_usec" { print $2 }' "$cg/cpu.stat"; }
+# Runs wrk; leaves nginx's CPU microseconds during the run in $cpu_usec.
+run_wrk() {
+    local c0; c0=$(nginx_usec)
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "http://127.0.0.1:$port/" > "$1"
+    cpu_usec=$(( $(nginx_usec) - c0 ))
+    echo "$cpu_usec" > "$1.cpu_usec"
+}
 
 summary="$out/summary.txt"
 : > "$summary"
-printf '%-4s %-8s %12s %10s %10s %9s | %11s %11s %9s\n' run probes req/s wrk_p50 wrk_p99 wrk_n agent_p50 agent_p99 agent_n | tee -a "$summary"
+printf '%-4s %-8s %12s %10s %10s %9s %8s | %11s %11s %9s\n' run probes req/s wrk_p50 wrk_p99 wrk_n us/req agent_p50 agent_p99 agent_n | tee -a "$summary"
 for i in $(seq 1 "$RUNS"); do
     if [ $((i % 2)) -eq 1 ]; then order="off on"; else order="on off"; fi
     for mode in $order; do
@@ -139,8 +151,9 @@ for i in $(seq 1 "$RUNS"); do
             run_wrk "$f"
             p50=-; p99=-; count=-
         fi
-        printf '%-4s %-8s %12s %10s %10s %9s | %11s %11s %9s\n' "$i" "$mode" "$(wrk_rps "$f")" \
-            "$(wrk_pct "$f" 50)" "$(wrk_pct "$f" 99)" "$(wrk_n "$f")" "$p50" "$p99" "$count" | tee -a "$summary"
+        us_req=$(awk -v c="$(cat "$f.cpu_usec")" -v n="$(wrk_n "$f")" 'BEGIN { printf "%.3f", c / n }')
+        printf '%-4s %-8s %12s %10s %10s %9s %8s | %11s %11s %9s\n' "$i" "$mode" "$(wrk_rps "$f")" \
+            "$(wrk_pct "$f" 50)" "$(wrk_pct "$f" 99)" "$(wrk_n "$f")" "$us_req" "$p50" "$p99" "$count" | tee -a "$summary"
     done
 done
 
@@ -153,11 +166,14 @@ awk '
         printf "\nmean req/s without probes %.0f, with %.0f: ratio %.4f (target >= 0.97)\n", off/n_off, on/n_on, (on/n_on)/(off/n_off)
         printf "mean wrk p99 without probes %.6f s, with %.6f s\n", p99_off/n_off, p99_on/n_on
     }' "$summary" | tee -a "$summary"
-awk '$2 == "on" { n++; if ($6 == $10) same++; d = $10 - $6; if (d < 0) d = -d; if (d > worst) worst = d }
+awk '$2 == "on" { n++; if ($6 == $11) same++; d = $11 - $6; if (d < 0) d = -d; if (d > worst) worst = d }
     END { printf "agent request count equal to wrk'"'"'s completed requests in %d of %d runs (largest difference %d; up to one per connection is still in flight when wrk stops)\n", same, n, worst }' "$summary" | tee -a "$summary"
 # Each pair ran back to back, so its ratio is the least exposed to drift in other load.
 awk '$2 == "off" { off[$1] = $3 } $2 == "on" { on[$1] = $3 } END { for (r in on) if (r in off) print on[r] / off[r] }' "$summary" |
     median | awk '{ printf "median of per-pair throughput ratios (with/without): %.4f\n", $1 }' | tee -a "$summary"
+awk -v a="$(col off 7 | median)" -v b="$(col on 7 | median)" 'BEGIN {
+    printf "median nginx CPU per request without probes %.3f us, with %.3f us: CPU-bound throughput ratio %.4f (target >= 0.97)\n", a, b, a / b
+}' | tee -a "$summary"
 med_off=$(col off 3 | median); med_on=$(col on 3 | median)
 awk -v a="$med_off" -v b="$med_on" -v pa="$(col off 5 | median)" -v pb="$(col on 5 | median)" -v l="$(cut -d' ' -f1-3 /proc/loadavg)" 'BEGIN {
     printf "median req/s without probes %.0f, with %.0f: ratio %.4f; median wrk p99 %.6f s vs %.6f s (load average %s)\n", a, b, b/a, pa, pb, l

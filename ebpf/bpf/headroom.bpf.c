@@ -107,6 +107,12 @@ struct {
 	__type(value, u64);
 } dropped SEC(".maps");
 
+/* Field reads: tp_btf arguments are typed kernel pointers the verifier lets a program load from
+ * directly (one instruction); the other program types get plain integers and must go through
+ * bpf_probe_read_kernel (a helper call each). `btf` is a compile-time constant per program, so
+ * each program keeps only one of the two. */
+#define KREAD(btf, ptr, ...) ((btf) ? (ptr)->__VA_ARGS__ : BPF_CORE_READ(ptr, __VA_ARGS__))
+
 static __always_inline u32 log2_u64(u64 v)
 {
 	u32 r = 0;
@@ -224,7 +230,7 @@ static __always_inline void on_send(struct sock *sk, int ret, bool btf)
 		return;
 	struct req_key k = {};
 	k.cgroup_id = bpf_get_current_cgroup_id();
-	k.port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	k.port = KREAD(btf, sk, __sk_common.skc_num);
 	record(&req_hist, &k, now - start, 0);
 }
 
@@ -339,10 +345,10 @@ static __always_inline void on_switch(struct task_struct *prev, struct task_stru
 {
 	/* A task switched out while still runnable (preempted or throttled) waits on the run queue
 	 * from now on, exactly like a freshly woken one. The idle task (pid 0) is never counted. */
-	if (BPF_CORE_READ(prev, __state) == 0 && BPF_CORE_READ(prev, pid) != 0)
+	if (KREAD(btf, prev, __state) == 0 && KREAD(btf, prev, pid) != 0)
 		stamp_runnable(prev, btf);
 
-	if (BPF_CORE_READ(next, pid) == 0)
+	if (KREAD(btf, next, pid) == 0)
 		return;
 	u64 start = take_stamp(next, btf);
 	if (start == 0)
@@ -350,7 +356,7 @@ static __always_inline void on_switch(struct task_struct *prev, struct task_stru
 	u64 now = bpf_ktime_get_ns();
 	if (now <= start)
 		return;
-	u64 cg = BPF_CORE_READ(next, cgroups, dfl_cgrp, kn, id);
+	u64 cg = btf ? next->cgroups->dfl_cgrp->kn->id : BPF_CORE_READ(next, cgroups, dfl_cgrp, kn, id);
 	record(&runq_hist, &cg, now - start, 1);
 }
 
