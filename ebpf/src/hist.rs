@@ -47,6 +47,7 @@ pub fn bucket_bounds(idx: usize) -> (u64, u64) {
 /// One cumulative histogram as read from a map, or the difference of two readings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Histogram {
+    /// Number of values: the sum of `buckets` (the kernel keeps no separate count).
     pub count: u64,
     pub sum_ns: u64,
     pub buckets: Vec<u64>,
@@ -75,8 +76,8 @@ impl Histogram {
     }
 
     /// What was added between `earlier` and `self` (both cumulative readings of one key). The
-    /// kernel updates count, sum and bucket with separate atomic adds, so a reading may be caught
-    /// between them; counts are therefore clamped at zero rather than trusted to be consistent.
+    /// kernel updates bucket and sum with separate atomic adds, so a reading may be caught
+    /// between them; differences are therefore clamped at zero.
     pub fn since(&self, earlier: &Histogram) -> Histogram {
         Histogram {
             count: self.count.saturating_sub(earlier.count),
@@ -90,7 +91,7 @@ impl Histogram {
         }
     }
 
-    /// Sum of the bucket counts (may lead `count` by a few events mid-update).
+    /// Sum of the bucket counts (equals `count` for readings and their differences).
     pub fn bucket_total(&self) -> u64 {
         self.buckets.iter().sum()
     }

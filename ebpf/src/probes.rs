@@ -249,7 +249,6 @@ unsafe impl Pod for RawReqKey {}
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct RawHist {
-    count: u64,
     sum_ns: u64,
     buckets: [u64; NBUCKETS],
 }
@@ -259,7 +258,7 @@ unsafe impl Pod for RawHist {}
 impl From<&RawHist> for Histogram {
     fn from(r: &RawHist) -> Self {
         Histogram {
-            count: r.count,
+            count: r.buckets.iter().sum(),
             sum_ns: r.sum_ns,
             buckets: r.buckets.to_vec(),
         }

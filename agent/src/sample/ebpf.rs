@@ -272,8 +272,7 @@ fn histogram_family<'a>(
     let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
     for (labels, h) in rows {
         let buckets = h.coarse_buckets(exp.0, exp.1);
-        // Exposed count is the bucket total, so `_count` always equals the `+Inf` bucket even
-        // when a reading caught the kernel between its separate atomic adds.
+        // `_count` is the bucket total, so it always equals the `+Inf` bucket.
         let count = buckets.iter().map(|b| b.1).sum();
         m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
             h.sum_ns as f64 / 1e9,
