@@ -10,7 +10,8 @@
 #
 # The output is reproducible: no vmlinux.h from the build machine (bpf/kernel_types.h is written by
 # hand, CO-RE fixes offsets at load time), paths are mapped away and DWARF is stripped (BTF, which
-# the loader needs, stays). Needs clang and llvm-strip (Debian: clang) and libbpf-dev's headers.
+# the loader needs, stays). Needs clang, llvm-strip and libbpf's headers (Debian: clang llvm
+# libbpf-dev).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,7 +22,7 @@ objects=("headroom.bpf.o:" "headroom_compat.bpf.o:-DHEADROOM_COMPAT")
 CLANG="${CLANG:-clang}"
 STRIP="${LLVM_STRIP:-llvm-strip}"
 for tool in "$CLANG" "$STRIP"; do
-    command -v "$tool" >/dev/null || { echo "build.sh: $tool not found (apt-get install clang)" >&2; exit 127; }
+    command -v "$tool" >/dev/null || { echo "build.sh: $tool not found (apt-get install clang llvm)" >&2; exit 127; }
 done
 [ -f /usr/include/bpf/bpf_helpers.h ] || { echo "build.sh: /usr/include/bpf/bpf_helpers.h missing (apt-get install libbpf-dev)" >&2; exit 127; }
 

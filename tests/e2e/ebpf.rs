@@ -949,7 +949,7 @@ fn committed_objects_match_a_fresh_compile() {
     }
     if !missing.is_empty() {
         let reason = format!(
-            "{} not installed (apt-get install clang libbpf-dev)",
+            "{} not installed (apt-get install clang llvm libbpf-dev)",
             missing.join(", ")
         );
         if require_privileged() {
