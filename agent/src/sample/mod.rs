@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod ebpf;
+pub mod gpu;
 pub mod node;
 
 use std::collections::BTreeMap;
@@ -24,6 +25,11 @@ pub struct Snapshot {
     /// cgroup v2 id (what eBPF reports) of every tracked container that has a v2 directory.
     #[serde(skip)]
     pub cgroup_ids: BTreeMap<u64, Arc<cgroup::Identity>>,
+    /// GPUs, their processes and containers; served through `/metrics`, not the JSON API.
+    #[serde(skip)]
+    pub gpu: gpu::GpuSnapshot,
+    /// Forecasts made from this sample, one per forecast series.
+    pub forecasts: Vec<crate::forecast::ForecastRow>,
 }
 
 /// Time as float seconds since the epoch in JSON.

@@ -24,6 +24,9 @@ pub use stats::{CgroupStats, ControllerPaths};
 /// Deepest cgroup nesting the walk descends to; kubelet's deepest is 4 below the root.
 const MAX_DEPTH: usize = 12;
 
+/// How often (in passes) settings and directory layout are re-read.
+const FULL_PASS_EVERY: u64 = 10;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ContainerSample {
     pub ident: Arc<Identity>,
@@ -41,6 +44,7 @@ struct Tracked {
     ident: Arc<Identity>,
     paths: ControllerPaths,
     prev: Option<Prev>,
+    open: stats::OpenFiles,
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +63,7 @@ pub struct CgroupSampler {
     runtime_states: identity::RuntimeStates,
     kube: identity::KubeLogDir,
     tracked: BTreeMap<String, Tracked>,
+    passes: u64,
     /// Every cgroup path of a tracked container (its path in each hierarchy) → its key.
     aliases: HashMap<String, String>,
     warned_limit: bool,
@@ -86,6 +91,8 @@ impl CgroupSampler {
         kube: &KubernetesConfig,
     ) -> Result<CgroupSampler, hierarchy::NoHierarchy> {
         let hierarchy = Hierarchy::detect(&config.root)?;
+        let handles = stats::init_handle_budget();
+        tracing::debug!(handles, "cgroup file handles the sampler may keep open");
         let mut canonical_roots = Vec::new();
         for (p, c) in [
             (&hierarchy.v2, Controller::V2),
@@ -111,6 +118,7 @@ impl CgroupSampler {
             runtime_states: identity::RuntimeStates::default(),
             kube: identity::KubeLogDir::new(kube.log_dir.clone()),
             tracked: BTreeMap::new(),
+            passes: 0,
             aliases: HashMap::new(),
             warned_limit: false,
         })
@@ -146,7 +154,13 @@ impl CgroupSampler {
                         continue;
                     }
                     if let Some(ident) = self.identify(&child_rel) {
-                        let paths = self.paths_for(&child_rel);
+                        // A container already tracked keeps its directories; looking them up
+                        // again in every hierarchy each pass would cost more than reading it.
+                        // Directories a runtime adds late are picked up on the next full pass.
+                        let paths = match self.tracked.get(&child_rel) {
+                            Some(t) if !self.full_pass() => t.paths.clone(),
+                            _ => self.paths_for(&child_rel),
+                        };
                         let aliases = vec![child_rel.clone()];
                         found.insert(
                             child_rel,
@@ -230,6 +244,11 @@ impl CgroupSampler {
         found
     }
 
+    /// Settings (limits, quotas) and directory layout are re-read on every tenth pass only.
+    fn full_pass(&self) -> bool {
+        self.passes.is_multiple_of(FULL_PASS_EVERY)
+    }
+
     fn identify(&self, rel: &str) -> Option<Identity> {
         identity::classify(rel, self.config.systemd_services).or_else(|| {
             self.config
@@ -302,12 +321,22 @@ impl CgroupSampler {
                 _ => Arc::new(ident),
             };
             let at = Instant::now();
-            let stats = self.reader.stats(&paths, v2_native);
+            let (prev_sample, mut open) = match prev {
+                Some(p) => (p.prev, p.open),
+                None => (None, stats::OpenFiles::default()),
+            };
+            let full = self.full_pass();
+            let stats = self.reader.read_container(
+                &paths,
+                v2_native,
+                &mut open,
+                prev_sample.as_ref().map(|p| &p.stats),
+                full,
+            );
             if stats == CgroupStats::default() && !paths.exists() {
                 // Removed between the walk and the read.
                 continue;
             }
-            let prev_sample = prev.and_then(|p| p.prev);
             let sample = rates(&ident, &stats, prev_sample.as_ref(), at);
             out.push(sample);
             for name in names {
@@ -319,11 +348,13 @@ impl CgroupSampler {
                     ident,
                     paths,
                     prev: Some(Prev { at, stats }),
+                    open,
                 },
             );
         }
         self.tracked = next;
         self.aliases = aliases;
+        self.passes += 1;
         out
     }
 

@@ -63,24 +63,123 @@ pub struct PressureTotals {
     pub full_seconds: Option<f64>,
 }
 
-/// Reads cgroup files into one reused buffer; the agent reads thousands per second.
+/// Open handles to one container's hot files, re-read in place with `pread` at offset 0
+/// (cgroup files regenerate their content on every read from the start). Opening a cgroup file
+/// costs more than reading it, and the agent reads thousands per second.
+#[derive(Debug, Default)]
+pub struct OpenFiles {
+    files: Vec<(PathBuf, std::fs::File)>,
+}
+
+/// File handles the agent may keep open across all containers, set from RLIMIT_NOFILE.
+static HANDLE_BUDGET: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+/// Raises the soft open-file limit to the hard one and sets how many cgroup file handles may
+/// stay open (half the limit, the rest is left for sockets and the like).
+pub fn init_handle_budget() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    let budget = (lim.rlim_cur / 2).min(1 << 20);
+    HANDLE_BUDGET.store(budget as isize, std::sync::atomic::Ordering::Relaxed);
+    budget
+}
+
+impl Drop for OpenFiles {
+    fn drop(&mut self) {
+        HANDLE_BUDGET.fetch_add(
+            self.files.len() as isize,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+/// Reads cgroup files into one reused buffer.
 #[derive(Debug, Default)]
 pub struct Reader {
     buf: Vec<u8>,
+    /// Handles of the container being read; swapped in and out by [`Reader::stats`].
+    open: OpenFiles,
+    /// Read settings (limits, quota) in this pass, or carry them over from the previous one.
+    full: bool,
 }
 
 /// Values above this are the kernel's "unlimited" on v1 (PAGE_COUNTER_MAX rounded to pages).
 const V1_UNLIMITED: u64 = 1 << 62;
 
 impl Reader {
-    fn read(&mut self, path: &Path) -> Option<&str> {
+    /// A file read on every pass: kept open when the handle budget allows.
+    fn read_hot(&mut self, path: &Path) -> Option<&str> {
+        use std::os::unix::fs::FileExt;
+        let idx = match self.open.files.iter().position(|(p, _)| p == path) {
+            Some(i) => i,
+            None => {
+                let f = std::fs::File::open(path).ok()?;
+                let budget = HANDLE_BUDGET.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                if budget <= 0 {
+                    HANDLE_BUDGET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return self.read_file(f);
+                }
+                self.open.files.push((path.to_path_buf(), f));
+                self.open.files.len() - 1
+            }
+        };
+        self.buf.resize(16 * 1024, 0);
+        let mut len = 0;
+        loop {
+            match self.open.files[idx]
+                .1
+                .read_at(&mut self.buf[len..], len as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => {
+                    len += n;
+                    if len == self.buf.len() {
+                        self.buf.resize(len * 2, 0);
+                    }
+                }
+                Err(_) => {
+                    // The cgroup went away under the handle.
+                    self.open.files.swap_remove(idx);
+                    HANDLE_BUDGET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return None;
+                }
+            }
+        }
+        self.buf.truncate(len);
+        std::str::from_utf8(&self.buf).ok()
+    }
+
+    fn read_file(&mut self, mut f: std::fs::File) -> Option<&str> {
         self.buf.clear();
-        let mut f = std::fs::File::open(path).ok()?;
         f.read_to_end(&mut self.buf).ok()?;
         std::str::from_utf8(&self.buf).ok()
     }
 
+    fn read(&mut self, path: &Path) -> Option<&str> {
+        let f = std::fs::File::open(path).ok()?;
+        self.read_file(f)
+    }
+
     fn read_u64(&mut self, dir: &Path, file: &str) -> Option<u64> {
+        self.read_hot(&dir.join(file))?.trim().parse().ok()
+    }
+
+    /// A setting, read without keeping a handle (settings are read on full passes only).
+    fn read_setting(&mut self, dir: &Path, file: &str) -> Option<u64> {
         self.read(&dir.join(file))?.trim().parse().ok()
     }
 
@@ -95,7 +194,7 @@ impl Reader {
     }
 
     fn read_keyed(&mut self, dir: &Path, file: &str, keys: &[&str], out: &mut [Option<u64>]) {
-        let Some(text) = self.read(&dir.join(file)) else {
+        let Some(text) = self.read_hot(&dir.join(file)) else {
             return;
         };
         for line in text.lines() {
@@ -109,7 +208,39 @@ impl Reader {
         }
     }
 
-    pub fn stats(&mut self, paths: &ControllerPaths, v2_native: bool) -> CgroupStats {
+    /// Reads one container. `prev` is its previous reading: settings (quota, limits) are read
+    /// afresh only when `full`, and carried over otherwise.
+    pub fn read_container(
+        &mut self,
+        paths: &ControllerPaths,
+        v2_native: bool,
+        open: &mut OpenFiles,
+        prev: Option<&CgroupStats>,
+        full: bool,
+    ) -> CgroupStats {
+        std::mem::swap(&mut self.open, open);
+        self.full = full || prev.is_none();
+        let mut s = self.stats(paths, v2_native);
+        if !self.full
+            && let Some(p) = prev
+        {
+            s.cpu_quota_cores = p.cpu_quota_cores;
+            s.cpu_period_seconds = p.cpu_period_seconds;
+            s.memory_limit_bytes = p.memory_limit_bytes;
+            s.memory_high_bytes = p.memory_high_bytes;
+            s.pids = p.pids;
+        }
+        std::mem::swap(&mut self.open, open);
+        s
+    }
+
+    /// Reads everything, settings included, without keeping handles (for one-off reads).
+    pub fn stats_once(&mut self, paths: &ControllerPaths, v2_native: bool) -> CgroupStats {
+        let mut open = OpenFiles::default();
+        self.read_container(paths, v2_native, &mut open, None, true)
+    }
+
+    fn stats(&mut self, paths: &ControllerPaths, v2_native: bool) -> CgroupStats {
         let mut s = CgroupStats::default();
         if let Some(dir) = &paths.v2 {
             self.v2(dir, v2_native, &mut s);
@@ -132,7 +263,9 @@ impl Reader {
         s.cpu_periods = v[1];
         s.cpu_throttled_periods = v[2];
         s.cpu_throttled_seconds = v[3].map(|u| u as f64 / 1e6);
-        if let Some(text) = self.read(&dir.join("cpu.max")) {
+        if self.full
+            && let Some(text) = self.read(&dir.join("cpu.max"))
+        {
             let mut it = text.split_ascii_whitespace();
             let quota = it.next();
             let period: Option<f64> = it.next().and_then(|p| p.parse().ok());
@@ -162,12 +295,18 @@ impl Reader {
             self.read_keyed(dir, "memory.stat", &["inactive_file"], &mut v);
             s.memory_working_set_bytes = Some(usage.saturating_sub(v[0].unwrap_or(0)));
         }
-        s.memory_limit_bytes = self.read_limit(dir, "memory.max").flatten();
-        s.memory_high_bytes = self.read_limit(dir, "memory.high").flatten();
+        if self.full {
+            s.memory_limit_bytes = self.read_limit(dir, "memory.max").flatten();
+            s.memory_high_bytes = self.read_limit(dir, "memory.high").flatten();
+        }
         let mut v = [None; 1];
         self.read_keyed(dir, "memory.events", &["oom_kill"], &mut v);
         s.oom_kills = v[0];
-        s.pids = self.read_u64(dir, "pids.current");
+        if self.full {
+            s.pids = self
+                .read(&dir.join("pids.current"))
+                .and_then(|t| t.trim().parse().ok());
+        }
     }
 
     fn v1(&mut self, paths: &ControllerPaths, s: &mut CgroupStats) {
@@ -189,7 +328,12 @@ impl Reader {
                 s.cpu_throttled_periods = v[1];
                 s.cpu_throttled_seconds = v[2].map(|ns| ns as f64 / 1e9);
             }
-            let period = self.read_u64(dir, "cpu.cfs_period_us");
+            let period = if self.full {
+                self.read(&dir.join("cpu.cfs_period_us"))
+                    .and_then(|t| t.trim().parse::<u64>().ok())
+            } else {
+                None
+            };
             if let Some(p) = period {
                 s.cpu_period_seconds = Some(p as f64 / 1e6);
                 let quota: Option<i64> = self
@@ -205,20 +349,25 @@ impl Reader {
                 self.read_keyed(dir, "memory.stat", &["total_inactive_file"], &mut v);
                 s.memory_working_set_bytes = Some(usage.saturating_sub(v[0].unwrap_or(0)));
             }
-            s.memory_limit_bytes = self
-                .read_u64(dir, "memory.limit_in_bytes")
-                .filter(|v| *v < V1_UNLIMITED);
-            s.memory_high_bytes = self
-                .read_u64(dir, "memory.soft_limit_in_bytes")
-                .filter(|v| *v < V1_UNLIMITED);
+            if self.full {
+                s.memory_limit_bytes = self
+                    .read_setting(dir, "memory.limit_in_bytes")
+                    .filter(|v| *v < V1_UNLIMITED);
+                s.memory_high_bytes = self
+                    .read_setting(dir, "memory.soft_limit_in_bytes")
+                    .filter(|v| *v < V1_UNLIMITED);
+            }
             let mut v = [None; 1];
             self.read_keyed(dir, "memory.oom_control", &["oom_kill"], &mut v);
             s.oom_kills = v[0];
         }
-        if let Some(dir) = &paths.pids
+        if self.full
+            && let Some(dir) = &paths.pids
             && s.pids.is_none()
         {
-            s.pids = self.read_u64(dir, "pids.current");
+            s.pids = self
+                .read(&dir.join("pids.current"))
+                .and_then(|t| t.trim().parse().ok());
         }
     }
 }
@@ -290,7 +439,7 @@ mod tests {
             v2: Some(d),
             ..Default::default()
         };
-        let s = Reader::default().stats(&paths, true);
+        let s = Reader::default().stats_once(&paths, true);
         assert_eq!(s.cpu_usage_seconds, Some(2.5));
         assert_eq!(s.cpu_periods, Some(10));
         assert_eq!(s.cpu_throttled_periods, Some(4));
@@ -341,7 +490,7 @@ mod tests {
             memory: Some(mem.clone()),
             ..Default::default()
         };
-        let s = Reader::default().stats(&paths, false);
+        let s = Reader::default().stats_once(&paths, false);
         assert_eq!(s.cpu_usage_seconds, Some(3.0));
         assert_eq!(s.cpu_throttled_seconds, Some(1.5));
         assert_eq!(s.cpu_quota_cores, None);
@@ -350,7 +499,7 @@ mod tests {
         assert_eq!(s.oom_kills, Some(2));
         write(&cpu, "cpu.cfs_quota_us", "30000\n");
         write(&mem, "memory.limit_in_bytes", "67108864\n");
-        let s = Reader::default().stats(&paths, false);
+        let s = Reader::default().stats_once(&paths, false);
         assert_eq!(s.cpu_quota_cores, Some(0.3));
         assert_eq!(s.memory_limit_bytes, Some(64 << 20));
     }
@@ -362,7 +511,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            Reader::default().stats(&paths, true),
+            Reader::default().stats_once(&paths, true),
             CgroupStats::default()
         );
         assert!(!paths.exists());
