@@ -529,9 +529,6 @@ fn status_page_plots_real_containers_in_chromium() {
 /// fails until they are removed from here, so this list only shrinks.
 const PENDING: &[&str] = &[
     "headroom_decisions",
-    "headroom_request_latency_seconds",
-    "headroom_runqueue_delay_seconds",
-    "headroom_ebpf_program_up",
     "headroom_workload_desired_replicas",
     "headroom_workload_current_replicas",
     "headroom_workload_demand",

@@ -212,6 +212,16 @@ const KNOWN: &[Known] = &[
         capacity: &[],
     },
     Known {
+        demand: "container_request_rate_per_second",
+        title: "requests",
+        capacity: &[],
+    },
+    Known {
+        demand: "container_runqueue_delay_p99_seconds",
+        title: "run-queue delay p99",
+        capacity: &[],
+    },
+    Known {
         demand: "gpu_utilization_ratio",
         title: "GPU utilisation",
         capacity: &[],
@@ -549,6 +559,9 @@ fn build(
                 && let Some(uuid) = key.label("UUID")
             {
                 title = format!("{title} on {}", gpu_name(latest, uuid));
+            }
+            if let Some(port) = key.label("port") {
+                title = format!("{title} on port {port}");
             }
             panels.push(Panel {
                 title,
