@@ -480,8 +480,7 @@ pub fn restore_forecasts(config: &Config, dir: &StateDir) -> Option<Forecasts> {
 }
 
 pub fn save_forecasts(dir: &StateDir, forecasts: &Forecasts) {
-    let bytes = forecasts.encode();
-    if let Err(e) = dir.save(state::FORECASTS, &bytes) {
+    if let Err(e) = dir.save_with(state::FORECASTS, |w| forecasts.write_state(w)) {
         tracing::warn!(error = %e, "cannot save forecasters; will retry at the next save");
     }
 }
