@@ -7,9 +7,11 @@
 //!
 //! Nothing in this crate writes a cgroup file it was not told to manage.
 
+pub mod act;
 pub mod agent;
 pub mod config;
 pub mod history;
+pub mod policy;
 pub mod report;
 pub mod sample;
 pub mod serve;
