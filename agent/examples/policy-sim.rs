@@ -4,7 +4,7 @@
 //! (`timestamp_s,value` files; each is scaled so its range maps onto 0.1..=peak cores).
 
 use headroom::policy::sim::{SimConfig, SimPolicy, replay, scale};
-use headroom::policy::{Envelope, Params, Strategy};
+use headroom::policy::{Envelope, Strategy};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -93,16 +93,14 @@ fn compare(demand: &[f64], peak: f64, step_s: f64) -> (R, R, R) {
             ceiling: (peak * 1.25).max(p90),
         },
         initial_quota: p90,
-        window: 20,
+        window: 60,
         lead_steps: 5.0,
         writes_per_s: 10.0,
     };
     let reactive =
         headroom::policy::sim::acceptance_params(&[Strategy::Rule, Strategy::Event], step_s);
-    let predictive = Params {
-        strategies: vec![Strategy::Predictive, Strategy::Event],
-        ..reactive.clone()
-    };
+    let predictive =
+        headroom::policy::sim::acceptance_params(&[Strategy::Predictive, Strategy::Event], step_s);
     (
         replay(demand, &SimPolicy::Static(p90), &cfg),
         replay(demand, &SimPolicy::Engine(reactive), &cfg),

@@ -101,10 +101,17 @@ pub fn replay(demand: &[f64], policy: &SimPolicy, cfg: &SimConfig) -> SimResult 
 }
 
 /// Engine parameters of the acceptance scenario (benchmark and end-to-end test share them):
-/// time constants in steps of `step_s`, so compressed traces keep their shape.
+/// time constants in steps of `step_s`, so compressed traces keep their shape. Without the
+/// predictive strategy this is the reactive rule, which raises on the kernel's throttling
+/// signal only (`util_high` = 1).
 pub fn acceptance_params(strategies: &[Strategy], step_s: f64) -> Params {
     Params {
         strategies: strategies.to_vec(),
+        util_high: if strategies.contains(&Strategy::Predictive) {
+            Params::default().util_high
+        } else {
+            1.0
+        },
         cooldown_s: 3.0 * step_s,
         scale_in_window_s: 10.0 * step_s,
         rollback_window_s: 10.0 * step_s,
