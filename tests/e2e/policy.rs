@@ -30,6 +30,11 @@ fn v1_available(test: &str) -> bool {
     }
 }
 
+fn stop(child: &mut std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 fn glob() -> String {
     format!("/headroom-test-{}-*", std::process::id())
 }
@@ -138,7 +143,7 @@ fn observe_mode_writes_nothing_and_lists_what_enforce_would_do() {
         !agent.state_dir.join("originals.json").exists(),
         "observe mode recorded originals, so it meant to write"
     );
-    let _ = burner.kill();
+    stop(&mut burner);
 }
 
 #[test]
@@ -238,8 +243,8 @@ fn memory_high_is_raised_before_the_oom_killer_and_scale_in_waits() {
             "outside the envelope: {d}"
         );
     }
-    let _ = grower.kill();
-    let _ = burner.kill();
+    stop(&mut grower);
+    stop(&mut burner);
 }
 
 #[test]
@@ -328,8 +333,8 @@ fn originals_come_back_on_sigterm_after_kill_9_and_with_restore() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(originals(), orig, "--restore did not restore");
-    let _ = burner.kill();
-    let _ = filler.kill();
+    stop(&mut burner);
+    stop(&mut filler);
 }
 
 /// One run of the acceptance scenario: the burner follows `shape` in `cg`; returns
