@@ -12,9 +12,12 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::forecast::{self, Forecasts};
 use crate::history::{History, SeriesKey};
 use crate::report::metrics::{counters, gauges};
 use crate::sample::cgroup::CgroupSampler;
+use crate::sample::ebpf::{EbpfSampler, cgroup_id_of};
+use crate::sample::gpu::{self, GpuSampler};
 use crate::sample::node::NodeSampler;
 use crate::sample::{Snapshot, unix_seconds};
 use crate::state::{self, StateDir, StateError};
@@ -123,6 +126,7 @@ impl Shared {
             "samplers": self.samplers.read().map(|g| g.clone()).unwrap_or_default(),
             "sample_cost": self.cost.lock().map(|g| g.clone()).unwrap_or_default(),
             "containers": { "count": containers.len(), "items": containers },
+            "ebpf": snapshot.as_ref().map(|s| &s.ebpf.status),
             "history": { "series": series, "points": points },
         })
     }
@@ -258,6 +262,9 @@ fn unix_ms(t: SystemTime) -> u64 {
 pub struct Samplers {
     node: NodeSampler,
     cgroups: Option<CgroupSampler>,
+    /// Dropped with the sampling thread, which detaches and unloads the probes.
+    ebpf: EbpfSampler,
+    gpu: GpuSampler,
 }
 
 impl Samplers {
@@ -289,9 +296,21 @@ impl Samplers {
                 None
             }
         };
+        let gpu = GpuSampler::new(
+            &gpu::GpuConfig {
+                nvml_library: config.gpu.nvml_library.clone(),
+                enabled: config.gpu.enabled,
+                period: Duration::from_secs_f64(config.sample_interval_s),
+                xid_unhealthy_hold: Duration::from_secs_f64(config.gpu.xid_unhealthy_hold_s),
+                ..gpu::GpuConfig::default()
+            },
+            &config.cgroup.proc_root,
+        );
         Samplers {
             node: NodeSampler::new(&config.cgroup.proc_root),
             cgroups,
+            ebpf: EbpfSampler::new(&config.ebpf),
+            gpu,
         }
     }
 
@@ -345,10 +364,67 @@ impl Samplers {
             }
             None => Vec::new(),
         };
+        let cgroup_ids = self
+            .cgroups
+            .as_ref()
+            .map(|c| {
+                c.v2_dirs()
+                    .filter_map(|(ident, dir)| cgroup_id_of(dir).ok().map(|id| (id, ident.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let t2 = Instant::now();
+        let ebpf = self.ebpf.sample();
+        let up: Vec<String> = ebpf
+            .status
+            .programs
+            .iter()
+            .map(|p| match p.attached {
+                Some(how) => format!("{} via {how}", p.program),
+                None => format!("{} off", p.program),
+            })
+            .collect();
+        shared.set_health(
+            "ebpf",
+            SamplerHealth {
+                healthy: ebpf.read_error.is_none(),
+                last_error: ebpf.read_error.clone(),
+                last_duration_seconds: t2.elapsed().as_secs_f64(),
+                detail: Some(if ebpf.status.enabled {
+                    up.join(", ")
+                } else {
+                    "disabled by configuration".into()
+                }),
+            },
+        );
+        let gpu = self.gpu.sample(at);
+        shared.set_health(
+            "gpu",
+            SamplerHealth {
+                // No driver is normal on a CPU node (`headroom_gpu_nvml_up` says so); this
+                // turns 0 only when a GPU is unhealthy.
+                healthy: gpu.gpus.iter().all(|g| g.health.healthy),
+                last_error: match &gpu.status {
+                    gpu::NvmlStatus::Missing { reason } => Some(format!("no GPU found: {reason}")),
+                    _ => gpu.gpus.iter().find_map(|g| {
+                        g.health
+                            .reason
+                            .as_ref()
+                            .map(|r| format!("GPU {}: {r}", g.id.index))
+                    }),
+                },
+                last_duration_seconds: 0.0,
+                detail: Some(format!("{} GPU(s)", gpu.gpus.len())),
+            },
+        );
         Snapshot {
             at,
             node,
             containers,
+            ebpf,
+            cgroup_ids,
+            gpu,
+            forecasts: Vec::new(),
         }
     }
 }
@@ -366,6 +442,9 @@ pub fn history_points(s: &Snapshot) -> Vec<(SeriesKey, f64)> {
                 .saturating_sub(n.memory_available_bytes) as f64,
         ));
     }
+    for (name, labels, v) in s.gpu.series() {
+        out.push((SeriesKey::new(&name, labels), v));
+    }
     for c in &s.containers {
         let labels = || vec![("cgroup".to_string(), c.ident.cgroup.clone())];
         if let Some(v) = c.cpu_cores {
@@ -380,6 +459,14 @@ pub fn history_points(s: &Snapshot) -> Vec<(SeriesKey, f64)> {
         if let Some(v) = c.throttled_ratio {
             out.push((SeriesKey::new("container_cpu_throttled_ratio", labels()), v));
         }
+    }
+    let cgroup_of = |id: u64| {
+        s.cgroup_ids
+            .get(&id)
+            .map(|i| vec![("cgroup".to_string(), i.cgroup.clone())])
+    };
+    for (name, labels, v) in s.ebpf.series(&cgroup_of) {
+        out.push((SeriesKey::new(&name, labels), v));
     }
     out
 }
@@ -402,6 +489,39 @@ pub fn restore_history(dir: &StateDir, history: &mut History) {
     }
 }
 
+/// Builds the forecasters (when enabled) and restores their saved state.
+pub fn restore_forecasts(config: &Config, dir: &StateDir) -> Option<Forecasts> {
+    if !config.forecast.enabled {
+        return None;
+    }
+    let mut f = match Forecasts::new(&config.forecast, config.sample_interval_s) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "forecasting disabled: bad [forecast] settings");
+            return None;
+        }
+    };
+    match dir.load(state::FORECASTS) {
+        Ok(None) => {}
+        Ok(Some(bytes)) => match f.restore(&bytes) {
+            Ok(n) => tracing::info!(series = n, "restored forecasters"),
+            Err(e) => {
+                let err = dir.move_aside(state::FORECASTS, e);
+                tracing::warn!(error = %err, "saved forecasters unusable; forecasts start fresh");
+            }
+        },
+        Err(e) => tracing::warn!(error = %e, "forecasts start fresh"),
+    }
+    Some(f)
+}
+
+pub fn save_forecasts(dir: &StateDir, forecasts: &Forecasts) {
+    let bytes = forecasts.encode();
+    if let Err(e) = dir.save(state::FORECASTS, &bytes) {
+        tracing::warn!(error = %e, "cannot save forecasters; will retry at the next save");
+    }
+}
+
 pub fn save_history(dir: &StateDir, shared: &Shared) {
     let bytes = match shared.history.lock() {
         Ok(h) => h.encode(),
@@ -419,6 +539,7 @@ pub fn sampling_loop(
     shared: &Shared,
     dir: &StateDir,
     mut samplers: Samplers,
+    mut forecasts: Option<Forecasts>,
     mut policy: crate::act::driver::Driver,
     stop: std::sync::mpsc::Receiver<()>,
 ) {
@@ -430,16 +551,26 @@ pub fn sampling_loop(
     loop {
         let cpu0 = thread_cpu_seconds();
         let t0 = Instant::now();
-        let snapshot = samplers.sample(shared);
+        let mut snapshot = samplers.sample(shared);
         let points = history_points(&snapshot);
+        if let Some(f) = forecasts.as_mut() {
+            snapshot.forecasts = f.observe(&points);
+        }
         let t_ms = unix_ms(snapshot.at);
         if let Ok(mut h) = shared.history.lock() {
             for (k, v) in &points {
                 h.record(k, t_ms, *v);
             }
+            for row in &snapshot.forecasts {
+                let key = SeriesKey {
+                    name: forecast::upper_series_name(&row.key.name),
+                    labels: row.key.labels.clone(),
+                };
+                h.record(&key, t_ms, row.upper);
+            }
             h.drop_stale(t_ms, stale_ms);
         }
-        policy.tick(&snapshot, samplers.cgroups(), None, &shared.decisions);
+        policy.tick(&snapshot, samplers.cgroups(), &shared.decisions);
         shared.publish(snapshot);
         let wall = t0.elapsed().as_secs_f64();
         let cpu = thread_cpu_seconds() - cpu0;
@@ -458,6 +589,9 @@ pub fn sampling_loop(
         }
         if last_save.elapsed() >= save_every {
             save_history(dir, shared);
+            if let Some(f) = &forecasts {
+                save_forecasts(dir, f);
+            }
             last_save = Instant::now();
         }
         next += interval;
@@ -470,6 +604,10 @@ pub fn sampling_loop(
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             _ => {
                 policy.restore();
+                save_history(dir, shared);
+                if let Some(f) = &forecasts {
+                    save_forecasts(dir, f);
+                }
                 return;
             }
         }
@@ -560,7 +698,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     config.sample_interval_s,
                     actuator,
                 );
-                sampling_loop(&config, &shared, &dir, samplers, policy, stop_rx);
+                let forecasts = restore_forecasts(&config, &dir);
+                sampling_loop(&config, &shared, &dir, samplers, forecasts, policy, stop_rx);
             })?
     };
 
@@ -568,9 +707,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(signal, "shutting down");
     let _ = stop_tx.send(());
     if sampler.join().is_err() {
-        tracing::error!("sampling thread panicked");
+        tracing::error!("sampling thread panicked; saving history only");
+        save_history(&dir, &shared);
     }
-    save_history(&dir, &shared);
     let _ = shutdown_tx.send(true);
     runtime.block_on(async {
         let _ = tokio::time::timeout(Duration::from_millis(500), server).await;

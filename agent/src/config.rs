@@ -47,6 +47,7 @@ pub struct Config {
     pub gpu: GpuConfig,
     pub ebpf: EbpfConfig,
     pub policy: PolicyConfig,
+    pub forecast: ForecastSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +97,22 @@ pub struct GpuConfig {
     pub enabled: bool,
     /// Path to `libnvidia-ml.so.1`; empty means the system's default search path.
     pub nvml_library: Option<PathBuf>,
+    /// Seconds a critical XID error keeps a GPU marked unhealthy after the last one.
+    pub xid_unhealthy_hold_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForecastSettings {
+    pub enabled: bool,
+    /// Seconds a scale-up takes: forecasts cover demand this far ahead.
+    pub lead_time_s: f64,
+    /// Accepted share of steps with demand above the forecast upper bound.
+    pub target_violation: f64,
+    /// Upper bound on series with a forecaster (each holds at most 64 KiB of state).
+    pub max_series: usize,
+    /// History series that get a forecaster.
+    pub series: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -224,6 +241,7 @@ impl Default for Config {
             gpu: GpuConfig::default(),
             ebpf: EbpfConfig::default(),
             policy: PolicyConfig::default(),
+            forecast: ForecastSettings::default(),
         }
     }
 }
@@ -270,6 +288,30 @@ impl Default for GpuConfig {
         GpuConfig {
             enabled: true,
             nvml_library: None,
+            xid_unhealthy_hold_s: 300.0,
+        }
+    }
+}
+
+impl Default for ForecastSettings {
+    fn default() -> Self {
+        ForecastSettings {
+            enabled: true,
+            lead_time_s: 60.0,
+            target_violation: 0.05,
+            max_series: 2000,
+            series: [
+                "node_cpu_usage_cores",
+                "node_memory_used_bytes",
+                "container_cpu_usage_cores",
+                "container_memory_working_set_bytes",
+                "gpu_utilization_ratio",
+                "gpu_memory_used_bytes",
+                "container_gpu_utilization_ratio",
+                "container_gpu_memory_used_bytes",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -413,6 +455,25 @@ impl Config {
                     ),
                 );
             }
+        }
+        let f = &self.forecast;
+        if !(f.lead_time_s.is_finite() && f.lead_time_s > 0.0) {
+            return invalid(
+                "forecast.lead_time_s",
+                &format!("{} must be a positive number of seconds", f.lead_time_s),
+            );
+        }
+        if f.lead_time_s / self.sample_interval_s > 1024.0 {
+            return invalid(
+                "forecast.lead_time_s",
+                &format!("{} s is more than 1024 sample intervals", f.lead_time_s),
+            );
+        }
+        if !(f.target_violation > 0.0 && f.target_violation <= 0.5) {
+            return invalid(
+                "forecast.target_violation",
+                &format!("{} is outside (0, 0.5]", f.target_violation),
+            );
         }
         if self.state_dir.as_os_str().is_empty() {
             return invalid("state_dir", "must not be empty");

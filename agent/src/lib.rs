@@ -9,7 +9,9 @@
 
 pub mod act;
 pub mod agent;
+pub mod backtest;
 pub mod config;
+pub mod forecast;
 pub mod history;
 pub mod policy;
 pub mod report;

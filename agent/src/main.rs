@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the node agent: sample the node, its containers and GPUs; serve /metrics and /v1/status.
     Agent(AgentArgs),
+    /// Replay a recorded series through the forecasters and emit their capacities.
+    Backtest(headroom::backtest::BacktestArgs),
 }
 
 #[derive(Args)]
@@ -108,6 +110,17 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Backtest(args) => match headroom::backtest::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("headroom: {e:#}");
+                if e.is::<headroom::backtest::InputError>() {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+        },
         Command::Agent(args) => {
             let config = match args.config() {
                 Ok(c) => c,

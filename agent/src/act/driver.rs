@@ -112,6 +112,56 @@ pub struct Driver {
     base: Params,
 }
 
+/// Signals of one pass, gathered once from the snapshot: the forecaster's upper bounds, request
+/// latency from eBPF and containers on a faulted GPU, keyed by cgroup path.
+#[derive(Default)]
+struct Signals<'a> {
+    upper: HashMap<(&'a str, Resource), f64>,
+    latency: HashMap<&'a str, f64>,
+    gpu_fault: std::collections::HashSet<&'a str>,
+}
+
+impl<'a> Signals<'a> {
+    fn gather(s: &'a Snapshot) -> Signals<'a> {
+        let mut g = Signals::default();
+        for row in &s.forecasts {
+            let r = match row.key.name.as_str() {
+                "container_cpu_usage_cores" => Resource::Cpu,
+                "container_memory_working_set_bytes" => Resource::Memory,
+                _ => continue,
+            };
+            if let Some(c) = row.key.label("cgroup")
+                && row.upper.is_finite()
+            {
+                g.upper.insert((c, r), row.upper);
+            }
+        }
+        for row in &s.ebpf.requests {
+            if let (Some(id), Some(p99)) = (
+                s.cgroup_ids.get(&row.cgroup_id),
+                row.window.as_ref().and_then(|w| w.p99_seconds),
+            ) {
+                let e = g.latency.entry(id.cgroup.as_str()).or_insert(p99);
+                *e = e.max(p99);
+            }
+        }
+        for p in &s.gpu.processes {
+            if let (Some(c), Some(gpu)) = (p.cgroup.as_deref(), s.gpu.gpus.get(p.gpu))
+                && !gpu.health.healthy
+            {
+                g.gpu_fault.insert(c);
+            }
+        }
+        g
+    }
+}
+
+impl DemandForecast for Signals<'_> {
+    fn upper(&self, c: &str, r: Resource) -> Option<f64> {
+        self.upper.get(&(c, r)).copied()
+    }
+}
+
 /// A forecast source tried first, with the built-in one as fallback.
 struct Chain<'a>(Option<&'a dyn DemandForecast>, &'a WindowForecast);
 
@@ -255,15 +305,17 @@ impl Driver {
         })
     }
 
-    /// One pass. `external` is a forecaster wired in by the agent (tried before the built-in
-    /// window forecast).
+    /// One pass. The agent's forecaster (its upper bounds in `snapshot.forecasts`) is asked
+    /// first; the built-in window forecast covers series it does not forecast.
     pub fn tick(
         &mut self,
         snapshot: &Snapshot,
         cgroups: Option<&CgroupSampler>,
-        external: Option<&dyn DemandForecast>,
         log: &DecisionLog,
     ) {
+        let signals = Signals::gather(snapshot);
+        let external: Option<&dyn DemandForecast> =
+            (!signals.upper.is_empty()).then_some(&signals as &dyn DemandForecast);
         let now = self.t0.elapsed().as_secs_f64();
         let (node_cpus, node_mem) = snapshot
             .node
@@ -298,8 +350,8 @@ impl Driver {
                     .find(|(r, _)| *r == "memory")
                     .map(|(_, v)| *v),
                 oom_kills: c.stats.oom_kills,
-                latency_seconds: None,
-                gpu_fault: false,
+                latency_seconds: signals.latency.get(key).copied(),
+                gpu_fault: signals.gpu_fault.contains(key),
             };
             if let Some(u) = obs.cpu_usage {
                 self.forecast.observe(key, Resource::Cpu, u);
