@@ -3,7 +3,7 @@
 //! side. Usage: `policy-sim [--points N] [--peak CORES] [--step-s S] TRACE.csv...`
 //! (`timestamp_s,value` files; each is scaled so its range maps onto 0.1..=peak cores).
 
-use headroom::policy::sim::{SimConfig, SimPolicy, replay, scale};
+use headroom::policy::sim::{SimConfig, SimForecast, SimPolicy, replay, scale};
 use headroom::policy::{Envelope, Strategy};
 
 fn main() {
@@ -27,19 +27,20 @@ fn main() {
         fail("give at least one trace file");
     }
     println!(
-        "{:<44} {:>6} | {:>9} {:>8} | {:>9} {:>8} | {:>9} {:>8}",
-        "trace (first N points, scaled 0.1..peak)",
-        "demand",
-        "static",
-        "quota",
-        "reactive",
-        "quota",
-        "predict",
-        "quota"
+        "Throttled-time equivalent (core-seconds of demand above the quota) and mean quota (cores)"
     );
     println!(
-        "{:<44} {:>6} | {:>9} {:>8} | {:>9} {:>8} | {:>9} {:>8}",
-        "", "cores", "thr c·s", "cores", "thr c·s", "cores", "thr c·s", "cores"
+        "per policy; each trace's first {points} points scaled to 0.1..{peak} cores, {step_s} s per point."
+    );
+    println!(
+        "{:<48} {:>6} | {:>15} | {:>15} | {:>15} | {:>15} | {:>15}",
+        "trace",
+        "demand",
+        "static@peak",
+        "static@p90",
+        "reactive",
+        "predict(window)",
+        "predict(models)"
     );
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap_or_else(|e| fail(&format!("{f}: {e}")));
@@ -53,7 +54,7 @@ fn main() {
             fail(&format!("{f}: fewer than 10 values"));
         }
         let demand = scale(&raw, 0.1, peak);
-        let (s, b, c) = compare(&demand, peak, step_s);
+        let rows = compare(&demand, peak, step_s);
         let name = std::path::Path::new(f)
             .iter()
             .rev()
@@ -64,25 +65,26 @@ fn main() {
             .map(|p| p.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
             .join("/");
+        let cells: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{:>7.2} {:>7.3}", r.throttled_core_seconds, r.mean_quota))
+            .collect();
         println!(
-            "{:<44} {:>6.3} | {:>9.2} {:>8.3} | {:>9.2} {:>8.3} | {:>9.2} {:>8.3}",
+            "{:<48} {:>6.3} | {}",
             name,
-            s.mean_demand,
-            s.throttled_core_seconds,
-            s.mean_quota,
-            b.throttled_core_seconds,
-            b.mean_quota,
-            c.throttled_core_seconds,
-            c.mean_quota
+            rows[0].mean_demand,
+            cells.join(" | ")
         );
     }
 }
 
 type R = headroom::policy::sim::SimResult;
 
-/// The three policies of the acceptance scenario: static at the 90th percentile of demand,
-/// the reactive rule, the predictive policy; both dynamic ones start at the static quota.
-fn compare(demand: &[f64], peak: f64, step_s: f64) -> (R, R, R) {
+/// The policies of the acceptance scenario side by side: a static quota at the peak and at
+/// the 90th percentile of demand, the reactive rule, and the predictive policy fed by the
+/// built-in window forecast and by the models crate's forecaster. The dynamic ones start at
+/// the 90th percentile.
+fn compare(demand: &[f64], peak: f64, step_s: f64) -> Vec<R> {
     let mut sorted = demand.to_vec();
     sorted.sort_by(f64::total_cmp);
     let p90 = sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)];
@@ -96,16 +98,25 @@ fn compare(demand: &[f64], peak: f64, step_s: f64) -> (R, R, R) {
         window: 60,
         lead_steps: 5.0,
         writes_per_s: 10.0,
+        forecast: SimForecast::Window,
     };
     let reactive =
         headroom::policy::sim::acceptance_params(&[Strategy::Rule, Strategy::Event], step_s);
     let predictive =
         headroom::policy::sim::acceptance_params(&[Strategy::Predictive, Strategy::Event], step_s);
-    (
+    let models = SimConfig {
+        forecast: SimForecast::Models {
+            target_violation: 0.05,
+        },
+        ..cfg.clone()
+    };
+    vec![
+        replay(demand, &SimPolicy::Static(peak), &cfg),
         replay(demand, &SimPolicy::Static(p90), &cfg),
         replay(demand, &SimPolicy::Engine(reactive), &cfg),
-        replay(demand, &SimPolicy::Engine(predictive), &cfg),
-    )
+        replay(demand, &SimPolicy::Engine(predictive.clone()), &cfg),
+        replay(demand, &SimPolicy::Engine(predictive), &models),
+    ]
 }
 
 fn fail(msg: &str) -> ! {

@@ -3,7 +3,45 @@
 //! throttled-time equivalent), and the policy sees what a real agent would (censored usage,
 //! throttled ratio, its own quota). Pure: the caller supplies the trace.
 
-use super::{Bounds, Engine, Envelope, Observation, Params, Resource, Strategy, WindowForecast};
+use headroom_models::{ForecastConfig, Forecaster, SeriesForecaster};
+
+use super::{
+    Bounds, DemandForecast, Engine, Envelope, Observation, Params, Resource, Strategy,
+    WindowForecast,
+};
+
+/// Which forecaster feeds the predictive strategy in a replay.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SimForecast {
+    /// The policy's built-in window forecast.
+    Window,
+    /// The models crate's per-series forecaster (the one the agent runs), at this accepted
+    /// violation rate.
+    Models { target_violation: f64 },
+}
+
+enum Source {
+    Window(WindowForecast),
+    Models(Box<SeriesForecaster>),
+}
+
+impl Source {
+    fn observe(&mut self, v: f64) {
+        match self {
+            Source::Window(w) => w.observe("c", Resource::Cpu, v),
+            Source::Models(m) => m.observe(v),
+        }
+    }
+}
+
+impl DemandForecast for Source {
+    fn upper(&self, c: &str, r: Resource) -> Option<f64> {
+        match self {
+            Source::Window(w) => w.upper(c, r),
+            Source::Models(m) => m.forecast().map(|f| f.upper),
+        }
+    }
+}
 
 /// Which policy a replay runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +61,7 @@ pub struct SimConfig {
     pub window: usize,
     pub lead_steps: f64,
     pub writes_per_s: f64,
+    pub forecast: SimForecast,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -43,7 +82,21 @@ pub fn replay(demand: &[f64], policy: &SimPolicy, cfg: &SimConfig) -> SimResult 
         SimPolicy::Engine(_) => cfg.initial_quota,
     };
     let mut engine = Engine::new(cfg.writes_per_s);
-    let mut fc = WindowForecast::new(cfg.window, cfg.lead_steps);
+    let mut fc = match cfg.forecast {
+        SimForecast::Window => Source::Window(WindowForecast::new(cfg.window, cfg.lead_steps)),
+        SimForecast::Models { target_violation } => {
+            let mc = ForecastConfig::new(
+                (cfg.lead_steps.round() as u32).max(1),
+                target_violation,
+                cfg.step_s,
+            );
+            match SeriesForecaster::new(mc) {
+                Ok(m) => Source::Models(Box::new(m)),
+                // An unusable setting leaves the window forecast in charge.
+                Err(_) => Source::Window(WindowForecast::new(cfg.window, cfg.lead_steps)),
+            }
+        }
+    };
     let mut r = SimResult {
         throttled_core_seconds: 0.0,
         throttled_steps: 0,
@@ -65,7 +118,7 @@ pub fn replay(demand: &[f64], policy: &SimPolicy, cfg: &SimConfig) -> SimResult 
             if params.strategies.contains(&Strategy::Predictive)
                 && let Some(u) = obs.cpu_usage
             {
-                fc.observe("c", Resource::Cpu, u);
+                fc.observe(u);
             }
             for mut dec in engine.evaluate(
                 "c",
@@ -161,6 +214,7 @@ mod tests {
             window: 20,
             lead_steps: 5.0,
             writes_per_s: 10.0,
+            forecast: SimForecast::Window,
         };
         let s = replay(&demand, &SimPolicy::Static(peak), &cfg);
         assert_eq!(s.throttled_steps, 0);
