@@ -94,6 +94,8 @@ impl DecisionLog {
 #[derive(Debug, Clone)]
 struct Managed {
     mode: PolicyMode,
+    /// A Kubernetes container: a raise stopped at kubelet's limit becomes a resize hint.
+    kube: bool,
     params: Params,
     cpu: Envelope,
     memory: Envelope,
@@ -298,6 +300,7 @@ impl Driver {
         memory.floor = memory.floor.min(memory.ceiling);
         Some(Managed {
             mode: o.mode.unwrap_or(self.config.mode),
+            kube,
             params,
             cpu,
             memory,
@@ -412,6 +415,19 @@ impl Driver {
     }
 
     fn carry_out(&mut self, d: &mut Decision, m: &Managed, paths: Option<&ControllerPaths>) {
+        self.write(d, m, paths);
+        // The pod's request and limit are kubelet's: the agent does not fight for more through
+        // cgroups, it recommends an in-place resize instead.
+        if m.kube && d.to >= d.inputs.ceiling * (1.0 - 1e-9) && d.from.is_some_and(|f| d.to > f) {
+            let hint = "hint: at the pod's limit; recommend an in-place resize";
+            d.note = Some(match d.note.take() {
+                Some(n) => format!("{n}; {hint}"),
+                None => hint.to_string(),
+            });
+        }
+    }
+
+    fn write(&mut self, d: &mut Decision, m: &Managed, paths: Option<&ControllerPaths>) {
         if d.resource == Resource::Gpu {
             match (&self.mps, d.reason) {
                 (Some(mps), r)
