@@ -511,3 +511,109 @@ fn cpu_request_cores(paths: &ControllerPaths) -> Option<f64> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{CgroupConfig, KubernetesConfig};
+    use crate::sample::gpu::{GpuSnapshot, NvmlStatus};
+    use crate::state::StateDir;
+
+    /// A pure v2 tree with one configured cgroup `/job`: 0.5 core quota, throttled.
+    fn tree(root: &Path, usage_usec: u64, periods: u64, throttled: u64) {
+        let d = root.join("job");
+        fs::create_dir_all(&d).unwrap();
+        fs::write(root.join("cgroup.controllers"), "cpu memory\n").unwrap();
+        fs::write(
+            d.join("cpu.stat"),
+            format!("usage_usec {usage_usec}\nnr_periods {periods}\nnr_throttled {throttled}\nthrottled_usec 0\n"),
+        )
+        .unwrap();
+        if !d.join("cpu.max").exists() {
+            fs::write(d.join("cpu.max"), "50000 100000\n").unwrap();
+            fs::write(d.join("memory.high"), "max\n").unwrap();
+            fs::write(d.join("memory.max"), "max\n").unwrap();
+        }
+        fs::write(d.join("memory.current"), "104857600\n").unwrap();
+        fs::write(d.join("memory.stat"), "inactive_file 0\n").unwrap();
+        fs::write(d.join("memory.events"), "oom_kill 0\n").unwrap();
+    }
+
+    fn snapshot(containers: Vec<crate::sample::cgroup::ContainerSample>) -> Snapshot {
+        Snapshot {
+            at: SystemTime::now(),
+            node: None,
+            containers,
+            ebpf: Default::default(),
+            cgroup_ids: Default::default(),
+            gpu: GpuSnapshot {
+                at: SystemTime::now(),
+                status: NvmlStatus::Disabled,
+                gpus: Vec::new(),
+                processes: Vec::new(),
+                containers: Vec::new(),
+                events: Vec::new(),
+            },
+            forecasts: Vec::new(),
+        }
+    }
+
+    /// Two passes over a throttled container; returns cpu.max afterwards and the log.
+    fn run(mode: PolicyMode) -> (String, DecisionLog, tempfile::TempDir, Driver) {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("cg");
+        tree(&root, 1_000_000, 10, 0);
+        let cfg = CgroupConfig {
+            root: root.clone(),
+            include: vec!["/job".into()],
+            runtime_state_dirs: Vec::new(),
+            ..CgroupConfig::default()
+        };
+        let mut sampler = CgroupSampler::new(&cfg, &KubernetesConfig::default()).unwrap();
+        let policy = PolicyConfig {
+            mode,
+            manage: vec!["/job".into()],
+            ..PolicyConfig::default()
+        };
+        let act = Actuator::open(StateDir::open(&t.path().join("state")).unwrap()).unwrap();
+        let mut d = Driver::new(&policy, 1.0, Some(act));
+        let log = DecisionLog::default();
+        d.tick(&snapshot(sampler.sample()), Some(&sampler), &log);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // Every period since the first pass was throttled.
+        tree(&root, 1_025_000, 20, 10);
+        d.tick(&snapshot(sampler.sample()), Some(&sampler), &log);
+        let max = fs::read_to_string(root.join("job/cpu.max")).unwrap();
+        (max, log, t, d)
+    }
+
+    #[test]
+    fn enforce_writes_and_restores_observe_only_lists() {
+        let (max, log, t, mut d) = run(PolicyMode::Enforce);
+        assert_eq!(max, "75000 100000", "one 50 % step up");
+        let v = log.json(PolicyMode::Enforce, Some("/job"));
+        assert_eq!(v["decisions"][0]["applied"], true, "{v}");
+        assert_eq!(v["decisions"][0]["reason"], "rule_high", "{v}");
+        assert_eq!(v["managed_containers"], 1);
+        d.restore();
+        assert_eq!(
+            fs::read_to_string(t.path().join("cg/job/cpu.max")).unwrap(),
+            "50000 100000"
+        );
+
+        let (max, log, t, _) = run(PolicyMode::Observe);
+        assert_eq!(max, "50000 100000\n", "observe mode wrote cpu.max");
+        let v = log.json(PolicyMode::Observe, None);
+        assert_eq!(v["decisions"][0]["applied"], false, "{v}");
+        assert!((v["decisions"][0]["to"].as_f64().unwrap() - 0.75).abs() < 1e-9);
+        assert!(!t.path().join("state/originals.json").exists());
+        assert_eq!(
+            log.counts(),
+            vec![(("cpu", "rule_high", false), 1)],
+            "counted by resource, reason, applied"
+        );
+    }
+}
