@@ -375,14 +375,23 @@ fn predictive_throttles_less_than_reactive_at_no_more_quota_than_static() {
     // compressed to 250 ms per point (40 s). HEADROOM_POLICY_TRACE picks another shared trace.
     let rel = std::env::var("HEADROOM_POLICY_TRACE")
         .unwrap_or_else(|_| "azure_llm_2023/series_code_tokens_per_10s.csv".into());
-    let trace = [
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/traces"),
-        PathBuf::from("/work/shared/data/traces"),
-    ]
-    .into_iter()
-    .map(|d| d.join(&rel))
-    .find(|p| p.is_file())
-    .unwrap_or_else(|| panic!("shared trace {rel} not found"));
+    let dirs = [
+        std::env::var_os("HEADROOM_TRACES_DIR").map(PathBuf::from),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/traces")),
+        Some(PathBuf::from("/work/shared/data/traces")),
+    ];
+    let Some(trace) = dirs
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(&rel))
+        .find(|p| p.is_file())
+    else {
+        if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
+            panic!("{test}: shared trace {rel} not found (set HEADROOM_TRACES_DIR)");
+        }
+        eprintln!("SKIP {test}: shared trace {rel} not found (set HEADROOM_TRACES_DIR)");
+        return;
+    };
     let text = std::fs::read_to_string(&trace)
         .unwrap_or_else(|e| panic!("read trace {}: {e}", trace.display()));
     let raw: Vec<f64> = text
