@@ -143,7 +143,8 @@ pub struct PolicyConfig {
     pub kubernetes_namespaces: Vec<String>,
     /// `rule`, `predictive`, `event`, combined.
     pub strategies: Vec<crate::policy::Strategy>,
-    /// How far ahead capacity is decided (the forecast's lead time).
+    /// Lead time of the policy's built-in window forecast, used for series the agent's
+    /// forecaster (`[forecast]`, which has its own `lead_time_s`) does not cover.
     pub lead_time_s: f64,
     /// Samples in the built-in forecaster's window.
     pub forecast_window: usize,
