@@ -53,6 +53,9 @@ pub struct Shared {
     /// Milliseconds since `started` at the end of the newest sample, for liveness.
     pub last_sample_ms: AtomicU64,
     pub sample_interval: Duration,
+    /// Policy decisions, for `/v1/decisions` and `headroom_decisions_total`.
+    pub decisions: crate::act::driver::DecisionLog,
+    pub policy_mode: crate::config::PolicyMode,
 }
 
 impl Shared {
@@ -68,6 +71,8 @@ impl Shared {
             ready: AtomicBool::new(false),
             last_sample_ms: AtomicU64::new(0),
             sample_interval: Duration::from_secs_f64(config.sample_interval_s),
+            decisions: Default::default(),
+            policy_mode: config.policy.mode,
         }
     }
 
@@ -181,6 +186,24 @@ impl Shared {
             "Containers found by the newest sample.",
             [(none, containers as f64)],
         )?;
+        counters(
+            enc,
+            "headroom_decisions",
+            "Policy decisions, by resource, reason and whether they were written.",
+            self.decisions
+                .counts()
+                .into_iter()
+                .map(|((r, why, applied), n)| {
+                    (
+                        [
+                            ("resource", r),
+                            ("reason", why),
+                            ("applied", if applied { "true" } else { "false" }),
+                        ],
+                        n as f64,
+                    )
+                }),
+        )?;
         if let Some((rss, cpu)) = self_usage() {
             gauges(
                 enc,
@@ -245,8 +268,21 @@ pub struct Samplers {
 }
 
 impl Samplers {
+    pub fn cgroups(&self) -> Option<&CgroupSampler> {
+        self.cgroups.as_ref()
+    }
+}
+
+impl Samplers {
     pub fn new(config: &Config) -> Samplers {
-        let cgroups = match CgroupSampler::new(&config.cgroup, &config.kubernetes) {
+        // A cgroup the policy manages must be sampled to be right-sized.
+        let mut cgroup = config.cgroup.clone();
+        for g in &config.policy.manage {
+            if !cgroup.include.contains(g) {
+                cgroup.include.push(g.clone());
+            }
+        }
+        let cgroups = match CgroupSampler::new(&cgroup, &config.kubernetes) {
             Ok(c) => {
                 tracing::info!(
                     mode = ?c.hierarchy().mode,
@@ -496,8 +532,7 @@ pub fn restore_forecasts(config: &Config, dir: &StateDir) -> Option<Forecasts> {
 }
 
 pub fn save_forecasts(dir: &StateDir, forecasts: &Forecasts) {
-    let bytes = forecasts.encode();
-    if let Err(e) = dir.save(state::FORECASTS, &bytes) {
+    if let Err(e) = dir.save_with(state::FORECASTS, |w| forecasts.write_state(w)) {
         tracing::warn!(error = %e, "cannot save forecasters; will retry at the next save");
     }
 }
@@ -520,6 +555,7 @@ pub fn sampling_loop(
     dir: &StateDir,
     mut samplers: Samplers,
     mut forecasts: Option<Forecasts>,
+    mut policy: crate::act::driver::Driver,
     stop: std::sync::mpsc::Receiver<()>,
 ) {
     let interval = Duration::from_secs_f64(config.sample_interval_s);
@@ -551,6 +587,7 @@ pub fn sampling_loop(
             }
             h.drop_stale(t_ms, stale_ms);
         }
+        policy.tick(&snapshot, samplers.cgroups(), &shared.decisions);
         shared.publish(snapshot);
         let wall = t0.elapsed().as_secs_f64();
         let cpu = thread_cpu_seconds() - cpu0;
@@ -585,6 +622,7 @@ pub fn sampling_loop(
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             _ => {
                 notifier.stopping();
+                policy.restore();
                 save_history(dir, shared);
                 if let Some(f) = &forecasts {
                     save_forecasts(dir, f);
@@ -604,6 +642,31 @@ fn hostname(config: &Config) -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// `headroom agent --restore`: puts back every cgroup value a previous run changed, then exits.
+pub fn restore_only(config: &Config) -> anyhow::Result<()> {
+    let dir = StateDir::open(&config.state_dir)?;
+    let mut a = crate::act::Actuator::open(dir)?;
+    let pending = a.changed().count();
+    let (n, errors) = a.restore_all();
+    for e in &errors {
+        tracing::error!(error = %e, "cannot restore an original value");
+    }
+    tracing::info!(
+        pending,
+        restored = n,
+        failed = errors.len(),
+        "restore finished"
+    );
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(
+            "{} value(s) could not be restored",
+            errors.len()
+        ))
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: Config) -> anyhow::Result<()> {
     let dir = StateDir::open(&config.state_dir)?;
@@ -614,6 +677,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         config.coarse_capacity(),
     );
     restore_history(&dir, &mut history);
+    // Values a crashed run changed go back before anything else happens.
+    let actuator = match crate::act::Actuator::open(dir.clone()) {
+        Ok(mut a) => {
+            crate::act::driver::restore_logged(&mut a);
+            Some(a)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use the record of original cgroup values; enforce mode will write nothing");
+            None
+        }
+    };
     let shared = Arc::new(Shared::new(&config, history, hostname(&config)));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -639,8 +713,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .name("headroom-sample".into())
             .spawn(move || {
                 let samplers = Samplers::new(&config);
+                let policy = crate::act::driver::Driver::new(
+                    &config.policy,
+                    config.sample_interval_s,
+                    actuator,
+                );
                 let forecasts = restore_forecasts(&config, &dir);
-                sampling_loop(&config, &shared, &dir, samplers, forecasts, stop_rx);
+                sampling_loop(&config, &shared, &dir, samplers, forecasts, policy, stop_rx);
             })?
     };
 

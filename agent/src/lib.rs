@@ -7,6 +7,7 @@
 //!
 //! Nothing in this crate writes a cgroup file it was not told to manage.
 
+pub mod act;
 pub mod agent;
 pub mod backtest;
 pub mod caps;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod forecast;
 pub mod history;
 pub mod notify;
+pub mod policy;
 pub mod report;
 pub mod sample;
 pub mod serve;

@@ -53,6 +53,15 @@ struct AgentArgs {
     /// Treat cgroups matching this glob (relative to the hierarchy root) as containers; repeatable.
     #[arg(long = "include-cgroup", value_name = "GLOB")]
     include_cgroup: Vec<String>,
+    /// observe: decide and report only; enforce: write decisions to managed cgroups.
+    #[arg(long, env = "HEADROOM_MODE", value_enum)]
+    mode: Option<headroom::config::PolicyMode>,
+    /// Cgroups (glob relative to the hierarchy root) the policy may change; repeatable.
+    #[arg(long = "manage", value_name = "GLOB")]
+    manage: Vec<String>,
+    /// Put back every cgroup value a previous run changed, then exit without running.
+    #[arg(long)]
+    restore: bool,
     /// Print the effective configuration, with every default, and exit.
     #[arg(long)]
     print_config: bool,
@@ -83,6 +92,10 @@ impl AgentArgs {
             c.hostname = v.clone();
         }
         c.cgroup.include.extend(self.include_cgroup.iter().cloned());
+        if let Some(m) = self.mode {
+            c.policy.mode = m;
+        }
+        c.policy.manage.extend(self.manage.iter().cloned());
         c.validate()?;
         Ok(c)
     }
@@ -138,6 +151,15 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             init_logging(config.log_format);
+            if args.restore {
+                return match headroom::agent::restore_only(&config) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!("{e:#}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
             match headroom::agent::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

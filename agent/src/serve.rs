@@ -1,5 +1,6 @@
 //! The agent's HTTP server (hyper, HTTP/1.1): the status page at `/`, `/metrics`, `/healthz`,
-//! `/readyz`, `/v1/status`, `/v1/history`. Handlers only read shared state; none of them samples or blocks on I/O.
+//! `/readyz`, `/v1/status`, `/v1/history`, `/v1/decisions`. Handlers only read shared state; none
+//! of them samples or blocks on I/O.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -66,6 +67,20 @@ impl Routes {
             }
             "/v1/status" => json(StatusCode::OK, &self.shared.status()),
             "/v1/history" => self.history(req.uri().query().unwrap_or("")),
+            "/v1/decisions" => {
+                let container = req.uri().query().and_then(|q| {
+                    q.split('&')
+                        .find_map(|p| p.strip_prefix("container="))
+                        .map(percent_decode)
+                });
+                json(
+                    StatusCode::OK,
+                    &self
+                        .shared
+                        .decisions
+                        .json(self.shared.policy_mode, container.as_deref()),
+                )
+            }
             _ => json(
                 StatusCode::NOT_FOUND,
                 &serde_json::json!({"error": format!("no such endpoint: {path}")}),
@@ -99,7 +114,9 @@ impl Routes {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let marks: Vec<crate::report::page::Mark> = Vec::new();
+        let marks = crate::report::page::marks_from_decisions(
+            &self.shared.decisions.json(self.shared.policy_mode, None),
+        );
         let Ok(history) = self.shared.history.lock() else {
             return text(StatusCode::INTERNAL_SERVER_ERROR, "history unavailable\n");
         };

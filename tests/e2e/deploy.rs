@@ -433,9 +433,23 @@ fn status_page_plots_real_containers_in_chromium() {
         &format!("/headroom-test-{}-page-*", std::process::id()),
         "--sample-interval",
         "0.25",
+        // The policy watches the throttled burner and decides, writing nothing (observe).
+        "--mode",
+        "observe",
+        "--manage",
+        &busy.rel,
     ]);
     // Twenty-odd samples: enough for lines, short enough for CI.
     std::thread::sleep(Duration::from_secs(6));
+    let decided = wait_for(Duration::from_secs(30), || {
+        let v = agent.json(&format!("/v1/decisions?container={}", busy.rel));
+        (!v["decisions"].as_array()?.is_empty()).then_some(())
+    });
+    assert!(
+        decided.is_some(),
+        "the policy made no decision about the throttled burner: {}",
+        agent.log_text()
+    );
 
     let profile = tempfile::tempdir().expect("chromium profile");
     let url = format!("http://127.0.0.1:{}/", agent.port);
@@ -486,6 +500,11 @@ fn status_page_plots_real_containers_in_chromium() {
         busy_html.contains("GPU memory on GPU 1"),
         "per-GPU container panel"
     );
+    // The policy's decision about the burner is marked on its timeline, with its reason.
+    assert!(
+        busy_html.contains("class=\"decision\"") && busy_html.contains("(not applied"),
+        "decision mark on the burner's plot"
+    );
     // The quota is a history series: drawn as a line over time, not only as today's value.
     assert!(
         busy_html.contains("class=\"capacity\" data-points="),
@@ -528,7 +547,6 @@ fn status_page_plots_real_containers_in_chromium() {
 /// aggregator); once a part lands its names are found in the code, and the test
 /// fails until they are removed from here, so this list only shrinks.
 const PENDING: &[&str] = &[
-    "headroom_decisions",
     "headroom_workload_desired_replicas",
     "headroom_workload_current_replicas",
     "headroom_workload_demand",
