@@ -35,8 +35,12 @@ fn stop(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
-fn glob() -> String {
-    format!("/headroom-test-{}-*", std::process::id())
+/// The tests here measure throttling and write cgroups; running them one at a time keeps one
+/// test's burners from skewing another's figures.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Writes an agent config file and returns its path (kept alive by the TempDir).
@@ -85,6 +89,7 @@ const WATCHED: [(&str, &str); 4] = [
 
 #[test]
 fn observe_mode_writes_nothing_and_lists_what_enforce_would_do() {
+    let _serial = serial();
     let test = "observe_mode_writes_nothing_and_lists_what_enforce_would_do";
     if !v1_available(test) {
         return;
@@ -103,7 +108,7 @@ fn observe_mode_writes_nothing_and_lists_what_enforce_would_do() {
         tmp.path(),
         "sample_interval_s = 0.25\n[policy]\ncooldown_s = 1.0\nscale_in_window_s = 2.0\n",
     );
-    let agent = Agent::start(&["--config", &cfg.display().to_string(), "--manage", &glob()]);
+    let agent = Agent::start(&["--config", &cfg.display().to_string(), "--manage", &cg.rel]);
     let cpu = wait_for(Duration::from_secs(20), || {
         decisions(&agent).into_iter().find(|d| {
             d["container"] == cg.rel.as_str()
@@ -148,6 +153,7 @@ fn observe_mode_writes_nothing_and_lists_what_enforce_would_do() {
 
 #[test]
 fn memory_high_is_raised_before_the_oom_killer_and_scale_in_waits() {
+    let _serial = serial();
     let test = "memory_high_is_raised_before_the_oom_killer_and_scale_in_waits";
     if !v1_available(test) {
         return;
@@ -175,7 +181,14 @@ fn memory_high_is_raised_before_the_oom_killer_and_scale_in_waits() {
          cooldown_s = 0.5\nscale_in_window_s = 6.0\nstrategies = [\"rule\", \"predictive\", \"event\"]\n\
          lead_time_s = 2.0\nforecast_window = 12\n[forecast]\nlead_time_s = 2.0\n",
     );
-    let agent = Agent::start(&["--config", &cfg.display().to_string(), "--manage", &glob()]);
+    let agent = Agent::start(&[
+        "--config",
+        &cfg.display().to_string(),
+        "--manage",
+        &mem.rel,
+        "--manage",
+        &cpu.rel,
+    ]);
     let w = workload_binary();
     let t_start = Instant::now();
     let mut grower = mem.spawn(&w, &["alloc-grow", "4", "100", "320"]);
@@ -249,6 +262,7 @@ fn memory_high_is_raised_before_the_oom_killer_and_scale_in_waits() {
 
 #[test]
 fn originals_come_back_on_sigterm_after_kill_9_and_with_restore() {
+    let _serial = serial();
     let test = "originals_come_back_on_sigterm_after_kill_9_and_with_restore";
     if !v1_available(test) {
         return;
@@ -270,7 +284,7 @@ fn originals_come_back_on_sigterm_after_kill_9_and_with_restore() {
         "sample_interval_s = 0.25\n[policy]\nmode = \"enforce\"\ncooldown_s = 0.5\n",
     );
     let cfg = cfg.display().to_string();
-    let args = ["--config", cfg.as_str(), "--manage", &glob()];
+    let args = ["--config", cfg.as_str(), "--manage", &cg.rel];
     let originals = || {
         (
             read(&cg, "cpu", "cpu.cfs_quota_us"),
@@ -304,7 +318,7 @@ fn originals_come_back_on_sigterm_after_kill_9_and_with_restore() {
         "--config",
         cfg.as_str(),
         "--manage",
-        &glob(),
+        &cg.rel,
         "--mode",
         "observe",
     ];
@@ -366,6 +380,7 @@ fn run_shape(cg: &TestCgroup, shape: &Path, step_ms: u64) -> (f64, f64) {
 
 #[test]
 fn predictive_throttles_less_than_reactive_at_no_more_quota_than_static() {
+    let _serial = serial();
     let test = "predictive_throttles_less_than_reactive_at_no_more_quota_than_static";
     if !v1_available(test) {
         return;
