@@ -8,6 +8,8 @@
 //! so it never writes to disk, never needs a shared store between replicas, and a restart loses
 //! nothing the next interval does not bring back.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod client;
 pub mod http;
 pub mod keda;
@@ -242,25 +244,44 @@ impl Aggregator {
             self.http.clone(),
             wait(stop_rx.clone()),
         ));
-        // tonic ignores its nodelay setting for a caller-provided listener; without it small
-        // unary replies can wait on Nagle's algorithm.
-        let incoming = tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(self.grpc_listener),
-            |s| {
-                if let Ok(s) = &s {
-                    let _ = s.set_nodelay(true);
-                }
-                s
-            },
-        );
-        let grpc = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .serve_with_incoming_shutdown(
-                keda::Scaler::new(self.shared.clone()).into_service(),
-                incoming,
-                wait(stop_rx.clone()),
-            );
-        let grpc_task = tokio::spawn(grpc);
+        // The scaler gets its own thread and runtime: KEDA's few calls must not queue behind a
+        // flood of hint posts on the ingest runtime (the OS wakes a mostly idle thread promptly).
+        let grpc_std = self.grpc_listener.into_std()?;
+        let grpc_shared = self.shared.clone();
+        let grpc_stop = wait(stop_rx.clone());
+        let grpc_task = std::thread::Builder::new()
+            .name("headroom-grpc".into())
+            .spawn(move || -> anyhow::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| anyhow::anyhow!("gRPC runtime: {e}"))?;
+                rt.block_on(async move {
+                    let listener = TcpListener::from_std(grpc_std)
+                        .map_err(|e| anyhow::anyhow!("gRPC listener on {grpc_addr}: {e}"))?;
+                    // tonic ignores its nodelay setting for a caller-provided listener; without
+                    // it small unary replies can wait on Nagle's algorithm.
+                    let incoming = tokio_stream::StreamExt::map(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        |s| {
+                            if let Ok(s) = &s {
+                                let _ = s.set_nodelay(true);
+                            }
+                            s
+                        },
+                    );
+                    tonic::transport::Server::builder()
+                        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                        .serve_with_incoming_shutdown(
+                            keda::Scaler::new(grpc_shared).into_service(),
+                            incoming,
+                            grpc_stop,
+                        )
+                        .await
+                        .map_err(|e| anyhow::anyhow!("gRPC server on {grpc_addr}: {e}"))
+                })
+            })
+            .map_err(|e| anyhow::anyhow!("cannot start the gRPC thread: {e}"))?;
         self.shared.set_ready();
         tracing::info!(%http_addr, %grpc_addr, "aggregator serving");
         shutdown.await;
@@ -268,10 +289,13 @@ impl Aggregator {
         let _ = stop_tx.send(true);
         let _ = sweeper.await;
         let _ = http_task.await;
-        match grpc_task.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(anyhow::anyhow!("gRPC server on {grpc_addr}: {e}")),
-            Err(e) => Err(anyhow::anyhow!("gRPC server task on {grpc_addr}: {e}")),
+        let joined = tokio::task::spawn_blocking(move || grpc_task.join()).await;
+        match joined {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(anyhow::anyhow!("gRPC thread on {grpc_addr} panicked")),
+            Err(e) => Err(anyhow::anyhow!(
+                "joining the gRPC thread on {grpc_addr}: {e}"
+            )),
         }
     }
 }

@@ -122,74 +122,81 @@ pub fn desired_replicas(
     }
 }
 
-/// Merges the hints of every node for one workload. `hints` yields `(node, hint)`.
-pub fn merge_workload<'a>(
+/// Running sums of one resource of one workload. Hints are added when a node reports them and
+/// subtracted when the node's next batch replaces them, so reading a view costs O(resources)
+/// however many nodes report the workload.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sums {
+    replicas: i64,
+    capacity: f64,
+    usage: f64,
+    demand: f64,
+    headroom: f64,
+    desired_capacity: f64,
+    delta: f64,
+    conf_weighted: f64,
+    conf_plain: f64,
+    n: i64,
+}
+
+impl Sums {
+    /// Adds (`sign` = 1.0) or removes (`sign` = -1.0) one hint; `q` is the risk quantile.
+    fn add(&mut self, h: &Hint, q: f64, sign: f64) {
+        let s = sign as i64;
+        self.replicas += s * i64::from(h.replicas);
+        self.capacity += sign * h.capacity;
+        self.usage += sign * h.usage;
+        self.demand += sign * quantile_at(&h.forecast.quantiles, q);
+        self.headroom += sign * h.local_headroom;
+        self.desired_capacity += sign * h.desired_capacity;
+        self.delta += sign * h.replica_delta;
+        self.conf_weighted += sign * h.confidence * h.capacity;
+        self.conf_plain += sign * h.confidence;
+        self.n += s;
+    }
+
+    fn view(&self, resource: Resource, policy: &MergePolicy) -> ResourceView {
+        // Subtraction can leave rounding dust; nothing summed here is negative in truth.
+        let pos = |v: f64| if v < 0.0 { 0.0 } else { v };
+        let capacity = pos(self.capacity);
+        let confidence = if capacity > 0.0 {
+            (self.conf_weighted / capacity).clamp(0.0, 1.0)
+        } else if self.n > 0 {
+            (self.conf_plain / self.n as f64).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let replicas = self.replicas.max(0) as u64;
+        let (headroom, demand) = (pos(self.headroom), pos(self.demand));
+        ResourceView {
+            resource,
+            unit: resource.unit(),
+            replicas,
+            capacity,
+            usage: pos(self.usage),
+            demand,
+            local_headroom: headroom,
+            desired_capacity: pos(self.desired_capacity),
+            node_replica_delta: self.delta,
+            confidence,
+            desired_replicas: desired_replicas(
+                replicas, capacity, headroom, demand, confidence, policy,
+            ),
+        }
+    }
+}
+
+fn build_view(
     workload: &WorkloadRef,
-    hints: impl IntoIterator<Item = (&'a str, &'a Hint)>,
+    nodes: usize,
+    sums: &BTreeMap<Resource, Sums>,
+    reasons: &HashMap<String, usize>,
     policy: &MergePolicy,
 ) -> WorkloadView {
-    #[derive(Default)]
-    struct Acc {
-        replicas: u64,
-        capacity: f64,
-        usage: f64,
-        demand: f64,
-        headroom: f64,
-        desired_capacity: f64,
-        delta: f64,
-        conf_weighted: f64,
-        conf_plain: f64,
-        n: u64,
-    }
-    let q = 1.0 - policy.risk;
-    let mut per: BTreeMap<Resource, Acc> = BTreeMap::new();
-    let mut nodes: Vec<&str> = Vec::new();
-    let mut reasons: HashMap<&str, usize> = HashMap::new();
-    for (node, h) in hints {
-        if nodes.last() != Some(&node) && !nodes.contains(&node) {
-            nodes.push(node);
-        }
-        let a = per.entry(h.resource).or_default();
-        a.replicas += u64::from(h.replicas);
-        a.capacity += h.capacity;
-        a.usage += h.usage;
-        a.demand += quantile_at(&h.forecast.quantiles, q);
-        a.headroom += h.local_headroom;
-        a.desired_capacity += h.desired_capacity;
-        a.delta += h.replica_delta;
-        a.conf_weighted += h.confidence * h.capacity;
-        a.conf_plain += h.confidence;
-        a.n += 1;
-        if !h.reason.is_empty() {
-            *reasons.entry(h.reason.as_str()).or_default() += 1;
-        }
-    }
-    let resources: Vec<ResourceView> = per
-        .into_iter()
-        .map(|(resource, a)| {
-            let confidence = if a.capacity > 0.0 {
-                a.conf_weighted / a.capacity
-            } else if a.n > 0 {
-                a.conf_plain / a.n as f64
-            } else {
-                0.0
-            };
-            ResourceView {
-                resource,
-                unit: resource.unit(),
-                replicas: a.replicas,
-                capacity: a.capacity,
-                usage: a.usage,
-                demand: a.demand,
-                local_headroom: a.headroom,
-                desired_capacity: a.desired_capacity,
-                node_replica_delta: a.delta,
-                confidence,
-                desired_replicas: desired_replicas(
-                    a.replicas, a.capacity, a.headroom, a.demand, confidence, policy,
-                ),
-            }
-        })
+    let resources: Vec<ResourceView> = sums
+        .iter()
+        .filter(|(_, s)| s.n > 0)
+        .map(|(r, s)| s.view(*r, policy))
         .collect();
     let current_replicas = resources.iter().map(|r| r.replicas).max().unwrap_or(0);
     let desired = resources
@@ -197,24 +204,41 @@ pub fn merge_workload<'a>(
         .map(|r| r.desired_replicas)
         .max()
         .unwrap_or(0);
-    let mut reasons: Vec<(&str, usize)> = reasons.into_iter().collect();
-    reasons.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut top: Vec<(&String, &usize)> = reasons.iter().filter(|(_, n)| **n > 0).collect();
+    top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     WorkloadView {
         id: workload.id(),
         namespace: workload.namespace.clone(),
         kind: workload.kind.clone(),
         name: workload.name.clone(),
-        nodes: nodes.len(),
+        nodes,
         current_replicas,
         desired_replicas: desired,
         active: desired > 0,
         resources,
-        reasons: reasons
-            .into_iter()
-            .take(5)
-            .map(|(r, _)| r.to_owned())
-            .collect(),
+        reasons: top.into_iter().take(5).map(|(r, _)| r.clone()).collect(),
     }
+}
+
+/// Merges the hints of every node for one workload from scratch. `hints` yields `(node, hint)`.
+/// The registry keeps the same sums incrementally; this is the reference it is tested against.
+pub fn merge_workload<'a>(
+    workload: &WorkloadRef,
+    hints: impl IntoIterator<Item = (&'a str, &'a Hint)>,
+    policy: &MergePolicy,
+) -> WorkloadView {
+    let q = 1.0 - policy.risk;
+    let mut sums: BTreeMap<Resource, Sums> = BTreeMap::new();
+    let mut nodes: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    let mut reasons: HashMap<String, usize> = HashMap::new();
+    for (node, h) in hints {
+        nodes.insert(node);
+        sums.entry(h.resource).or_default().add(h, q, 1.0);
+        if !h.reason.is_empty() {
+            *reasons.entry(h.reason.clone()).or_default() += 1;
+        }
+    }
+    build_view(workload, nodes.len(), &sums, &reasons, policy)
 }
 
 /// What happened to a batch offered to the registry.
@@ -255,19 +279,50 @@ struct WorkloadEntry {
     key: Option<WorkloadRef>,
     /// node -> that node's hints for this workload (one per resource).
     nodes: BTreeMap<String, Vec<Hint>>,
+    sums: BTreeMap<Resource, Sums>,
+    reasons: HashMap<String, usize>,
+    /// Updates since the sums were last recomputed from the hints.
+    updates: u32,
 }
 
-/// Soft state: the last batch of every live node, indexed by workload. `now` is any monotonic
-/// clock in seconds chosen by the caller.
-#[derive(Debug, Clone, Default)]
+/// Recomputing the running sums this often bounds floating-point drift from add/subtract cycles
+/// at an amortized cost of one hint per update.
+const RESYNC_EVERY: u32 = 4096;
+
+impl WorkloadEntry {
+    fn resync(&mut self, q: f64) {
+        self.sums.clear();
+        for h in self.nodes.values().flatten() {
+            self.sums.entry(h.resource).or_default().add(h, q, 1.0);
+        }
+        self.updates = 0;
+    }
+}
+
+/// Soft state: the last batch of every live node, indexed by workload, with running per-workload
+/// sums. `now` is any monotonic clock in seconds chosen by the caller.
+#[derive(Debug, Clone)]
 pub struct Registry {
+    policy: MergePolicy,
     nodes: HashMap<String, NodeEntry>,
     workloads: HashMap<String, WorkloadEntry>,
 }
 
 impl Registry {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(policy: MergePolicy) -> Self {
+        Registry {
+            policy,
+            nodes: HashMap::new(),
+            workloads: HashMap::new(),
+        }
+    }
+
+    pub fn policy(&self) -> &MergePolicy {
+        &self.policy
+    }
+
+    fn q(&self) -> f64 {
+        1.0 - self.policy.risk
     }
 
     /// Applies a validated batch unless it is a replay.
@@ -278,6 +333,7 @@ impl Registry {
             }
         }
         self.remove_node(&batch.node);
+        let q = self.q();
         let count = batch.hints.len();
         let mut ids: Vec<String> = Vec::new();
         for h in batch.hints {
@@ -286,7 +342,25 @@ impl Registry {
             if entry.key.is_none() {
                 entry.key = Some(h.workload.clone());
             }
-            entry.nodes.entry(batch.node.clone()).or_default().push(h);
+            entry.sums.entry(h.resource).or_default().add(&h, q, 1.0);
+            if !h.reason.is_empty() {
+                match entry.reasons.get_mut(&h.reason) {
+                    Some(n) => *n += 1,
+                    None => {
+                        entry.reasons.insert(h.reason.clone(), 1);
+                    }
+                }
+            }
+            entry.updates += 1;
+            if entry.updates >= RESYNC_EVERY {
+                entry.resync(q);
+            }
+            match entry.nodes.get_mut(&batch.node) {
+                Some(v) => v.push(h),
+                None => {
+                    entry.nodes.insert(batch.node.clone(), vec![h]);
+                }
+            }
             if !ids.contains(&id) {
                 ids.push(id);
             }
@@ -309,12 +383,30 @@ impl Registry {
         let Some(prev) = self.nodes.remove(node) else {
             return;
         };
+        let q = self.q();
         for id in prev.workloads {
-            if let Some(w) = self.workloads.get_mut(&id) {
-                w.nodes.remove(node);
-                if w.nodes.is_empty() {
-                    self.workloads.remove(&id);
+            let Some(w) = self.workloads.get_mut(&id) else {
+                continue;
+            };
+            if let Some(hints) = w.nodes.remove(node) {
+                for h in &hints {
+                    if let Some(s) = w.sums.get_mut(&h.resource) {
+                        s.add(h, q, -1.0);
+                        if s.n <= 0 {
+                            w.sums.remove(&h.resource);
+                        }
+                    }
+                    if let Some(n) = w.reasons.get_mut(&h.reason) {
+                        *n -= 1;
+                        if *n == 0 {
+                            w.reasons.remove(&h.reason);
+                        }
+                    }
                 }
+                w.updates += hints.len() as u32;
+            }
+            if w.nodes.is_empty() {
+                self.workloads.remove(&id);
             }
         }
     }
@@ -341,7 +433,21 @@ impl Registry {
         self.workloads.len()
     }
 
-    pub fn workload(&self, id: &str, policy: &MergePolicy) -> Option<WorkloadView> {
+    /// The merged view of one workload, O(resources + reasons) regardless of node count.
+    pub fn workload(&self, id: &str) -> Option<WorkloadView> {
+        let w = self.workloads.get(id)?;
+        let key = w.key.as_ref()?;
+        Some(build_view(
+            key,
+            w.nodes.len(),
+            &w.sums,
+            &w.reasons,
+            &self.policy,
+        ))
+    }
+
+    /// The same view recomputed from every stored hint; for checking the running sums.
+    pub fn workload_from_scratch(&self, id: &str) -> Option<WorkloadView> {
         let w = self.workloads.get(id)?;
         let key = w.key.as_ref()?;
         Some(merge_workload(
@@ -349,17 +455,15 @@ impl Registry {
             w.nodes
                 .iter()
                 .flat_map(|(n, hs)| hs.iter().map(move |h| (n.as_str(), h))),
-            policy,
+            &self.policy,
         ))
     }
 
     /// All workloads, sorted by id.
-    pub fn workloads(&self, policy: &MergePolicy) -> Vec<WorkloadView> {
+    pub fn workloads(&self) -> Vec<WorkloadView> {
         let mut ids: Vec<&String> = self.workloads.keys().collect();
         ids.sort();
-        ids.into_iter()
-            .filter_map(|id| self.workload(id, policy))
-            .collect()
+        ids.into_iter().filter_map(|id| self.workload(id)).collect()
     }
 
     /// All live nodes, sorted by name.
@@ -432,7 +536,7 @@ mod tests {
 
     #[test]
     fn merges_across_nodes_at_risk_quantile() {
-        let mut r = Registry::new();
+        let mut r = Registry::new(policy());
         // Each node: capacity 2 GPUs, p90 forecast 3 → sum demand 6 over 4 capacity → 3 replicas.
         r.apply(
             batch("a", 1, vec![hint("ml", "llm", Resource::Gpu, 2.0, 3.0)]),
@@ -442,7 +546,7 @@ mod tests {
             batch("b", 1, vec![hint("ml", "llm", Resource::Gpu, 2.0, 3.0)]),
             0.0,
         );
-        let v = r.workload("ml/Deployment/llm", &policy()).unwrap();
+        let v = r.workload("ml/Deployment/llm").unwrap();
         assert_eq!(v.nodes, 2);
         assert_eq!(v.current_replicas, 2);
         assert_eq!(v.resources[0].capacity, 4.0);
@@ -452,14 +556,23 @@ mod tests {
         // At risk 0.5 the p50 (2.4 each, 4.8 total) is used: still 3 replicas of 2.
         let mut p = policy();
         p.risk = 0.5;
-        let v = r.workload("ml/Deployment/llm", &p).unwrap();
+        let mut r = Registry::new(p);
+        r.apply(
+            batch("a", 1, vec![hint("ml", "llm", Resource::Gpu, 2.0, 3.0)]),
+            0.0,
+        );
+        r.apply(
+            batch("b", 1, vec![hint("ml", "llm", Resource::Gpu, 2.0, 3.0)]),
+            0.0,
+        );
+        let v = r.workload("ml/Deployment/llm").unwrap();
         assert!((v.resources[0].demand - 4.8).abs() < 1e-9);
         assert_eq!(v.desired_replicas, 3);
     }
 
     #[test]
     fn workload_takes_the_most_demanding_resource() {
-        let mut r = Registry::new();
+        let mut r = Registry::new(policy());
         r.apply(
             batch(
                 "a",
@@ -471,20 +584,20 @@ mod tests {
             ),
             0.0,
         );
-        let v = r.workload("ml/Deployment/llm", &policy()).unwrap();
+        let v = r.workload("ml/Deployment/llm").unwrap();
         assert_eq!(v.resources.len(), 2);
         assert_eq!(v.desired_replicas, 3);
     }
 
     #[test]
     fn replays_are_idempotent_and_new_epochs_restart_counting() {
-        let mut r = Registry::new();
+        let mut r = Registry::new(policy());
         let b1 = batch("a", 5, vec![hint("ml", "llm", Resource::Gpu, 2.0, 3.0)]);
         assert_eq!(r.apply(b1.clone(), 0.0), Applied::Accepted { hints: 1 });
         let mut newer = batch("a", 6, vec![hint("ml", "llm", Resource::Gpu, 2.0, 9.0)]);
         r.apply(newer.clone(), 1.0);
         assert_eq!(r.apply(b1, 2.0), Applied::Duplicate { last_seq: 6 });
-        let v = r.workload("ml/Deployment/llm", &policy()).unwrap();
+        let v = r.workload("ml/Deployment/llm").unwrap();
         assert!((v.resources[0].demand - 9.0).abs() < 1e-9);
         newer.epoch = 2;
         newer.seq = 1;
@@ -493,7 +606,7 @@ mod tests {
 
     #[test]
     fn a_batch_replaces_the_node_state_and_silent_nodes_expire() {
-        let mut r = Registry::new();
+        let mut r = Registry::new(policy());
         r.apply(
             batch("a", 1, vec![hint("ml", "llm", Resource::Gpu, 2.0, 3.0)]),
             0.0,
@@ -507,10 +620,73 @@ mod tests {
             batch("a", 2, vec![hint("ml", "web", Resource::Cpu, 1.0, 1.0)]),
             10.0,
         );
-        assert_eq!(r.workload("ml/Deployment/llm", &policy()).unwrap().nodes, 1);
+        assert_eq!(r.workload("ml/Deployment/llm").unwrap().nodes, 1);
         assert_eq!(r.expire(35.0, 30.0), 0);
         assert_eq!(r.expire(40.5, 30.0), 2);
         assert_eq!(r.workload_count(), 0);
         assert_eq!(r.node_count(), 0);
+    }
+
+    fn close(a: &WorkloadView, b: &WorkloadView) -> bool {
+        let near = |x: f64, y: f64| (x - y).abs() <= 1e-6 * (1.0 + x.abs().max(y.abs()));
+        a.id == b.id
+            && a.nodes == b.nodes
+            && a.current_replicas == b.current_replicas
+            && a.desired_replicas == b.desired_replicas
+            && a.reasons == b.reasons
+            && a.resources.len() == b.resources.len()
+            && a.resources.iter().zip(&b.resources).all(|(x, y)| {
+                x.resource == y.resource
+                    && x.replicas == y.replicas
+                    && x.desired_replicas == y.desired_replicas
+                    && near(x.capacity, y.capacity)
+                    && near(x.usage, y.usage)
+                    && near(x.demand, y.demand)
+                    && near(x.local_headroom, y.local_headroom)
+                    && near(x.confidence, y.confidence)
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Running sums after any sequence of batches, replays and expiries equal a merge from
+        /// scratch of what is stored.
+        #[test]
+        fn running_sums_match_a_full_merge(
+            ops in proptest::collection::vec(
+                (0usize..6, 0usize..4, proptest::collection::vec((0usize..3, 0usize..3, 0.0f64..8.0, 0.0f64..10.0, 0.0f64..1.0), 0..5), proptest::bool::ANY),
+                1..120,
+            )
+        ) {
+            let mut r = Registry::new(policy());
+            let mut seqs = [0u64; 6];
+            for (t, (node, reason, hints, expire)) in ops.into_iter().enumerate() {
+                let now = t as f64;
+                if expire {
+                    r.expire(now, 20.0);
+                    continue;
+                }
+                seqs[node] += 1;
+                let mut seen = std::collections::HashSet::new();
+                let hs: Vec<Hint> = hints
+                    .into_iter()
+                    .filter(|(w, res, ..)| seen.insert((*w, *res)))
+                    .map(|(w, res, cap, p90, conf)| {
+                        let resource = [Resource::Cpu, Resource::Gpu, Resource::Memory][res];
+                        let mut h = hint("ml", &format!("w{w}"), resource, cap, p90);
+                        h.confidence = conf;
+                        h.reason = format!("r{reason}");
+                        h
+                    })
+                    .collect();
+                r.apply(batch(&format!("n{node}"), seqs[node], hs), now);
+            }
+            let ids: Vec<String> = r.workloads.keys().cloned().collect();
+            for id in ids {
+                let fast = r.workload(&id).unwrap();
+                let slow = r.workload_from_scratch(&id).unwrap();
+                proptest::prop_assert!(close(&fast, &slow), "{fast:?} != {slow:?}");
+            }
+        }
     }
 }

@@ -25,6 +25,8 @@ impl WorkloadCollector {
 }
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
+/// (metric name, help, value getter) of one gauge family.
+type Series<T> = (&'static str, &'static str, fn(&T) -> f64);
 
 fn workload_labels(w: &WorkloadView) -> Labels<'_> {
     vec![
@@ -58,7 +60,7 @@ impl Collector for WorkloadCollector {
             "Nodes whose last report is within the TTL",
             std::iter::once((Vec::new(), nodes as f64)),
         )?;
-        let per_workload: [(&str, &str, fn(&WorkloadView) -> f64); 4] = [
+        let per_workload: [Series<WorkloadView>; 4] = [
             (
                 "headroom_workload_desired_replicas",
                 "Replicas needed at the configured risk, merged across nodes",
@@ -88,7 +90,7 @@ impl Collector for WorkloadCollector {
                 workloads.iter().map(|w| (workload_labels(w), get(w))),
             )?;
         }
-        let per_resource: [(&str, &str, fn(&ResourceView) -> f64); 6] = [
+        let per_resource: [Series<ResourceView>; 6] = [
             (
                 "headroom_workload_capacity",
                 "Capacity held by the workload's replicas, in the unit label's unit",

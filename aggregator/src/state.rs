@@ -95,7 +95,7 @@ impl Shared {
     pub fn new(policy: MergePolicy, node_rate: f64, node_burst: f64) -> Arc<Self> {
         let (changes, _) = watch::channel(0);
         Arc::new(Shared {
-            registry: Mutex::new(Registry::new()),
+            registry: Mutex::new(Registry::new(policy)),
             limiter: Mutex::new(RateLimiter::new(node_rate, node_burst)),
             policy,
             started: Instant::now(),
@@ -176,11 +176,11 @@ impl Shared {
     }
 
     pub fn workload(&self, id: &str) -> Option<WorkloadView> {
-        self.registry().workload(id, &self.policy)
+        self.registry().workload(id)
     }
 
     pub fn workloads(&self) -> Vec<WorkloadView> {
-        self.registry().workloads(&self.policy)
+        self.registry().workloads()
     }
 
     pub fn nodes(&self) -> Vec<NodeView> {

@@ -2,6 +2,8 @@
 //! replay, the bounded spool's oldest-dropped counter, idempotent replays after a lost response,
 //! several endpoints, permanent 4xx, and a token fixed while the client runs.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::SocketAddr;

@@ -1,6 +1,8 @@
 //! The aggregator's HTTP surface over real sockets: merged views, replays, every 4xx path, the
 //! OpenAPI document matching what the server serves, and a fuzz of malformed posts.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

@@ -1,6 +1,6 @@
 //! Shared helpers for the aggregator's integration tests: a real aggregator on loopback and a
 //! plain HTTP client.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
