@@ -339,7 +339,7 @@ fn main() {
                 break;
             }
             // Alternate between the worst case (all nodes) and a typical workload.
-            let (w, sink) = if k % 2 == 0 {
+            let (w, sink) = if k.is_multiple_of(2) {
                 ("bench/Deployment/fleet".to_string(), &mut fleet_lat)
             } else {
                 (
