@@ -1,1 +1,120 @@
-fn main() {}
+//! The `headroom` binary: command-line parsing, logging set-up and exit codes. Everything else
+//! lives in the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use headroom::config::{Config, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "headroom",
+    version,
+    about = "Node agent for GPU clusters: sample, forecast, right-size, report"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent: sample the node, its containers and GPUs; serve /metrics and /v1/status.
+    Agent(AgentArgs),
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// TOML configuration file; without it the embedded defaults apply.
+    #[arg(long, env = "HEADROOM_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Address of the HTTP server.
+    #[arg(long, env = "HEADROOM_LISTEN", value_name = "HOST:PORT")]
+    listen: Option<SocketAddr>,
+    /// Directory for history and other state kept across restarts.
+    #[arg(long, env = "HEADROOM_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Log as human-readable text or as JSON lines.
+    #[arg(long, env = "HEADROOM_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Seconds between samples.
+    #[arg(long, env = "HEADROOM_SAMPLE_INTERVAL_S", value_name = "SECONDS")]
+    sample_interval: Option<f64>,
+    /// Path to libnvidia-ml.so.1 (default: the system's).
+    #[arg(long, env = "HEADROOM_NVML_LIBRARY", value_name = "PATH")]
+    nvml_library: Option<PathBuf>,
+    /// Treat cgroups matching this glob (relative to the hierarchy root) as containers; repeatable.
+    #[arg(long = "include-cgroup", value_name = "GLOB")]
+    include_cgroup: Vec<String>,
+    /// Print the effective configuration, with every default, and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+impl AgentArgs {
+    fn config(&self) -> Result<Config, headroom::config::ConfigError> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_file(p)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = &self.state_dir {
+            c.state_dir = v.clone();
+        }
+        if let Some(v) = self.log_format {
+            c.log_format = v;
+        }
+        if let Some(v) = self.sample_interval {
+            c.sample_interval_s = v;
+        }
+        if let Some(v) = &self.nvml_library {
+            c.gpu.nvml_library = Some(v.clone());
+        }
+        c.cgroup.include.extend(self.include_cgroup.iter().cloned());
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HEADROOM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent(args) => {
+            let config = match args.config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("headroom: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if args.print_config {
+                print!("{}", config.to_toml());
+                return ExitCode::SUCCESS;
+            }
+            init_logging(config.log_format);
+            match headroom::agent::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

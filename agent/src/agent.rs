@@ -1,0 +1,515 @@
+//! The agent's life: restore state, start the HTTP server, sample once per interval on a
+//! dedicated thread, save state every `history.save_interval_s` and on shutdown.
+//!
+//! The sampling thread owns the samplers; everything it produces is published as an immutable
+//! [`Snapshot`] behind an `Arc`, so a scrape never waits for a sample and never sees half of one.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::history::{History, SeriesKey};
+use crate::report::metrics::{counters, gauges};
+use crate::sample::cgroup::CgroupSampler;
+use crate::sample::node::NodeSampler;
+use crate::sample::{Snapshot, unix_seconds};
+use crate::state::{self, StateDir, StateError};
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SamplerHealth {
+    pub healthy: bool,
+    pub last_error: Option<String>,
+    pub last_duration_seconds: f64,
+    pub detail: Option<String>,
+}
+
+/// Cost of sampling, for `/v1/status` and self-metrics.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SampleCost {
+    pub samples: u64,
+    pub last_wall_seconds: f64,
+    pub last_cpu_seconds: f64,
+    pub total_cpu_seconds: f64,
+}
+
+/// State shared between the sampling thread and the HTTP server.
+#[derive(Debug)]
+pub struct Shared {
+    pub started: Instant,
+    pub started_at: SystemTime,
+    pub hostname: String,
+    latest: RwLock<Option<Arc<Snapshot>>>,
+    pub history: Mutex<History>,
+    pub samplers: RwLock<BTreeMap<&'static str, SamplerHealth>>,
+    pub cost: Mutex<SampleCost>,
+    pub ready: AtomicBool,
+    /// Milliseconds since `started` at the end of the newest sample, for liveness.
+    pub last_sample_ms: AtomicU64,
+    pub sample_interval: Duration,
+}
+
+impl Shared {
+    pub fn new(config: &Config, history: History, hostname: String) -> Shared {
+        Shared {
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            hostname,
+            latest: RwLock::new(None),
+            history: Mutex::new(history),
+            samplers: RwLock::new(BTreeMap::new()),
+            cost: Mutex::new(SampleCost::default()),
+            ready: AtomicBool::new(false),
+            last_sample_ms: AtomicU64::new(0),
+            sample_interval: Duration::from_secs_f64(config.sample_interval_s),
+        }
+    }
+
+    pub fn latest(&self) -> Option<Arc<Snapshot>> {
+        self.latest
+            .read()
+            .map(|g| g.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn publish(&self, s: Snapshot) {
+        let s = Arc::new(s);
+        match self.latest.write() {
+            Ok(mut g) => *g = Some(s),
+            Err(p) => *p.into_inner() = Some(s),
+        }
+    }
+
+    fn set_health(&self, name: &'static str, h: SamplerHealth) {
+        if let Ok(mut m) = self.samplers.write() {
+            m.insert(name, h);
+        }
+    }
+
+    /// Healthy while the sampling thread has produced a sample within ten intervals.
+    pub fn live(&self) -> bool {
+        let last = self.last_sample_ms.load(Ordering::Relaxed);
+        let now = self.started.elapsed().as_millis() as u64;
+        let budget = (self.sample_interval.as_millis() as u64 * 10).max(10_000);
+        last == 0 && now < 60_000 + budget || now.saturating_sub(last) <= budget
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let snapshot = self.latest();
+        let containers: Vec<_> = snapshot
+            .as_ref()
+            .map(|s| s.containers.iter().map(|c| c.ident.clone()).collect())
+            .unwrap_or_default();
+        let (series, points) = self
+            .history
+            .lock()
+            .map(|h| (h.len(), h.points()))
+            .unwrap_or((0, 0));
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "hostname": self.hostname,
+            "uptime_seconds": self.started.elapsed().as_secs_f64(),
+            "started_at": unix_seconds::to_f64(self.started_at),
+            "ready": self.ready.load(Ordering::Relaxed),
+            "last_sample_at": snapshot.as_ref().map(|s| unix_seconds::to_f64(s.at)),
+            "samplers": self.samplers.read().map(|g| g.clone()).unwrap_or_default(),
+            "sample_cost": self.cost.lock().map(|g| g.clone()).unwrap_or_default(),
+            "containers": { "count": containers.len(), "items": containers },
+            "history": { "series": series, "points": points },
+        })
+    }
+
+    pub fn encode_self(
+        &self,
+        enc: &mut prometheus_client::encoding::DescriptorEncoder,
+    ) -> std::fmt::Result {
+        let none: [(&str, &str); 0] = [];
+        gauges(
+            enc,
+            "headroom_build_info",
+            "Build of the running agent.",
+            [([("version", env!("CARGO_PKG_VERSION"))], 1.0)],
+        )?;
+        let cost = self.cost.lock().map(|g| g.clone()).unwrap_or_default();
+        counters(
+            enc,
+            "headroom_agent_samples",
+            "Sampling passes completed.",
+            [(none, cost.samples as f64)],
+        )?;
+        counters(
+            enc,
+            "headroom_agent_sample_cpu_seconds",
+            "CPU time the sampling thread spent sampling.",
+            [(none, cost.total_cpu_seconds)],
+        )?;
+        gauges(
+            enc,
+            "headroom_agent_sample_duration_seconds",
+            "Wall time of the newest sampling pass.",
+            [(none, cost.last_wall_seconds)],
+        )?;
+        let samplers = self.samplers.read().map(|g| g.clone()).unwrap_or_default();
+        gauges(
+            enc,
+            "headroom_agent_sampler_up",
+            "1 when the sampler's newest pass succeeded.",
+            samplers
+                .iter()
+                .map(|(n, h)| ([("sampler", *n)], if h.healthy { 1.0 } else { 0.0 })),
+        )?;
+        let (series, containers) = (
+            self.history.lock().map(|h| h.len()).unwrap_or(0),
+            self.latest().map(|s| s.containers.len()).unwrap_or(0),
+        );
+        gauges(
+            enc,
+            "headroom_agent_history_series",
+            "Series held in history.",
+            [(none, series as f64)],
+        )?;
+        gauges(
+            enc,
+            "headroom_agent_containers",
+            "Containers found by the newest sample.",
+            [(none, containers as f64)],
+        )?;
+        if let Some((rss, cpu)) = self_usage() {
+            gauges(
+                enc,
+                "headroom_agent_resident_memory_bytes",
+                "Resident memory of the agent process.",
+                [(none, rss)],
+            )?;
+            counters(
+                enc,
+                "headroom_agent_cpu_seconds",
+                "CPU time of the agent process.",
+                [(none, cpu)],
+            )?;
+        }
+        gauges(
+            enc,
+            "headroom_agent_start_time_seconds",
+            "When the agent started, seconds since the epoch.",
+            [(none, unix_seconds::to_f64(self.started_at))],
+        )
+    }
+}
+
+/// Resident bytes and CPU seconds of this process, from /proc/self/stat.
+fn self_usage() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // Fields after the command: state is index 0, utime 11, stime 12, rss 21 (pages).
+    let tps = procfs::ticks_per_second() as f64;
+    let cpu = (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / tps;
+    let rss = f.get(21)?.parse::<f64>().ok()? * procfs::page_size() as f64;
+    Some((rss, cpu))
+}
+
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into memory we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What the sampling thread owns.
+pub struct Samplers {
+    node: NodeSampler,
+    cgroups: Option<CgroupSampler>,
+}
+
+impl Samplers {
+    pub fn new(config: &Config) -> Samplers {
+        let cgroups = match CgroupSampler::new(&config.cgroup, &config.kubernetes) {
+            Ok(c) => {
+                tracing::info!(
+                    mode = ?c.hierarchy().mode,
+                    root = %config.cgroup.root.display(),
+                    "cgroup hierarchy found; sampling containers"
+                );
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "container sampling disabled; node metrics continue");
+                None
+            }
+        };
+        Samplers {
+            node: NodeSampler::new(&config.cgroup.proc_root),
+            cgroups,
+        }
+    }
+
+    /// One pass over every sampler, recording health as it goes.
+    pub fn sample(&mut self, shared: &Shared) -> Snapshot {
+        let at = SystemTime::now();
+        let t0 = Instant::now();
+        let node = match self.node.sample() {
+            Ok(n) => {
+                shared.set_health(
+                    "node",
+                    SamplerHealth {
+                        healthy: true,
+                        last_duration_seconds: t0.elapsed().as_secs_f64(),
+                        ..Default::default()
+                    },
+                );
+                Some(n)
+            }
+            Err(e) => {
+                shared.set_health(
+                    "node",
+                    SamplerHealth {
+                        healthy: false,
+                        last_error: Some(e.to_string()),
+                        last_duration_seconds: t0.elapsed().as_secs_f64(),
+                        detail: None,
+                    },
+                );
+                None
+            }
+        };
+        let t1 = Instant::now();
+        let containers = match &mut self.cgroups {
+            Some(c) => {
+                let v = c.sample();
+                shared.set_health(
+                    "cgroup",
+                    SamplerHealth {
+                        healthy: true,
+                        last_duration_seconds: t1.elapsed().as_secs_f64(),
+                        detail: Some(format!(
+                            "{:?} hierarchy, {} containers",
+                            c.hierarchy().mode,
+                            v.len()
+                        )),
+                        ..Default::default()
+                    },
+                );
+                v
+            }
+            None => Vec::new(),
+        };
+        Snapshot {
+            at,
+            node,
+            containers,
+        }
+    }
+}
+
+/// Series that go into history from one snapshot.
+pub fn history_points(s: &Snapshot) -> Vec<(SeriesKey, f64)> {
+    let mut out = Vec::with_capacity(2 + s.containers.len() * 3);
+    if let Some(n) = &s.node {
+        if let Some(v) = n.cpu_usage_cores {
+            out.push((SeriesKey::new("node_cpu_usage_cores", vec![]), v));
+        }
+        out.push((
+            SeriesKey::new("node_memory_used_bytes", vec![]),
+            n.memory_total_bytes
+                .saturating_sub(n.memory_available_bytes) as f64,
+        ));
+    }
+    for c in &s.containers {
+        let labels = || vec![("cgroup".to_string(), c.ident.cgroup.clone())];
+        if let Some(v) = c.cpu_cores {
+            out.push((SeriesKey::new("container_cpu_usage_cores", labels()), v));
+        }
+        if let Some(v) = c.stats.memory_working_set_bytes {
+            out.push((
+                SeriesKey::new("container_memory_working_set_bytes", labels()),
+                v as f64,
+            ));
+        }
+        if let Some(v) = c.throttled_ratio {
+            out.push((SeriesKey::new("container_cpu_throttled_ratio", labels()), v));
+        }
+    }
+    out
+}
+
+/// Loads saved history into `history`; a bad file is moved aside and logged, never fatal.
+pub fn restore_history(dir: &StateDir, history: &mut History) {
+    match dir.load(state::HISTORY) {
+        Ok(None) => tracing::info!(dir = %dir.path().display(), "no saved history; starting fresh"),
+        Ok(Some(bytes)) => match history.decode_into(&bytes) {
+            Ok(n) => tracing::info!(series = n, dir = %dir.path().display(), "restored history"),
+            Err(e) => {
+                let err = dir.move_aside(state::HISTORY, e.to_string());
+                tracing::warn!(error = %err, "saved history unreadable; starting fresh");
+            }
+        },
+        Err(e @ StateError::MovedAside { .. }) => {
+            tracing::warn!(error = %e, "starting with empty history")
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read saved history; starting fresh"),
+    }
+}
+
+pub fn save_history(dir: &StateDir, shared: &Shared) {
+    let bytes = match shared.history.lock() {
+        Ok(h) => h.encode(),
+        Err(_) => return,
+    };
+    match dir.save(state::HISTORY, &bytes) {
+        Ok(()) => tracing::debug!(bytes = bytes.len(), "history saved"),
+        Err(e) => tracing::warn!(error = %e, "cannot save history; will retry at the next save"),
+    }
+}
+
+/// The sampling loop; returns when `stop` receives a message or its sender is dropped.
+pub fn sampling_loop(
+    config: &Config,
+    shared: &Shared,
+    dir: &StateDir,
+    mut samplers: Samplers,
+    stop: std::sync::mpsc::Receiver<()>,
+) {
+    let interval = Duration::from_secs_f64(config.sample_interval_s);
+    let save_every = Duration::from_secs(config.history.save_interval_s);
+    let stale_ms = config.history.stale_after_s * 1000;
+    let mut next = Instant::now();
+    let mut last_save = Instant::now();
+    loop {
+        let cpu0 = thread_cpu_seconds();
+        let t0 = Instant::now();
+        let snapshot = samplers.sample(shared);
+        let points = history_points(&snapshot);
+        let t_ms = unix_ms(snapshot.at);
+        if let Ok(mut h) = shared.history.lock() {
+            for (k, v) in &points {
+                h.record(k, t_ms, *v);
+            }
+            h.drop_stale(t_ms, stale_ms);
+        }
+        shared.publish(snapshot);
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = thread_cpu_seconds() - cpu0;
+        if let Ok(mut c) = shared.cost.lock() {
+            c.samples += 1;
+            c.last_wall_seconds = wall;
+            c.last_cpu_seconds = cpu;
+            c.total_cpu_seconds += cpu;
+        }
+        shared.last_sample_ms.store(
+            shared.started.elapsed().as_millis().max(1) as u64,
+            Ordering::Relaxed,
+        );
+        if !shared.ready.swap(true, Ordering::Relaxed) {
+            tracing::info!(wall_ms = wall * 1e3, "first sample done; ready");
+        }
+        if last_save.elapsed() >= save_every {
+            save_history(dir, shared);
+            last_save = Instant::now();
+        }
+        next += interval;
+        let now = Instant::now();
+        if next < now {
+            // Fell behind (suspended, or a pass took longer than the interval): skip, don't burst.
+            next = now + interval;
+        }
+        match stop.recv_timeout(next - now) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+    }
+}
+
+fn hostname(config: &Config) -> String {
+    if !config.hostname.is_empty() {
+        return config.hostname.clone();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    let dir = StateDir::open(&config.state_dir)?;
+    let mut history = History::new(
+        (config.sample_interval_s * 1000.0).round() as u64,
+        config.fine_capacity(),
+        config.history.coarse_step_s,
+        config.coarse_capacity(),
+    );
+    restore_history(&dir, &mut history);
+    let shared = Arc::new(Shared::new(&config, history, hostname(&config)));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("headroom-io")
+        .build()?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(config.listen))
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    tracing::info!(listen = %config.listen, state_dir = %config.state_dir.display(), "headroom agent starting");
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let server = runtime.spawn(crate::serve::serve(
+        listener,
+        crate::serve::Routes::agent(shared.clone()),
+        shutdown_rx,
+    ));
+
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel();
+    let sampler = {
+        let (config, shared, dir) = (config.clone(), shared.clone(), dir.clone());
+        std::thread::Builder::new()
+            .name("headroom-sample".into())
+            .spawn(move || {
+                let samplers = Samplers::new(&config);
+                sampling_loop(&config, &shared, &dir, samplers, stop_rx);
+            })?
+    };
+
+    let signal = runtime.block_on(wait_for_signal());
+    tracing::info!(signal, "shutting down");
+    let _ = stop_tx.send(());
+    if sampler.join().is_err() {
+        tracing::error!("sampling thread panicked");
+    }
+    save_history(&dir, &shared);
+    let _ = shutdown_tx.send(true);
+    runtime.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
+    });
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    tracing::info!("stopped; state saved");
+    Ok(())
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install SIGTERM handler; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+    }
+}

@@ -1,0 +1,318 @@
+//! The agent's configuration: one TOML file, every default written here, overridden by
+//! `HEADROOM_*` environment variables and command-line flags (in that order).
+//!
+//! Loading never half-starts anything: a bad file, key or value is one [`ConfigError`] that
+//! names it, and the binary exits with code 2.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the HTTP server (`/metrics`, `/healthz`, `/readyz`, `/v1/status`).
+    pub listen: SocketAddr,
+    /// Where history and other state survive restarts.
+    pub state_dir: PathBuf,
+    pub log_format: LogFormat,
+    /// Seconds between two samples of the node and its containers.
+    pub sample_interval_s: f64,
+    /// Value of the `Hostname` label; empty means the kernel's host name.
+    pub hostname: String,
+    pub history: HistoryConfig,
+    pub cgroup: CgroupConfig,
+    pub kubernetes: KubernetesConfig,
+    pub gpu: GpuConfig,
+    pub ebpf: EbpfConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Fine tier: one point per sample, kept this many seconds.
+    pub fine_retention_s: u64,
+    /// Coarse tier: max and mean per `coarse_step_s`, kept this many seconds.
+    pub coarse_step_s: u64,
+    pub coarse_retention_s: u64,
+    /// Seconds between two saves of the history to `state_dir` (it is also saved on shutdown).
+    pub save_interval_s: u64,
+    /// A series not updated for this long (its container is gone) is dropped.
+    pub stale_after_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CgroupConfig {
+    /// Mount point of the cgroup hierarchies (v2, v1 or hybrid are detected below it).
+    pub root: PathBuf,
+    /// procfs mount, for the node's own counters and for attributing PIDs to containers.
+    pub proc_root: PathBuf,
+    /// Extra cgroups to treat as containers: globs over paths relative to the hierarchy root
+    /// (`*` stays inside one path segment, `**` crosses segments), e.g. `/batch/*`.
+    pub include: Vec<String>,
+    /// Report systemd services (`*.service` cgroups) as containers.
+    pub systemd_services: bool,
+    /// Directories holding OCI runtime state (`<id>/state.json`), used to name containers
+    /// started by runc, containerd or Docker whatever their cgroup is called.
+    pub runtime_state_dirs: Vec<PathBuf>,
+    /// Upper bound on tracked containers; more are ignored with a warning.
+    pub max_containers: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// kubelet's `/var/log/containers`: its `<pod>_<namespace>_<container>-<id>.log` names give
+    /// namespace, pod and container for a container id without asking the API server.
+    pub log_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    pub enabled: bool,
+    /// Path to `libnvidia-ml.so.1`; empty means the system's default search path.
+    pub nvml_library: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EbpfConfig {
+    pub enabled: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9810)),
+            state_dir: PathBuf::from("/var/lib/headroom"),
+            log_format: LogFormat::Text,
+            sample_interval_s: 1.0,
+            hostname: String::new(),
+            history: HistoryConfig::default(),
+            cgroup: CgroupConfig::default(),
+            kubernetes: KubernetesConfig::default(),
+            gpu: GpuConfig::default(),
+            ebpf: EbpfConfig::default(),
+        }
+    }
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            fine_retention_s: 900,
+            coarse_step_s: 60,
+            coarse_retention_s: 86400,
+            save_interval_s: 60,
+            stale_after_s: 600,
+        }
+    }
+}
+
+impl Default for CgroupConfig {
+    fn default() -> Self {
+        CgroupConfig {
+            root: PathBuf::from("/sys/fs/cgroup"),
+            proc_root: PathBuf::from("/proc"),
+            include: Vec::new(),
+            systemd_services: true,
+            runtime_state_dirs: vec![
+                PathBuf::from("/run/runc"),
+                PathBuf::from("/run/containerd/runc"),
+                PathBuf::from("/run/docker/runtime-runc"),
+            ],
+            max_containers: 4096,
+        }
+    }
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            log_dir: PathBuf::from("/var/log/containers"),
+        }
+    }
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            enabled: true,
+            nvml_library: None,
+        }
+    }
+}
+
+impl Default for EbpfConfig {
+    fn default() -> Self {
+        EbpfConfig { enabled: true }
+    }
+}
+
+impl Config {
+    /// Parses a TOML document; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Checks what serde cannot: ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        if !(self.sample_interval_s.is_finite()
+            && self.sample_interval_s >= 0.05
+            && self.sample_interval_s <= 3600.0)
+        {
+            return invalid(
+                "sample_interval_s",
+                &format!("{} is outside 0.05..=3600", self.sample_interval_s),
+            );
+        }
+        let h = &self.history;
+        if (h.fine_retention_s as f64) < self.sample_interval_s {
+            return invalid(
+                "history.fine_retention_s",
+                "must hold at least one sample interval",
+            );
+        }
+        if h.coarse_step_s == 0 {
+            return invalid("history.coarse_step_s", "must be at least 1");
+        }
+        if h.coarse_retention_s < h.coarse_step_s {
+            return invalid(
+                "history.coarse_retention_s",
+                "must be at least history.coarse_step_s",
+            );
+        }
+        if h.save_interval_s == 0 {
+            return invalid("history.save_interval_s", "must be at least 1");
+        }
+        if self.cgroup.max_containers == 0 {
+            return invalid("cgroup.max_containers", "must be at least 1");
+        }
+        for glob in &self.cgroup.include {
+            if !glob.starts_with('/') {
+                return invalid(
+                    "cgroup.include",
+                    &format!(
+                        "`{glob}` must be a path relative to the hierarchy root, starting with `/`"
+                    ),
+                );
+            }
+        }
+        if self.state_dir.as_os_str().is_empty() {
+            return invalid("state_dir", "must not be empty");
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Serialising plain data structures to TOML cannot fail; fall back to Debug if it ever does.
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# cannot print config: {e}\n{self:#?}"))
+    }
+
+    /// Samples kept in the fine history tier.
+    pub fn fine_capacity(&self) -> usize {
+        ((self.history.fine_retention_s as f64 / self.sample_interval_s).ceil() as usize).max(1)
+    }
+
+    pub fn coarse_capacity(&self) -> usize {
+        (self.history.coarse_retention_s / self.history.coarse_step_s).max(1) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let c = Config::default();
+        let back = Config::from_toml(&c.to_toml(), Path::new("x.toml")).unwrap();
+        assert_eq!(c, back);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e =
+            Config::from_toml("[history]\nfine_retention = 3\n", Path::new("a.toml")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("fine_retention"), "{msg}");
+        assert!(msg.contains("a.toml"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let e =
+            Config::from_toml("sample_interval_s = \"fast\"\n", Path::new("a.toml")).unwrap_err();
+        assert!(e.to_string().contains("sample_interval_s"), "{e}");
+        let mut c = Config {
+            sample_interval_s: 0.0,
+            ..Config::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("sample_interval_s")
+        );
+        c = Config::default();
+        c.cgroup.include = vec!["batch/*".into()];
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("cgroup.include")
+        );
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let c =
+            Config::from_toml("[cgroup]\ninclude = [\"/batch/*\"]\n", Path::new("a.toml")).unwrap();
+        assert_eq!(c.cgroup.include, vec!["/batch/*".to_string()]);
+        assert_eq!(c.history, HistoryConfig::default());
+        assert_eq!(c.listen, Config::default().listen);
+    }
+}

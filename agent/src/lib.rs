@@ -1,0 +1,16 @@
+//! headroom: a node agent for GPU clusters.
+//!
+//! Data flows one way: samplers ([`sample`]) read the node, its containers and GPUs; each pass
+//! becomes a [`sample::Snapshot`] that goes into the bounded [`history`] and is served by
+//! [`serve`] ([`report::metrics`] encodes it for Prometheus at scrape time). [`state`] keeps the
+//! history across restarts. The agent's loop lives in [`agent`].
+//!
+//! Nothing in this crate writes a cgroup file it was not told to manage.
+
+pub mod agent;
+pub mod config;
+pub mod history;
+pub mod report;
+pub mod sample;
+pub mod serve;
+pub mod state;

@@ -1,0 +1,326 @@
+//! Prometheus exposition, encoded at scrape time from the newest snapshot: a scrape costs one
+//! pass over values already in memory and never touches procfs, cgroups or NVML. Families
+//! with no rows are left out. Names are `headroom_<thing>_<unit>`; counters get `_total` from
+//! the encoder.
+
+use std::fmt;
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+
+use crate::agent::Shared;
+use crate::sample::Snapshot;
+
+pub type Labels = Vec<(String, String)>;
+
+/// Writes one gauge family.
+pub fn gauges<L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (L, f64)>,
+) -> fmt::Result {
+    family(enc, name, help, MetricType::Gauge, rows)
+}
+
+/// Writes one counter family; `name` is without the `_total` suffix.
+pub fn counters<L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (L, f64)>,
+) -> fmt::Result {
+    family(enc, name, help, MetricType::Counter, rows)
+}
+
+fn family<L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    ty: MetricType,
+    rows: impl IntoIterator<Item = (L, f64)>,
+) -> fmt::Result {
+    let mut rows = rows.into_iter().filter(|(_, v)| v.is_finite()).peekable();
+    if rows.peek().is_none() {
+        return Ok(());
+    }
+    let mut m = enc.encode_descriptor(name, help, None, ty)?;
+    for (labels, v) in rows {
+        let mut f = m.encode_family(&labels)?;
+        match ty {
+            MetricType::Counter => f.encode_counter::<NoLabelSet, f64, f64>(&v, None)?,
+            _ => f.encode_gauge(&v)?,
+        }
+    }
+    Ok(())
+}
+
+/// `labels` plus one more pair.
+pub fn with(labels: &[(String, String)], key: &str, value: &str) -> Labels {
+    let mut l = Vec::with_capacity(labels.len() + 1);
+    l.extend_from_slice(labels);
+    l.push((key.to_string(), value.to_string()));
+    l
+}
+
+/// The agent's own `prometheus_client` collector.
+#[derive(Debug)]
+pub struct AgentCollector {
+    pub shared: std::sync::Arc<Shared>,
+}
+
+impl prometheus_client::collector::Collector for AgentCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let snapshot = self.shared.latest();
+        self.shared.encode_self(&mut enc)?;
+        if let Some(s) = snapshot.as_deref() {
+            encode_snapshot(s, &self.shared.hostname, &mut enc)?;
+        }
+        Ok(())
+    }
+}
+
+fn none() -> [(&'static str, &'static str); 0] {
+    []
+}
+
+pub fn encode_snapshot(s: &Snapshot, _hostname: &str, enc: &mut DescriptorEncoder) -> fmt::Result {
+    if let Some(n) = &s.node {
+        counters(
+            enc,
+            "headroom_node_cpu_seconds",
+            "CPU time spent in each mode since boot, summed over all CPUs.",
+            n.cpu_seconds.pairs().map(|(mode, v)| ([("mode", mode)], v)),
+        )?;
+        gauges(
+            enc,
+            "headroom_node_cpus",
+            "Online CPUs.",
+            [(none(), n.cpus as f64)],
+        )?;
+        gauges(
+            enc,
+            "headroom_node_cpu_usage_cores",
+            "Cores busy since the previous sample.",
+            n.cpu_usage_cores.map(|v| (none(), v)),
+        )?;
+        gauges(
+            enc,
+            "headroom_node_cpu_core_busy_ratio",
+            "Busy share of each core since the previous sample.",
+            n.core_busy_ratio
+                .iter()
+                .enumerate()
+                .map(|(i, v)| ([("cpu", i.to_string())], *v)),
+        )?;
+        for (name, help, v) in [
+            (
+                "headroom_node_memory_total_bytes",
+                "Physical memory.",
+                n.memory_total_bytes,
+            ),
+            (
+                "headroom_node_memory_available_bytes",
+                "Memory available for new work without swapping (MemAvailable).",
+                n.memory_available_bytes,
+            ),
+            (
+                "headroom_node_memory_free_bytes",
+                "Unused memory (MemFree).",
+                n.memory_free_bytes,
+            ),
+            (
+                "headroom_node_swap_total_bytes",
+                "Swap space.",
+                n.swap_total_bytes,
+            ),
+            (
+                "headroom_node_swap_free_bytes",
+                "Unused swap space.",
+                n.swap_free_bytes,
+            ),
+        ] {
+            gauges(enc, name, help, [(none(), v as f64)])?;
+        }
+        gauges(
+            enc,
+            "headroom_node_load_average",
+            "Run-queue load average.",
+            ["1m", "5m", "15m"]
+                .iter()
+                .zip(n.load)
+                .map(|(w, v)| ([("window", *w)], v)),
+        )?;
+        gauges(
+            enc,
+            "headroom_node_procs_running",
+            "Runnable tasks.",
+            [(none(), n.procs_running as f64)],
+        )?;
+        pressure(enc, "node", &n.pressure, &n.pressure_some_ratio, |r| {
+            vec![("resource".to_string(), r.to_string())]
+        })?;
+    }
+    let c = &s.containers;
+    let labels: Vec<Labels> = c.iter().map(|c| c.ident.labels()).collect();
+    let rows = |f: &dyn Fn(&crate::sample::cgroup::ContainerSample) -> Option<f64>| {
+        c.iter()
+            .zip(&labels)
+            .filter_map(|(c, l)| f(c).map(|v| (l.as_slice(), v)))
+            .collect::<Vec<_>>()
+    };
+    gauges(
+        enc,
+        "headroom_container_cpu_usage_cores",
+        "CPU used since the previous sample, in cores.",
+        rows(&|c| c.cpu_cores),
+    )?;
+    counters(
+        enc,
+        "headroom_container_cpu_seconds",
+        "CPU time consumed.",
+        rows(&|c| c.stats.cpu_usage_seconds),
+    )?;
+    counters(
+        enc,
+        "headroom_container_cpu_periods",
+        "CFS enforcement periods elapsed.",
+        rows(&|c| c.stats.cpu_periods.map(|v| v as f64)),
+    )?;
+    counters(
+        enc,
+        "headroom_container_cpu_throttled_periods",
+        "CFS periods in which the container was throttled.",
+        rows(&|c| c.stats.cpu_throttled_periods.map(|v| v as f64)),
+    )?;
+    counters(
+        enc,
+        "headroom_container_cpu_throttled_seconds",
+        "Time the container was throttled.",
+        rows(&|c| c.stats.cpu_throttled_seconds),
+    )?;
+    gauges(
+        enc,
+        "headroom_container_cpu_throttled_ratio",
+        "Share of CFS periods throttled since the previous sample.",
+        rows(&|c| c.throttled_ratio),
+    )?;
+    gauges(
+        enc,
+        "headroom_container_cpu_quota_cores",
+        "CFS quota in cores (absent when unlimited).",
+        rows(&|c| c.stats.cpu_quota_cores),
+    )?;
+    gauges(
+        enc,
+        "headroom_container_cpu_period_seconds",
+        "CFS period.",
+        rows(&|c| c.stats.cpu_period_seconds),
+    )?;
+    gauges(
+        enc,
+        "headroom_container_memory_usage_bytes",
+        "Memory charged to the cgroup.",
+        rows(&|c| c.stats.memory_usage_bytes.map(|v| v as f64)),
+    )?;
+    gauges(
+        enc,
+        "headroom_container_memory_working_set_bytes",
+        "Memory usage minus inactive file cache.",
+        rows(&|c| c.stats.memory_working_set_bytes.map(|v| v as f64)),
+    )?;
+    gauges(
+        enc,
+        "headroom_container_memory_limit_bytes",
+        "Hard memory limit (absent when unlimited).",
+        rows(&|c| c.stats.memory_limit_bytes.map(|v| v as f64)),
+    )?;
+    gauges(
+        enc,
+        "headroom_container_memory_high_bytes",
+        "memory.high on cgroup v2, the soft limit on v1 (absent when unlimited).",
+        rows(&|c| c.stats.memory_high_bytes.map(|v| v as f64)),
+    )?;
+    counters(
+        enc,
+        "headroom_container_oom_kills",
+        "Processes killed by the OOM killer in this cgroup.",
+        rows(&|c| c.stats.oom_kills.map(|v| v as f64)),
+    )?;
+    gauges(
+        enc,
+        "headroom_container_pids",
+        "Tasks in the cgroup.",
+        rows(&|c| c.stats.pids.map(|v| v as f64)),
+    )?;
+    let mut stalled = Vec::new();
+    let mut ratio = Vec::new();
+    for (c, l) in c.iter().zip(&labels) {
+        for p in &c.stats.pressure {
+            stalled.push((
+                with(&with(l, "resource", p.resource), "kind", "some"),
+                p.some_seconds,
+            ));
+            if let Some(full) = p.full_seconds {
+                stalled.push((with(&with(l, "resource", p.resource), "kind", "full"), full));
+            }
+        }
+        for (r, v) in &c.pressure_some_ratio {
+            ratio.push((with(l, "resource", r), *v));
+        }
+    }
+    counters(
+        enc,
+        "headroom_container_pressure_stalled_seconds",
+        "Time some (or all) tasks stalled on a resource (PSI).",
+        stalled,
+    )?;
+    gauges(
+        enc,
+        "headroom_container_pressure_some_ratio",
+        "Share of time since the previous sample that some task stalled on a resource.",
+        ratio,
+    )?;
+    gauges(
+        enc,
+        "headroom_container_info",
+        "One per container: its identity as labels.",
+        c.iter().zip(&labels).map(|(c, l)| {
+            let mut l = l.clone();
+            l.push(("kind".into(), format!("{:?}", c.ident.kind).to_lowercase()));
+            if let Some(rt) = &c.ident.runtime {
+                l.push(("runtime".into(), rt.clone()));
+            }
+            (l, 1.0)
+        }),
+    )?;
+    Ok(())
+}
+
+fn pressure(
+    enc: &mut DescriptorEncoder,
+    scope: &str,
+    totals: &[crate::sample::cgroup::stats::PressureTotals],
+    ratios: &[(&'static str, f64)],
+    labels: impl Fn(&str) -> Labels,
+) -> fmt::Result {
+    let mut stalled = Vec::new();
+    for p in totals {
+        stalled.push((with(&labels(p.resource), "kind", "some"), p.some_seconds));
+        if let Some(full) = p.full_seconds {
+            stalled.push((with(&labels(p.resource), "kind", "full"), full));
+        }
+    }
+    counters(
+        enc,
+        &format!("headroom_{scope}_pressure_stalled_seconds"),
+        "Time some (or all) tasks stalled on a resource (PSI).",
+        stalled,
+    )?;
+    gauges(
+        enc,
+        &format!("headroom_{scope}_pressure_some_ratio"),
+        "Share of time since the previous sample that some task stalled on a resource.",
+        ratios.iter().map(|(r, v)| (labels(r), *v)),
+    )
+}

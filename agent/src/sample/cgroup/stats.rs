@@ -1,0 +1,519 @@
+//! Reading one container's counters from its cgroup files, v1 and v2. Every value is
+//! optional: a controller that is not enabled, or a file the kernel does not have, leaves it
+//! unset rather than failing the whole sample.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// A container's directory in each hierarchy the agent reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ControllerPaths {
+    pub v2: Option<PathBuf>,
+    pub cpu: Option<PathBuf>,
+    pub cpuacct: Option<PathBuf>,
+    pub memory: Option<PathBuf>,
+    pub pids: Option<PathBuf>,
+}
+
+impl ControllerPaths {
+    pub fn is_empty(&self) -> bool {
+        self.v2.is_none()
+            && self.cpu.is_none()
+            && self.cpuacct.is_none()
+            && self.memory.is_none()
+            && self.pids.is_none()
+    }
+
+    /// True while at least one of the container's directories still exists.
+    pub fn exists(&self) -> bool {
+        [&self.v2, &self.cpu, &self.cpuacct, &self.memory]
+            .into_iter()
+            .flatten()
+            .any(|p| p.is_dir())
+    }
+}
+
+/// Cumulative counters and current settings, as the kernel reports them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CgroupStats {
+    pub cpu_usage_seconds: Option<f64>,
+    pub cpu_periods: Option<u64>,
+    pub cpu_throttled_periods: Option<u64>,
+    pub cpu_throttled_seconds: Option<f64>,
+    /// CPU quota in cores; `None` when unlimited or unknown.
+    pub cpu_quota_cores: Option<f64>,
+    pub cpu_period_seconds: Option<f64>,
+    pub memory_usage_bytes: Option<u64>,
+    pub memory_working_set_bytes: Option<u64>,
+    /// Hard limit (`memory.max` / `memory.limit_in_bytes`); `None` when unlimited.
+    pub memory_limit_bytes: Option<u64>,
+    /// `memory.high` on v2, the soft limit on v1; `None` when unlimited.
+    pub memory_high_bytes: Option<u64>,
+    pub oom_kills: Option<u64>,
+    pub pids: Option<u64>,
+    pub pressure: Vec<PressureTotals>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PressureTotals {
+    pub resource: &'static str,
+    pub some_seconds: f64,
+    pub full_seconds: Option<f64>,
+}
+
+/// Open handles to one container's hot files, re-read in place with `pread` at offset 0
+/// (cgroup files regenerate their content on every read from the start). Opening a cgroup file
+/// costs more than reading it, and the agent reads thousands per second.
+#[derive(Debug, Default)]
+pub struct OpenFiles {
+    files: Vec<(PathBuf, std::fs::File)>,
+}
+
+/// File handles the agent may keep open across all containers, set from RLIMIT_NOFILE.
+static HANDLE_BUDGET: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+/// Raises the soft open-file limit to the hard one and sets how many cgroup file handles may
+/// stay open (half the limit, the rest is left for sockets and the like).
+pub fn init_handle_budget() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    let budget = (lim.rlim_cur / 2).min(1 << 20);
+    HANDLE_BUDGET.store(budget as isize, std::sync::atomic::Ordering::Relaxed);
+    budget
+}
+
+impl Drop for OpenFiles {
+    fn drop(&mut self) {
+        HANDLE_BUDGET.fetch_add(
+            self.files.len() as isize,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+/// Reads cgroup files into one reused buffer.
+#[derive(Debug, Default)]
+pub struct Reader {
+    buf: Vec<u8>,
+    /// Handles of the container being read; swapped in and out by [`Reader::stats`].
+    open: OpenFiles,
+    /// Read settings (limits, quota) in this pass, or carry them over from the previous one.
+    full: bool,
+}
+
+/// Values above this are the kernel's "unlimited" on v1 (PAGE_COUNTER_MAX rounded to pages).
+const V1_UNLIMITED: u64 = 1 << 62;
+
+impl Reader {
+    /// A file read on every pass: kept open when the handle budget allows.
+    fn read_hot(&mut self, path: &Path) -> Option<&str> {
+        use std::os::unix::fs::FileExt;
+        let idx = match self.open.files.iter().position(|(p, _)| p == path) {
+            Some(i) => i,
+            None => {
+                let f = std::fs::File::open(path).ok()?;
+                let budget = HANDLE_BUDGET.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                if budget <= 0 {
+                    HANDLE_BUDGET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return self.read_file(f);
+                }
+                self.open.files.push((path.to_path_buf(), f));
+                self.open.files.len() - 1
+            }
+        };
+        self.buf.resize(16 * 1024, 0);
+        let mut len = 0;
+        loop {
+            match self.open.files[idx]
+                .1
+                .read_at(&mut self.buf[len..], len as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => {
+                    len += n;
+                    if len == self.buf.len() {
+                        self.buf.resize(len * 2, 0);
+                    }
+                }
+                Err(_) => {
+                    // The cgroup went away under the handle.
+                    self.open.files.swap_remove(idx);
+                    HANDLE_BUDGET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return None;
+                }
+            }
+        }
+        self.buf.truncate(len);
+        std::str::from_utf8(&self.buf).ok()
+    }
+
+    fn read_file(&mut self, mut f: std::fs::File) -> Option<&str> {
+        self.buf.clear();
+        f.read_to_end(&mut self.buf).ok()?;
+        std::str::from_utf8(&self.buf).ok()
+    }
+
+    fn read(&mut self, path: &Path) -> Option<&str> {
+        let f = std::fs::File::open(path).ok()?;
+        self.read_file(f)
+    }
+
+    fn read_u64(&mut self, dir: &Path, file: &str) -> Option<u64> {
+        self.read_hot(&dir.join(file))?.trim().parse().ok()
+    }
+
+    /// A setting, read without keeping a handle (settings are read on full passes only).
+    fn read_setting(&mut self, dir: &Path, file: &str) -> Option<u64> {
+        self.read(&dir.join(file))?.trim().parse().ok()
+    }
+
+    /// `max` → `Ok(None)`, a number → `Ok(Some(n))`.
+    fn read_limit(&mut self, dir: &Path, file: &str) -> Option<Option<u64>> {
+        let s = self.read(&dir.join(file))?.trim();
+        if s == "max" {
+            Some(None)
+        } else {
+            s.parse().ok().map(Some)
+        }
+    }
+
+    fn read_keyed(&mut self, dir: &Path, file: &str, keys: &[&str], out: &mut [Option<u64>]) {
+        let Some(text) = self.read_hot(&dir.join(file)) else {
+            return;
+        };
+        for line in text.lines() {
+            let mut it = line.split_ascii_whitespace();
+            let (Some(k), Some(v)) = (it.next(), it.next()) else {
+                continue;
+            };
+            if let Some(i) = keys.iter().position(|key| *key == k) {
+                out[i] = v.parse().ok();
+            }
+        }
+    }
+
+    /// Reads one container. `prev` is its previous reading: settings (quota, limits) are read
+    /// afresh only when `full`, and carried over otherwise.
+    pub fn read_container(
+        &mut self,
+        paths: &ControllerPaths,
+        v2_native: bool,
+        open: &mut OpenFiles,
+        prev: Option<&CgroupStats>,
+        full: bool,
+    ) -> CgroupStats {
+        std::mem::swap(&mut self.open, open);
+        self.full = full || prev.is_none();
+        let mut s = self.stats(paths, v2_native);
+        if !self.full
+            && let Some(p) = prev
+        {
+            s.cpu_quota_cores = p.cpu_quota_cores;
+            s.cpu_period_seconds = p.cpu_period_seconds;
+            s.memory_limit_bytes = p.memory_limit_bytes;
+            s.memory_high_bytes = p.memory_high_bytes;
+            s.pids = p.pids;
+        }
+        std::mem::swap(&mut self.open, open);
+        s
+    }
+
+    /// Reads everything, settings included, without keeping handles (for one-off reads).
+    pub fn stats_once(&mut self, paths: &ControllerPaths, v2_native: bool) -> CgroupStats {
+        let mut open = OpenFiles::default();
+        self.read_container(paths, v2_native, &mut open, None, true)
+    }
+
+    fn stats(&mut self, paths: &ControllerPaths, v2_native: bool) -> CgroupStats {
+        let mut s = CgroupStats::default();
+        if let Some(dir) = &paths.v2 {
+            self.v2(dir, v2_native, &mut s);
+        }
+        self.v1(paths, &mut s);
+        s
+    }
+
+    fn v2(&mut self, dir: &Path, native: bool, s: &mut CgroupStats) {
+        // cpu.stat's usage is a core file in every v2 cgroup, even where the cpu controller is
+        // not enabled (as on hybrid nodes), so it is read whenever the directory exists.
+        let mut v = [None; 4];
+        self.read_keyed(
+            dir,
+            "cpu.stat",
+            &["usage_usec", "nr_periods", "nr_throttled", "throttled_usec"],
+            &mut v,
+        );
+        s.cpu_usage_seconds = v[0].map(|u| u as f64 / 1e6);
+        s.cpu_periods = v[1];
+        s.cpu_throttled_periods = v[2];
+        s.cpu_throttled_seconds = v[3].map(|u| u as f64 / 1e6);
+        if self.full
+            && let Some(text) = self.read(&dir.join("cpu.max"))
+        {
+            let mut it = text.split_ascii_whitespace();
+            let quota = it.next();
+            let period: Option<f64> = it.next().and_then(|p| p.parse().ok());
+            s.cpu_period_seconds = period.map(|p| p / 1e6);
+            if let (Some(q), Some(p)) = (quota.and_then(|q| q.parse::<f64>().ok()), period) {
+                s.cpu_quota_cores = Some(q / p);
+            }
+        }
+        for (resource, file) in [
+            ("cpu", "cpu.pressure"),
+            ("memory", "memory.pressure"),
+            ("io", "io.pressure"),
+        ] {
+            if let Some(p) = self
+                .read(&dir.join(file))
+                .and_then(|t| parse_pressure(resource, t))
+            {
+                s.pressure.push(p);
+            }
+        }
+        if !native {
+            return;
+        }
+        s.memory_usage_bytes = self.read_u64(dir, "memory.current");
+        if let Some(usage) = s.memory_usage_bytes {
+            let mut v = [None; 1];
+            self.read_keyed(dir, "memory.stat", &["inactive_file"], &mut v);
+            s.memory_working_set_bytes = Some(usage.saturating_sub(v[0].unwrap_or(0)));
+        }
+        if self.full {
+            s.memory_limit_bytes = self.read_limit(dir, "memory.max").flatten();
+            s.memory_high_bytes = self.read_limit(dir, "memory.high").flatten();
+        }
+        let mut v = [None; 1];
+        self.read_keyed(dir, "memory.events", &["oom_kill"], &mut v);
+        s.oom_kills = v[0];
+        if self.full {
+            s.pids = self
+                .read(&dir.join("pids.current"))
+                .and_then(|t| t.trim().parse().ok());
+        }
+    }
+
+    fn v1(&mut self, paths: &ControllerPaths, s: &mut CgroupStats) {
+        if let Some(dir) = &paths.cpuacct
+            && let Some(ns) = self.read_u64(dir, "cpuacct.usage")
+        {
+            s.cpu_usage_seconds = Some(ns as f64 / 1e9);
+        }
+        if let Some(dir) = &paths.cpu {
+            let mut v = [None; 3];
+            self.read_keyed(
+                dir,
+                "cpu.stat",
+                &["nr_periods", "nr_throttled", "throttled_time"],
+                &mut v,
+            );
+            if v[0].is_some() {
+                s.cpu_periods = v[0];
+                s.cpu_throttled_periods = v[1];
+                s.cpu_throttled_seconds = v[2].map(|ns| ns as f64 / 1e9);
+            }
+            let period = if self.full {
+                self.read(&dir.join("cpu.cfs_period_us"))
+                    .and_then(|t| t.trim().parse::<u64>().ok())
+            } else {
+                None
+            };
+            if let Some(p) = period {
+                s.cpu_period_seconds = Some(p as f64 / 1e6);
+                let quota: Option<i64> = self
+                    .read(&dir.join("cpu.cfs_quota_us"))
+                    .and_then(|t| t.trim().parse().ok());
+                s.cpu_quota_cores = quota.filter(|q| *q > 0).map(|q| q as f64 / p as f64);
+            }
+        }
+        if let Some(dir) = &paths.memory {
+            s.memory_usage_bytes = self.read_u64(dir, "memory.usage_in_bytes");
+            if let Some(usage) = s.memory_usage_bytes {
+                let mut v = [None; 1];
+                self.read_keyed(dir, "memory.stat", &["total_inactive_file"], &mut v);
+                s.memory_working_set_bytes = Some(usage.saturating_sub(v[0].unwrap_or(0)));
+            }
+            if self.full {
+                s.memory_limit_bytes = self
+                    .read_setting(dir, "memory.limit_in_bytes")
+                    .filter(|v| *v < V1_UNLIMITED);
+                s.memory_high_bytes = self
+                    .read_setting(dir, "memory.soft_limit_in_bytes")
+                    .filter(|v| *v < V1_UNLIMITED);
+            }
+            let mut v = [None; 1];
+            self.read_keyed(dir, "memory.oom_control", &["oom_kill"], &mut v);
+            s.oom_kills = v[0];
+        }
+        if self.full
+            && let Some(dir) = &paths.pids
+            && s.pids.is_none()
+        {
+            s.pids = self
+                .read(&dir.join("pids.current"))
+                .and_then(|t| t.trim().parse().ok());
+        }
+    }
+}
+
+/// Parses a PSI file (`some avg10=.. avg60=.. avg300=.. total=<usec>`).
+pub fn parse_pressure(resource: &'static str, text: &str) -> Option<PressureTotals> {
+    let mut some = None;
+    let mut full = None;
+    for line in text.lines() {
+        let mut it = line.split_ascii_whitespace();
+        let kind = it.next();
+        let total = it
+            .find_map(|f| f.strip_prefix("total="))
+            .and_then(|t| t.parse::<u64>().ok())
+            .map(|us| us as f64 / 1e6);
+        match kind {
+            Some("some") => some = total,
+            Some("full") => full = total,
+            _ => {}
+        }
+    }
+    Some(PressureTotals {
+        resource,
+        some_seconds: some?,
+        full_seconds: full,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn write(dir: &Path, file: &str, text: &str) {
+        fs::create_dir_all(dir).unwrap();
+        fs::write(dir.join(file), text).unwrap();
+    }
+
+    #[test]
+    fn v2_files() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("c");
+        write(
+            &d,
+            "cpu.stat",
+            "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\nnr_periods 10\nnr_throttled 4\nthrottled_usec 300000\n",
+        );
+        write(&d, "cpu.max", "50000 100000\n");
+        write(&d, "memory.current", "1048576\n");
+        write(
+            &d,
+            "memory.stat",
+            "anon 700000\nfile 348576\ninactive_file 48576\n",
+        );
+        write(&d, "memory.max", "max\n");
+        write(&d, "memory.high", "2097152\n");
+        write(
+            &d,
+            "memory.events",
+            "low 0\nhigh 3\nmax 0\noom 1\noom_kill 1\n",
+        );
+        write(&d, "pids.current", "7\n");
+        write(
+            &d,
+            "cpu.pressure",
+            "some avg10=1.00 avg60=0.50 avg300=0.10 total=1500000\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=250000\n",
+        );
+        let paths = ControllerPaths {
+            v2: Some(d),
+            ..Default::default()
+        };
+        let s = Reader::default().stats_once(&paths, true);
+        assert_eq!(s.cpu_usage_seconds, Some(2.5));
+        assert_eq!(s.cpu_periods, Some(10));
+        assert_eq!(s.cpu_throttled_periods, Some(4));
+        assert_eq!(s.cpu_throttled_seconds, Some(0.3));
+        assert_eq!(s.cpu_quota_cores, Some(0.5));
+        assert_eq!(s.cpu_period_seconds, Some(0.1));
+        assert_eq!(s.memory_usage_bytes, Some(1_048_576));
+        assert_eq!(s.memory_working_set_bytes, Some(1_000_000));
+        assert_eq!(s.memory_limit_bytes, None);
+        assert_eq!(s.memory_high_bytes, Some(2_097_152));
+        assert_eq!(s.oom_kills, Some(1));
+        assert_eq!(s.pids, Some(7));
+        assert_eq!(s.pressure.len(), 1);
+        assert_eq!(s.pressure[0].some_seconds, 1.5);
+        assert_eq!(s.pressure[0].full_seconds, Some(0.25));
+    }
+
+    #[test]
+    fn v1_files_and_unlimited() {
+        let t = tempfile::tempdir().unwrap();
+        let cpu = t.path().join("cpu/c");
+        let acct = t.path().join("cpuacct/c");
+        let mem = t.path().join("memory/c");
+        write(
+            &cpu,
+            "cpu.stat",
+            "nr_periods 20\nnr_throttled 5\nthrottled_time 1500000000\n",
+        );
+        write(&cpu, "cpu.cfs_period_us", "100000\n");
+        write(&cpu, "cpu.cfs_quota_us", "-1\n");
+        write(&acct, "cpuacct.usage", "3000000000\n");
+        write(&mem, "memory.usage_in_bytes", "4096000\n");
+        write(
+            &mem,
+            "memory.stat",
+            "cache 0\ninactive_file 1\ntotal_inactive_file 96000\n",
+        );
+        write(&mem, "memory.limit_in_bytes", "9223372036854771712\n");
+        write(&mem, "memory.soft_limit_in_bytes", "9223372036854771712\n");
+        write(
+            &mem,
+            "memory.oom_control",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        );
+        let paths = ControllerPaths {
+            cpu: Some(cpu.clone()),
+            cpuacct: Some(acct),
+            memory: Some(mem.clone()),
+            ..Default::default()
+        };
+        let s = Reader::default().stats_once(&paths, false);
+        assert_eq!(s.cpu_usage_seconds, Some(3.0));
+        assert_eq!(s.cpu_throttled_seconds, Some(1.5));
+        assert_eq!(s.cpu_quota_cores, None);
+        assert_eq!(s.memory_working_set_bytes, Some(4_000_000));
+        assert_eq!(s.memory_limit_bytes, None);
+        assert_eq!(s.oom_kills, Some(2));
+        write(&cpu, "cpu.cfs_quota_us", "30000\n");
+        write(&mem, "memory.limit_in_bytes", "67108864\n");
+        let s = Reader::default().stats_once(&paths, false);
+        assert_eq!(s.cpu_quota_cores, Some(0.3));
+        assert_eq!(s.memory_limit_bytes, Some(64 << 20));
+    }
+
+    #[test]
+    fn vanished_directory_reads_nothing() {
+        let paths = ControllerPaths {
+            v2: Some(PathBuf::from("/nonexistent/headroom/c")),
+            ..Default::default()
+        };
+        assert_eq!(
+            Reader::default().stats_once(&paths, true),
+            CgroupStats::default()
+        );
+        assert!(!paths.exists());
+    }
+}

@@ -1,0 +1,34 @@
+//! Samplers: where bytes from procfs, cgroup files, NVML and eBPF maps enter the agent. Each
+//! sampler turns its source into plain values once per interval; nothing here decides,
+//! stores history or serves.
+
+pub mod cgroup;
+pub mod node;
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+/// Everything one sampling pass saw. Immutable once built; shared with scrapes and the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    #[serde(with = "unix_seconds")]
+    pub at: SystemTime,
+    pub node: Option<node::NodeSample>,
+    pub containers: Vec<cgroup::ContainerSample>,
+}
+
+/// Time as float seconds since the epoch in JSON.
+pub mod unix_seconds {
+    use std::time::SystemTime;
+
+    pub fn to_f64(t: SystemTime) -> f64 {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0)
+    }
+
+    pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(to_f64(*t))
+    }
+}
