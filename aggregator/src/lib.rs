@@ -8,8 +8,6 @@
 //! so it never writes to disk, never needs a shared store between replicas, and a restart loses
 //! nothing the next interval does not bring back.
 
-#![cfg_attr(test, allow(clippy::unwrap_used))]
-
 pub mod client;
 pub mod http;
 pub mod keda;
