@@ -377,6 +377,9 @@ pub fn save_history(dir: &StateDir, shared: &Shared) {
     }
 }
 
+/// Hints of one reporting pass, on their way to the aggregator client.
+pub type HintSender = tokio::sync::mpsc::UnboundedSender<Vec<headroom_aggregator::Hint>>;
+
 /// The sampling loop; returns when `stop` receives a message or its sender is dropped.
 pub fn sampling_loop(
     config: &Config,
@@ -384,7 +387,9 @@ pub fn sampling_loop(
     dir: &StateDir,
     mut samplers: Samplers,
     stop: std::sync::mpsc::Receiver<()>,
+    hints: Option<HintSender>,
 ) {
+    let mut pass: u64 = 0;
     let interval = Duration::from_secs_f64(config.sample_interval_s);
     let save_every = Duration::from_secs(config.history.save_interval_s);
     let stale_ms = config.history.stale_after_s * 1000;
@@ -401,6 +406,23 @@ pub fn sampling_loop(
                 h.record(k, t_ms, *v);
             }
             h.drop_stale(t_ms, stale_ms);
+        }
+        pass += 1;
+        if let Some(tx) = &hints {
+            if pass.is_multiple_of(u64::from(config.aggregator.report_every)) {
+                let built = shared.history.lock().ok().map(|h| {
+                    crate::report::hints::build_hints(
+                        &config.aggregator,
+                        &snapshot,
+                        &h,
+                        config.sample_interval_s,
+                    )
+                });
+                if let Some(batch) = built {
+                    // The receiver lives as long as the runtime; a send error means shutdown.
+                    let _ = tx.send(batch);
+                }
+            }
         }
         shared.publish(snapshot);
         let wall = t0.elapsed().as_secs_f64();
@@ -471,6 +493,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         shutdown_rx,
     ));
 
+    let hints = start_hint_client(&config, &shared.hostname, &runtime)?;
+
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
     let sampler = {
         let (config, shared, dir) = (config.clone(), shared.clone(), dir.clone());
@@ -478,7 +502,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .name("headroom-sample".into())
             .spawn(move || {
                 let samplers = Samplers::new(&config);
-                sampling_loop(&config, &shared, &dir, samplers, stop_rx);
+                sampling_loop(&config, &shared, &dir, samplers, stop_rx, hints);
             })?
     };
 
@@ -496,6 +520,57 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     runtime.shutdown_timeout(Duration::from_millis(200));
     tracing::info!("stopped; state saved");
     Ok(())
+}
+
+/// Starts the hint client when aggregators are configured; returns where to send hints.
+fn start_hint_client(
+    config: &Config,
+    node: &str,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<Option<HintSender>> {
+    let a = &config.aggregator;
+    if a.endpoints.is_empty() {
+        return Ok(None);
+    }
+    let probe = headroom_aggregator::HintBatch {
+        schema: headroom_aggregator::SCHEMA_V1.into(),
+        node: node.to_owned(),
+        epoch: 0,
+        seq: 1,
+        time: 1.0,
+        interval_s: 1.0,
+        hints: Vec::new(),
+    };
+    if headroom_aggregator::schema::validate(&probe).is_err() {
+        anyhow::bail!(
+            "host name `{node}` is not a Kubernetes node name (lowercase DNS subdomain); set `hostname` in the config to report hints"
+        );
+    }
+    let mut cc = headroom_aggregator::client::ClientConfig::new(
+        node,
+        a.endpoints.clone(),
+        a.spool_dir
+            .clone()
+            .unwrap_or_else(|| config.state_dir.join("hints")),
+    );
+    cc.token_file = a.token_file.clone();
+    cc.spool_max_batches = a.spool_max_batches;
+    cc.interval = Duration::from_secs_f64(config.sample_interval_s * f64::from(a.report_every));
+    let client = {
+        let _guard = runtime.enter();
+        headroom_aggregator::client::HintClient::start(cc)
+            .map_err(|e| anyhow::anyhow!("aggregator client: {e}"))?
+    };
+    tracing::info!(endpoints = ?a.endpoints, node, "sending scale hints");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<headroom_aggregator::Hint>>();
+    runtime.spawn(async move {
+        while let Some(hints) = rx.recv().await {
+            if let Err(e) = client.submit(hints).await {
+                tracing::warn!(error = %e, "cannot queue scale hints; the next pass sends fresh ones");
+            }
+        }
+    });
+    Ok(Some(tx))
 }
 
 async fn wait_for_signal() -> &'static str {
