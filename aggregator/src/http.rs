@@ -256,7 +256,7 @@ impl HttpServer {
 
     fn metrics(&self) -> Resp {
         let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.prom) {
+        if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.prom) {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "encode_failed",
@@ -266,7 +266,7 @@ impl HttpServer {
         let mut r = Response::new(Full::new(Bytes::from(out)));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         );
         r
     }

@@ -646,3 +646,62 @@ async fn fuzzed_malformed_posts_get_4xx_and_service_keeps_serving() {
     assert_eq!(r.json()["accepted"], 2);
     agg.stop().await;
 }
+
+/// The exposition passes `promtool check metrics` (skipped without promtool, unless CI requires it).
+#[tokio::test]
+async fn metrics_pass_promtool() {
+    let require = std::env::var("HEADROOM_REQUIRE_PRIVILEGED_TESTS").is_ok_and(|v| v == "1");
+    if std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            !require,
+            "metrics_pass_promtool cannot run: promtool is not installed"
+        );
+        eprintln!(
+            "SKIP metrics_pass_promtool: promtool is not installed (apt-get install prometheus)"
+        );
+        return;
+    }
+    let agg = start(config("127.0.0.1:0".parse().unwrap())).await;
+    let http = Http::new();
+    let b = batch(
+        "node-a",
+        1,
+        vec![
+            hint("ml", "llm", Resource::Gpu, 2.0, 3.0),
+            hint("ml", "llm", Resource::Memory, 8e9, 6e9),
+        ],
+    );
+    assert_eq!(
+        http.post_hints(&agg.base(), serde_json::to_vec(&b).unwrap())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(http.post_hints(&agg.base(), &b"{"[..]).await.status, 400);
+    let body = http.get(&format!("{}/metrics", agg.base())).await.body;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(&body).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool: {report}\n{}",
+        String::from_utf8_lossy(&body)
+    );
+    agg.stop().await;
+}
