@@ -119,6 +119,24 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Counters the generator keeps and the probe reads.
+#[derive(Default)]
+struct Load {
+    running: AtomicBool,
+    /// Batches per second across all connections; 0 sends as fast as the aggregator answers.
+    pace: AtomicU64,
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+struct PhaseResult {
+    hints_per_s: f64,
+    refused: u64,
+    fleet: Vec<Duration>,
+    pool: Vec<Duration>,
+    steps: Vec<Duration>,
+}
+
 fn main() {
     let o = Opts {
         nodes: arg("--nodes", 10_000),
@@ -128,6 +146,7 @@ fn main() {
         server_cpu: arg("--server-cpu", 0),
         steps: arg("--steps", 6),
     };
+    let paced_hints: u64 = arg("--paced-hints-per-s", 50_000);
     let cpus = online_cpus();
     let client_cpu = if cpus > 1 {
         (o.server_cpu + 1) % cpus
@@ -138,7 +157,8 @@ fn main() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "bench-token\n").unwrap();
 
-    // The aggregator: one thread, one single-threaded runtime, pinned to one core.
+    // The aggregator: one thread, one single-threaded runtime, pinned to one core (its scaler
+    // thread inherits the pinning).
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server_cpu = o.server_cpu;
@@ -175,26 +195,17 @@ fn main() {
         o.server_cpu
     );
     println!(
-        "load: {} simulated nodes, {HINTS_PER_BATCH} hints per batch ({} pooled workloads + 1 fleet-wide), {} connections, {} s",
+        "load: {} simulated nodes, {HINTS_PER_BATCH} hints per batch ({} pooled workloads + 1 fleet-wide), {} connections, {} s per phase",
         o.nodes, o.workloads, o.connections, o.seconds
     );
 
     let bodies: Arc<Vec<(String, String)>> =
         Arc::new((0..o.nodes).map(|i| node_body(i, o.workloads)).collect());
-    let running = Arc::new(AtomicBool::new(true));
-    let measuring = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
+    let load = Arc::new(Load::default());
+    load.running.store(true, Ordering::Relaxed);
 
-    // Load generator.
     let gen_thread = {
-        let (bodies, running, measuring, ok, failed) = (
-            bodies.clone(),
-            running.clone(),
-            measuring.clone(),
-            ok.clone(),
-            failed.clone(),
-        );
+        let (bodies, load) = (bodies.clone(), load.clone());
         let conns = o.connections;
         let nodes = o.nodes;
         std::thread::spawn(move || {
@@ -206,13 +217,7 @@ fn main() {
             rt.block_on(async move {
                 let mut tasks = Vec::new();
                 for c in 0..conns {
-                    let (bodies, running, measuring, ok, failed) = (
-                        bodies.clone(),
-                        running.clone(),
-                        measuring.clone(),
-                        ok.clone(),
-                        failed.clone(),
-                    );
+                    let (bodies, load) = (bodies.clone(), load.clone());
                     tasks.push(tokio::spawn(async move {
                         let stream = tokio::net::TcpStream::connect(http_addr).await.unwrap();
                         stream.set_nodelay(true).unwrap();
@@ -223,7 +228,21 @@ fn main() {
                         tokio::spawn(conn);
                         let mut seq = 1u64;
                         let mut i = c;
-                        while running.load(Ordering::Relaxed) {
+                        let mut next = tokio::time::Instant::now();
+                        while load.running.load(Ordering::Relaxed) {
+                            let pace = load.pace.load(Ordering::Relaxed);
+                            if pace > 0 {
+                                let period = Duration::from_secs_f64(conns as f64 / pace as f64);
+                                next += period;
+                                let now = tokio::time::Instant::now();
+                                if next > now {
+                                    tokio::time::sleep_until(next).await;
+                                } else if now - next > period * 4 {
+                                    next = now;
+                                }
+                            } else {
+                                next = tokio::time::Instant::now();
+                            }
                             let (a, b) = &bodies[i];
                             let body = format!("{a}{seq}{b}");
                             let req = hyper::Request::post("/v1/hints")
@@ -235,12 +254,10 @@ fn main() {
                             let resp = send.send_request(req).await.unwrap();
                             let status = resp.status();
                             let _ = resp.into_body().collect().await;
-                            if measuring.load(Ordering::Relaxed) {
-                                if status == 200 {
-                                    ok.fetch_add(1, Ordering::Relaxed);
-                                } else {
-                                    failed.fetch_add(1, Ordering::Relaxed);
-                                }
+                            if status == 200 {
+                                load.ok.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                load.failed.fetch_add(1, Ordering::Relaxed);
                             }
                             i += conns;
                             if i >= nodes {
@@ -257,18 +274,18 @@ fn main() {
         })
     };
 
-    // Probes: GetMetrics latency, and step-to-GetMetrics with the real hint client.
     let probe_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let report = probe_rt.block_on(async {
-        // Fill every node once before measuring, so the registry holds the whole fleet.
+    let (fleet_desired, phases) = probe_rt.block_on(async {
+        // Let every node report at least once so the registry holds the whole fleet.
         let warm = Instant::now();
-        while ok.load(Ordering::Relaxed) == 0 && warm.elapsed() < Duration::from_secs(1) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        while load.ok.load(Ordering::Relaxed) < o.nodes as u64
+            && warm.elapsed() < Duration::from_secs(30)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
             .unwrap()
             .tcp_nodelay(true)
@@ -276,28 +293,10 @@ fn main() {
             .await
             .unwrap();
         let mut grpc = ExternalScalerClient::new(channel);
-        let req = |w: &str| GetMetricsRequest {
-            scaled_object_ref: Some(ScaledObjectRef {
-                name: "x".into(),
-                namespace: "bench".into(),
-                scaler_metadata: [("workload".to_string(), w.to_string())].into(),
-            }),
-            metric_name: String::new(),
-        };
-        let fleet_desired = {
-            let v = grpc
-                .get_metrics(req("bench/Deployment/fleet"))
-                .await
-                .unwrap();
-            v.into_inner().metric_values[0].metric_value
-        };
-
-        measuring.store(true, Ordering::Relaxed);
-        let t0 = Instant::now();
-        let deadline = t0 + Duration::from_secs_f64(o.seconds);
+        let fleet_desired = metric(&mut grpc, "bench/Deployment/fleet").await;
 
         // Step node: samples its load every second and sends it through the real client.
-        let load = Arc::new(AtomicU64::new(1));
+        let step_load = Arc::new(AtomicU64::new(1));
         let spool = tempfile::tempdir().unwrap();
         let mut ccfg = ClientConfig::new(
             "step-node",
@@ -307,12 +306,12 @@ fn main() {
         ccfg.token_file = Some(token_file.clone());
         let client = HintClient::start(ccfg).unwrap();
         let sampler = {
-            let load = load.clone();
+            let step_load = step_load.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     tick.tick().await;
-                    let l = load.load(Ordering::Relaxed) as f64;
+                    let l = step_load.load(Ordering::Relaxed) as f64;
                     client
                         .submit(vec![hint("bench", "step", Resource::Cpu, 1.0, l)])
                         .await
@@ -320,118 +319,157 @@ fn main() {
                 }
             })
         };
+        tokio::time::sleep(Duration::from_millis(1500)).await;
 
-        let mut fleet_lat = Vec::new();
-        let mut pool_lat = Vec::new();
-        let mut step_lat = Vec::new();
-        let mut k = 0usize;
-        let mut next_step = Instant::now() + Duration::from_millis(1500);
-        let mut step_at: Option<(Instant, i64)> = None;
-        let mut steps_done = 0;
-        loop {
-            let now = Instant::now();
-            if now >= deadline {
-                measuring.store(false, Ordering::Relaxed);
-            }
-            if now >= deadline
-                && (steps_done >= o.steps || now >= deadline + Duration::from_secs(20))
-            {
-                break;
-            }
-            // Alternate between the worst case (all nodes) and a typical workload.
-            let (w, sink) = if k.is_multiple_of(2) {
-                ("bench/Deployment/fleet".to_string(), &mut fleet_lat)
-            } else {
-                (
-                    format!("bench/Deployment/svc-{}", k % o.workloads),
-                    &mut pool_lat,
-                )
-            };
-            let s = Instant::now();
-            grpc.get_metrics(req(&w)).await.unwrap();
-            if now < deadline {
-                sink.push(s.elapsed());
-            }
-            k += 1;
-            // Step detection.
-            let v = grpc
-                .get_metrics(req("bench/Deployment/step"))
-                .await
-                .unwrap()
-                .into_inner()
-                .metric_values[0]
-                .metric_value;
-            match step_at {
-                Some((t, want)) if v == want => {
-                    step_lat.push(t.elapsed());
-                    step_at = None;
-                    steps_done += 1;
-                    // Random phase against the 1 s sampler for the next step.
-                    next_step =
-                        Instant::now() + Duration::from_millis(700 + (k as u64 * 7919) % 1000);
-                }
-                None if Instant::now() >= next_step && steps_done < o.steps => {
-                    let (new_load, want) = if load.load(Ordering::Relaxed) == 1 {
-                        (5, 5)
-                    } else {
-                        (1, 1)
-                    };
-                    load.store(new_load, Ordering::Relaxed);
-                    step_at = Some((Instant::now(), want));
-                }
-                _ => {}
-            }
-            tokio::time::sleep(Duration::from_micros(500)).await;
+        let mut phases = Vec::new();
+        for pace_hints in [0u64, paced_hints] {
+            load.pace
+                .store(pace_hints / HINTS_PER_BATCH, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let r = phase(&o, &load, &mut grpc, &step_load).await;
+            phases.push((pace_hints, r));
         }
-        measuring.store(false, Ordering::Relaxed);
-        let elapsed = t0
-            .elapsed()
-            .min(Duration::from_secs_f64(o.seconds))
-            .as_secs_f64();
         sampler.abort();
-        (fleet_desired, fleet_lat, pool_lat, step_lat, elapsed)
+        (fleet_desired, phases)
     });
-    let (fleet_desired, mut fleet_lat, mut pool_lat, step_lat, measured_s) = report;
-    running.store(false, Ordering::Relaxed);
+    load.running.store(false, Ordering::Relaxed);
     let _ = gen_thread.join();
     let _ = stop_tx.send(());
     let _ = server.join();
 
-    let secs = measured_s.max(1e-9);
-    let batches = ok.load(Ordering::Relaxed);
-    let hints = batches * HINTS_PER_BATCH;
-    println!(
-        "ingest: {} batches ok, {} refused, {:.0} batches/s, {:.0} hints/s (target >= 50000)",
-        batches,
-        failed.load(Ordering::Relaxed),
-        batches as f64 / secs,
-        hints as f64 / secs
-    );
-    fleet_lat.sort();
-    pool_lat.sort();
-    println!(
-        "GetMetrics under load, fleet-wide workload on {} nodes (desired {fleet_desired}): n={} p50={:.3} ms p99={:.3} ms max={:.3} ms (target p99 <= 1 ms)",
-        o.nodes,
-        fleet_lat.len(),
-        ms(percentile(&fleet_lat, 0.5)),
-        ms(percentile(&fleet_lat, 0.99)),
-        ms(fleet_lat.last().copied().unwrap_or_default())
-    );
-    println!(
-        "GetMetrics under load, typical workload on ~{} nodes: n={} p50={:.3} ms p99={:.3} ms max={:.3} ms",
-        o.nodes * 3 / o.workloads.max(1),
-        pool_lat.len(),
-        ms(percentile(&pool_lat, 0.5)),
-        ms(percentile(&pool_lat, 0.99)),
-        ms(pool_lat.last().copied().unwrap_or_default())
-    );
-    let mut s = step_lat.clone();
-    s.sort();
-    println!(
-        "step to changed GetMetrics (1 s sampling, real hint client): n={} values_ms={:?} median={:.0} ms max={:.0} ms (target <= 2000 ms)",
-        s.len(),
-        step_lat.iter().map(|d| ms(*d).round()).collect::<Vec<_>>(),
-        ms(percentile(&s, 0.5)),
-        ms(s.last().copied().unwrap_or_default())
-    );
+    for (pace, mut r) in phases {
+        let label = if pace == 0 {
+            "saturation (as fast as the aggregator answers)".to_string()
+        } else {
+            format!("paced at {pace} hints/s")
+        };
+        println!("--- {label}");
+        println!(
+            "ingest: {:.0} hints/s accepted ({:.0} batches/s), {} refused (target >= 50000 hints/s)",
+            r.hints_per_s,
+            r.hints_per_s / HINTS_PER_BATCH as f64,
+            r.refused
+        );
+        r.fleet.sort();
+        r.pool.sort();
+        println!(
+            "GetMetrics, fleet-wide workload on {} nodes (desired {fleet_desired}): n={} p50={:.3} ms p99={:.3} ms max={:.3} ms (target p99 <= 1 ms)",
+            o.nodes,
+            r.fleet.len(),
+            ms(percentile(&r.fleet, 0.5)),
+            ms(percentile(&r.fleet, 0.99)),
+            ms(r.fleet.last().copied().unwrap_or_default())
+        );
+        println!(
+            "GetMetrics, typical workload on ~{} nodes: n={} p50={:.3} ms p99={:.3} ms max={:.3} ms",
+            o.nodes * 3 / o.workloads.max(1),
+            r.pool.len(),
+            ms(percentile(&r.pool, 0.5)),
+            ms(percentile(&r.pool, 0.99)),
+            ms(r.pool.last().copied().unwrap_or_default())
+        );
+        let shown: Vec<f64> = r.steps.iter().map(|d| ms(*d).round()).collect();
+        r.steps.sort();
+        println!(
+            "step in a node's load to changed GetMetrics (1 s sampling, real hint client): n={} ms={shown:?} median={:.0} ms max={:.0} ms (target <= 2000 ms)",
+            r.steps.len(),
+            ms(percentile(&r.steps, 0.5)),
+            ms(r.steps.last().copied().unwrap_or_default())
+        );
+    }
+}
+
+type Grpc = ExternalScalerClient<tonic::transport::Channel>;
+
+fn request(workload: &str) -> GetMetricsRequest {
+    GetMetricsRequest {
+        scaled_object_ref: Some(ScaledObjectRef {
+            name: "x".into(),
+            namespace: "bench".into(),
+            scaler_metadata: [("workload".to_string(), workload.to_string())].into(),
+        }),
+        metric_name: String::new(),
+    }
+}
+
+async fn metric(grpc: &mut Grpc, workload: &str) -> i64 {
+    grpc.get_metrics(request(workload))
+        .await
+        .unwrap()
+        .into_inner()
+        .metric_values[0]
+        .metric_value
+}
+
+/// One measuring window: GetMetrics latency on a fleet-wide and a typical workload, alternating,
+/// and steps of the step node's load timed until GetMetrics shows them.
+async fn phase(o: &Opts, load: &Load, grpc: &mut Grpc, step_load: &AtomicU64) -> PhaseResult {
+    let ok0 = load.ok.load(Ordering::Relaxed);
+    let failed0 = load.failed.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(o.seconds);
+    let (mut fleet, mut pool, mut steps) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ingest: Option<(f64, u64)> = None;
+    let mut k = 0usize;
+    let mut next_step = Instant::now() + Duration::from_millis(300);
+    let mut pending: Option<(Instant, i64)> = None;
+    loop {
+        let now = Instant::now();
+        if now >= deadline && ingest.is_none() {
+            let secs = t0.elapsed().as_secs_f64();
+            let hints = (load.ok.load(Ordering::Relaxed) - ok0) * HINTS_PER_BATCH;
+            ingest = Some((
+                hints as f64 / secs,
+                load.failed.load(Ordering::Relaxed) - failed0,
+            ));
+        }
+        if now >= deadline && (steps.len() >= o.steps || now >= deadline + Duration::from_secs(20))
+        {
+            break;
+        }
+        let w = if k.is_multiple_of(2) {
+            "bench/Deployment/fleet".to_string()
+        } else {
+            format!("bench/Deployment/svc-{}", k % o.workloads)
+        };
+        let s = Instant::now();
+        metric(grpc, &w).await;
+        if now < deadline {
+            if k.is_multiple_of(2) {
+                fleet.push(s.elapsed())
+            } else {
+                pool.push(s.elapsed())
+            }
+        }
+        k += 1;
+        let v = metric(grpc, "bench/Deployment/step").await;
+        match pending {
+            Some((t, want)) if v == want => {
+                steps.push(t.elapsed());
+                pending = None;
+                // A pseudo-random phase against the 1 s sampler for the next step.
+                next_step = Instant::now() + Duration::from_millis(300 + (k as u64 * 7919) % 1000);
+            }
+            None if Instant::now() >= next_step && steps.len() < o.steps => {
+                // Load 1 -> 1 replica, load 5 -> 5 replicas (1.1 cores absorbable per replica).
+                let (new_load, want) = if step_load.load(Ordering::Relaxed) == 1 {
+                    (5, 5)
+                } else {
+                    (1, 1)
+                };
+                step_load.store(new_load, Ordering::Relaxed);
+                pending = Some((Instant::now(), want));
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    let (hints_per_s, refused) = ingest.unwrap_or((0.0, 0));
+    PhaseResult {
+        hints_per_s,
+        refused,
+        fleet,
+        pool,
+        steps,
+    }
 }
