@@ -25,6 +25,9 @@ use crate::metrics::WorkloadCollector;
 use crate::schema::decode_batch;
 use crate::state::{Ingest, Shared};
 
+/// A client trickling its body this slowly is holding a connection, not sending hints.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The hand-written OpenAPI 3 document, served verbatim at `/openapi.json`.
 pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
 
@@ -200,7 +203,19 @@ impl HttpServer {
                 ),
             );
         }
-        let body = match Limited::new(req.into_body(), max).collect().await {
+        let collected =
+            tokio::time::timeout(BODY_TIMEOUT, Limited::new(req.into_body(), max).collect()).await;
+        let Ok(collected) = collected else {
+            return self.reject(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "request body not received within {} s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            );
+        };
+        let body = match collected {
             Ok(c) => c.to_bytes(),
             Err(e) => {
                 if e.downcast_ref::<http_body_util::LengthLimitError>()

@@ -470,7 +470,7 @@ async fn openapi_document_matches_the_server() {
         .collect();
     assert_eq!(
         post_codes,
-        ["200", "400", "401", "413", "415", "422", "429"]
+        ["200", "400", "401", "408", "413", "415", "422", "429"]
     );
     agg.stop().await;
 }
@@ -702,6 +702,34 @@ async fn metrics_pass_promtool() {
         out.status.success() && report.trim().is_empty(),
         "promtool: {report}\n{}",
         String::from_utf8_lossy(&body)
+    );
+    agg.stop().await;
+}
+
+/// A body that never finishes arriving is answered with 408 instead of holding the connection.
+#[tokio::test]
+async fn a_trickled_body_times_out_with_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let agg = start(config("127.0.0.1:0".parse().unwrap())).await;
+    let mut s = tokio::net::TcpStream::connect(agg.http).await.unwrap();
+    let head = format!(
+        "POST /v1/hints HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"schema\""
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(20), s.read(&mut buf))
+        .await
+        .expect("no answer within 20 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("body_timeout"), "{text}");
+    assert!(t0.elapsed() >= std::time::Duration::from_secs(9));
+    let http = Http::new();
+    assert_eq!(
+        http.get(&format!("{}/healthz", agg.base())).await.status,
+        200
     );
     agg.stop().await;
 }
