@@ -351,15 +351,16 @@ impl Registry {
                     }
                 }
             }
-            entry.updates += 1;
-            if entry.updates >= RESYNC_EVERY {
-                entry.resync(q);
-            }
             match entry.nodes.get_mut(&batch.node) {
                 Some(v) => v.push(h),
                 None => {
                     entry.nodes.insert(batch.node.clone(), vec![h]);
                 }
+            }
+            // After the hint is stored, so a resync counts it exactly once.
+            entry.updates += 1;
+            if entry.updates >= RESYNC_EVERY {
+                entry.resync(q);
             }
             if !ids.contains(&id) {
                 ids.push(id);
@@ -625,6 +626,26 @@ mod tests {
         assert_eq!(r.expire(40.5, 30.0), 2);
         assert_eq!(r.workload_count(), 0);
         assert_eq!(r.node_count(), 0);
+    }
+
+    #[test]
+    fn resyncs_keep_every_hint() {
+        let mut r = Registry::new(policy());
+        // Enough updates to one workload to cross the resync threshold several times, with the
+        // threshold landing on hints of every position in a batch.
+        for seq in 1..=3000u64 {
+            for node in ["a", "b", "c"] {
+                let hints = vec![
+                    hint("ml", "llm", Resource::Cpu, 1.0, (seq % 7) as f64),
+                    hint("ml", "llm", Resource::Gpu, 2.0, (seq % 5) as f64),
+                ];
+                r.apply(batch(node, seq, hints), seq as f64);
+            }
+        }
+        let fast = r.workload("ml/Deployment/llm").unwrap();
+        let slow = r.workload_from_scratch("ml/Deployment/llm").unwrap();
+        assert!(close(&fast, &slow), "{fast:?} != {slow:?}");
+        assert_eq!(fast.resources[0].replicas, 3);
     }
 
     fn close(a: &WorkloadView, b: &WorkloadView) -> bool {

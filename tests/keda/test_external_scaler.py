@@ -65,7 +65,7 @@ def aggregator_cmd():
         return shlex.split(cmd)
     exe = os.path.join(ROOT, "target", "debug", "examples", "serve")
     subprocess.run(
-        ["cargo", "build", "-q", "-p", "headroom-aggregator", "--example", "serve"],
+        ["cargo", "build", "-q", "--locked", "-p", "headroom-aggregator", "--example", "serve"],
         cwd=ROOT,
         check=True,
     )
