@@ -9,7 +9,7 @@ Creates N cgroups (default 100) each holding one sleeping process, runs the rele
 and, with --soak SECONDS, the agent's RSS over a run in which containers churn every second.
 
 Needs root (creates cgroups), `cargo build --release`, and Debian's prometheus-node-exporter.
-usage: sudo scripts/bench-agent.py [--containers 100] [--scrapes 1000] [--idle 60] [--soak 600]
+usage: sudo scripts/bench-agent.py [--containers 100] [--scrapes 1000] [--idle 60] [--soak 600] [--config FILE]
 """
 import argparse, os, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
 
@@ -99,6 +99,7 @@ def main():
     ap.add_argument("--scrapes", type=int, default=1000)
     ap.add_argument("--idle", type=float, default=60)
     ap.add_argument("--soak", type=float, default=0)
+    ap.add_argument("--config", help="agent config file (e.g. to compare with [forecast] enabled = false)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("needs root: it creates cgroups")
@@ -118,7 +119,8 @@ def main():
             cs.add()
         ap_, np_ = free_port(), free_port()
         agent = subprocess.Popen([agent_bin, "agent", "--listen", f"127.0.0.1:{ap_}", "--state-dir", state,
-                                  "--include-cgroup", "/headroom-bench-*", "--sample-interval", "1"],
+                                  "--include-cgroup", "/headroom-bench-*", "--sample-interval", "1"]
+                                 + (["--config", a.config] if a.config else []),
                                  stderr=subprocess.DEVNULL)
         node = subprocess.Popen([exporter, f"--web.listen-address=127.0.0.1:{np_}"], stderr=subprocess.DEVNULL)
         procs = [agent, node]

@@ -12,9 +12,11 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::forecast::{self, Forecasts};
 use crate::history::{History, SeriesKey};
 use crate::report::metrics::{counters, gauges};
 use crate::sample::cgroup::CgroupSampler;
+use crate::sample::gpu::{self, GpuSampler};
 use crate::sample::node::NodeSampler;
 use crate::sample::{Snapshot, unix_seconds};
 use crate::state::{self, StateDir, StateError};
@@ -235,6 +237,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 pub struct Samplers {
     node: NodeSampler,
     cgroups: Option<CgroupSampler>,
+    gpu: GpuSampler,
 }
 
 impl Samplers {
@@ -253,9 +256,20 @@ impl Samplers {
                 None
             }
         };
+        let gpu = GpuSampler::new(
+            &gpu::GpuConfig {
+                nvml_library: config.gpu.nvml_library.clone(),
+                enabled: config.gpu.enabled,
+                period: Duration::from_secs_f64(config.sample_interval_s),
+                xid_unhealthy_hold: Duration::from_secs_f64(config.gpu.xid_unhealthy_hold_s),
+                ..gpu::GpuConfig::default()
+            },
+            &config.cgroup.proc_root,
+        );
         Samplers {
             node: NodeSampler::new(&config.cgroup.proc_root),
             cgroups,
+            gpu,
         }
     }
 
@@ -309,10 +323,32 @@ impl Samplers {
             }
             None => Vec::new(),
         };
+        let gpu = self.gpu.sample(at);
+        shared.set_health(
+            "gpu",
+            SamplerHealth {
+                // No driver is normal on a CPU node (`headroom_gpu_nvml_up` says so); this
+                // turns 0 only when a GPU is unhealthy.
+                healthy: gpu.gpus.iter().all(|g| g.health.healthy),
+                last_error: match &gpu.status {
+                    gpu::NvmlStatus::Missing { reason } => Some(format!("no GPU found: {reason}")),
+                    _ => gpu.gpus.iter().find_map(|g| {
+                        g.health
+                            .reason
+                            .as_ref()
+                            .map(|r| format!("GPU {}: {r}", g.id.index))
+                    }),
+                },
+                last_duration_seconds: 0.0,
+                detail: Some(format!("{} GPU(s)", gpu.gpus.len())),
+            },
+        );
         Snapshot {
             at,
             node,
             containers,
+            gpu,
+            forecasts: Vec::new(),
         }
     }
 }
@@ -329,6 +365,9 @@ pub fn history_points(s: &Snapshot) -> Vec<(SeriesKey, f64)> {
             n.memory_total_bytes
                 .saturating_sub(n.memory_available_bytes) as f64,
         ));
+    }
+    for (name, labels, v) in s.gpu.series() {
+        out.push((SeriesKey::new(&name, labels), v));
     }
     for c in &s.containers {
         let labels = || vec![("cgroup".to_string(), c.ident.cgroup.clone())];
@@ -366,6 +405,39 @@ pub fn restore_history(dir: &StateDir, history: &mut History) {
     }
 }
 
+/// Builds the forecasters (when enabled) and restores their saved state.
+pub fn restore_forecasts(config: &Config, dir: &StateDir) -> Option<Forecasts> {
+    if !config.forecast.enabled {
+        return None;
+    }
+    let mut f = match Forecasts::new(&config.forecast, config.sample_interval_s) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(error = %e, "forecasting disabled: bad [forecast] settings");
+            return None;
+        }
+    };
+    match dir.load(state::FORECASTS) {
+        Ok(None) => {}
+        Ok(Some(bytes)) => match f.restore(&bytes) {
+            Ok(n) => tracing::info!(series = n, "restored forecasters"),
+            Err(e) => {
+                let err = dir.move_aside(state::FORECASTS, e);
+                tracing::warn!(error = %err, "saved forecasters unusable; forecasts start fresh");
+            }
+        },
+        Err(e) => tracing::warn!(error = %e, "forecasts start fresh"),
+    }
+    Some(f)
+}
+
+pub fn save_forecasts(dir: &StateDir, forecasts: &Forecasts) {
+    let bytes = forecasts.encode();
+    if let Err(e) = dir.save(state::FORECASTS, &bytes) {
+        tracing::warn!(error = %e, "cannot save forecasters; will retry at the next save");
+    }
+}
+
 pub fn save_history(dir: &StateDir, shared: &Shared) {
     let bytes = match shared.history.lock() {
         Ok(h) => h.encode(),
@@ -386,6 +458,7 @@ pub fn sampling_loop(
     shared: &Shared,
     dir: &StateDir,
     mut samplers: Samplers,
+    mut forecasts: Option<Forecasts>,
     stop: std::sync::mpsc::Receiver<()>,
     hints: Option<HintSender>,
 ) {
@@ -398,26 +471,33 @@ pub fn sampling_loop(
     loop {
         let cpu0 = thread_cpu_seconds();
         let t0 = Instant::now();
-        let snapshot = samplers.sample(shared);
+        let mut snapshot = samplers.sample(shared);
         let points = history_points(&snapshot);
+        if let Some(f) = forecasts.as_mut() {
+            snapshot.forecasts = f.observe(&points);
+        }
         let t_ms = unix_ms(snapshot.at);
         if let Ok(mut h) = shared.history.lock() {
             for (k, v) in &points {
                 h.record(k, t_ms, *v);
+            }
+            for row in &snapshot.forecasts {
+                let key = SeriesKey {
+                    name: forecast::upper_series_name(&row.key.name),
+                    labels: row.key.labels.clone(),
+                };
+                h.record(&key, t_ms, row.upper);
             }
             h.drop_stale(t_ms, stale_ms);
         }
         pass += 1;
         if let Some(tx) = &hints {
             if pass.is_multiple_of(u64::from(config.aggregator.report_every)) {
-                let built = shared.history.lock().ok().map(|h| {
-                    crate::report::hints::build_hints(
-                        &config.aggregator,
-                        &snapshot,
-                        &h,
-                        config.sample_interval_s,
-                    )
-                });
+                let built = shared
+                    .history
+                    .lock()
+                    .ok()
+                    .map(|h| crate::report::hints::build_hints(config, &snapshot, &h));
                 if let Some(batch) = built {
                     // The receiver lives as long as the runtime; a send error means shutdown.
                     let _ = tx.send(batch);
@@ -442,6 +522,9 @@ pub fn sampling_loop(
         }
         if last_save.elapsed() >= save_every {
             save_history(dir, shared);
+            if let Some(f) = &forecasts {
+                save_forecasts(dir, f);
+            }
             last_save = Instant::now();
         }
         next += interval;
@@ -452,7 +535,13 @@ pub fn sampling_loop(
         }
         match stop.recv_timeout(next - now) {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            _ => return,
+            _ => {
+                save_history(dir, shared);
+                if let Some(f) = &forecasts {
+                    save_forecasts(dir, f);
+                }
+                return;
+            }
         }
     }
 }
@@ -502,7 +591,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .name("headroom-sample".into())
             .spawn(move || {
                 let samplers = Samplers::new(&config);
-                sampling_loop(&config, &shared, &dir, samplers, stop_rx, hints);
+                let forecasts = restore_forecasts(&config, &dir);
+                sampling_loop(&config, &shared, &dir, samplers, forecasts, stop_rx, hints);
             })?
     };
 
@@ -510,9 +600,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(signal, "shutting down");
     let _ = stop_tx.send(());
     if sampler.join().is_err() {
-        tracing::error!("sampling thread panicked");
+        tracing::error!("sampling thread panicked; saving history only");
+        save_history(&dir, &shared);
     }
-    save_history(&dir, &shared);
     let _ = shutdown_tx.send(true);
     runtime.block_on(async {
         let _ = tokio::time::timeout(Duration::from_millis(500), server).await;

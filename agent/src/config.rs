@@ -47,6 +47,7 @@ pub struct Config {
     pub gpu: GpuConfig,
     pub ebpf: EbpfConfig,
     pub aggregator: AggregatorConfig,
+    pub forecast: ForecastSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +97,22 @@ pub struct GpuConfig {
     pub enabled: bool,
     /// Path to `libnvidia-ml.so.1`; empty means the system's default search path.
     pub nvml_library: Option<PathBuf>,
+    /// Seconds a critical XID error keeps a GPU marked unhealthy after the last one.
+    pub xid_unhealthy_hold_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ForecastSettings {
+    pub enabled: bool,
+    /// Seconds a scale-up takes: forecasts cover demand this far ahead.
+    pub lead_time_s: f64,
+    /// Accepted share of steps with demand above the forecast upper bound.
+    pub target_violation: f64,
+    /// Upper bound on series with a forecaster (each holds at most 64 KiB of state).
+    pub max_series: usize,
+    /// History series that get a forecaster.
+    pub series: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,10 +135,9 @@ pub struct AggregatorConfig {
     pub spool_max_batches: usize,
     /// Samples between two reports.
     pub report_every: u32,
-    /// Seconds of recent history the forecast quantiles are taken from.
+    /// Seconds of recent history the demand quantiles are taken from where a series has no
+    /// forecaster; also the history that earns a hint full confidence.
     pub window_s: u64,
-    /// Lead time, in seconds, the forecast is stated for.
-    pub lead_time_s: f64,
     /// Cgroups mapped to workloads explicitly, first match wins (for cgroups outside Kubernetes).
     pub workloads: Vec<WorkloadRule>,
 }
@@ -150,6 +166,7 @@ impl Default for Config {
             gpu: GpuConfig::default(),
             ebpf: EbpfConfig::default(),
             aggregator: AggregatorConfig::default(),
+            forecast: ForecastSettings::default(),
         }
     }
 }
@@ -163,7 +180,6 @@ impl Default for AggregatorConfig {
             spool_max_batches: 1000,
             report_every: 1,
             window_s: 300,
-            lead_time_s: 60.0,
             workloads: Vec::new(),
         }
     }
@@ -211,6 +227,30 @@ impl Default for GpuConfig {
         GpuConfig {
             enabled: true,
             nvml_library: None,
+            xid_unhealthy_hold_s: 300.0,
+        }
+    }
+}
+
+impl Default for ForecastSettings {
+    fn default() -> Self {
+        ForecastSettings {
+            enabled: true,
+            lead_time_s: 60.0,
+            target_violation: 0.05,
+            max_series: 2000,
+            series: [
+                "node_cpu_usage_cores",
+                "node_memory_used_bytes",
+                "container_cpu_usage_cores",
+                "container_memory_working_set_bytes",
+                "gpu_utilization_ratio",
+                "gpu_memory_used_bytes",
+                "container_gpu_utilization_ratio",
+                "container_gpu_memory_used_bytes",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -288,6 +328,25 @@ impl Config {
                 );
             }
         }
+        let f = &self.forecast;
+        if !(f.lead_time_s.is_finite() && f.lead_time_s > 0.0) {
+            return invalid(
+                "forecast.lead_time_s",
+                &format!("{} must be a positive number of seconds", f.lead_time_s),
+            );
+        }
+        if f.lead_time_s / self.sample_interval_s > 1024.0 {
+            return invalid(
+                "forecast.lead_time_s",
+                &format!("{} s is more than 1024 sample intervals", f.lead_time_s),
+            );
+        }
+        if !(f.target_violation > 0.0 && f.target_violation <= 0.5) {
+            return invalid(
+                "forecast.target_violation",
+                &format!("{} is outside (0, 0.5]", f.target_violation),
+            );
+        }
         if self.state_dir.as_os_str().is_empty() {
             return invalid("state_dir", "must not be empty");
         }
@@ -313,9 +372,6 @@ impl Config {
                 "aggregator.window_s",
                 "must hold at least one sample interval",
             );
-        }
-        if !(a.lead_time_s.is_finite() && a.lead_time_s > 0.0) {
-            return invalid("aggregator.lead_time_s", "must be > 0");
         }
         for r in &a.workloads {
             if !r.cgroup.starts_with('/') {

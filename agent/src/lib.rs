@@ -8,7 +8,9 @@
 //! Nothing in this crate writes a cgroup file it was not told to manage.
 
 pub mod agent;
+pub mod backtest;
 pub mod config;
+pub mod forecast;
 pub mod history;
 pub mod report;
 pub mod sample;

@@ -25,6 +25,8 @@ enum Command {
     Agent(AgentArgs),
     /// Run the cluster aggregator: merge the agents' scale hints; serve JSON, Prometheus and KEDA.
     Aggregator(headroom_aggregator::AggregatorArgs),
+    /// Replay a recorded series through the forecasters and emit their capacities.
+    Backtest(headroom::backtest::BacktestArgs),
 }
 
 #[derive(Args)]
@@ -109,6 +111,17 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Backtest(args) => match headroom::backtest::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("headroom: {e:#}");
+                if e.is::<headroom::backtest::InputError>() {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+        },
         Command::Agent(args) => {
             let config = match args.config() {
                 Ok(c) => c,

@@ -48,6 +48,12 @@ pub const HISTORY: Kind = Kind {
     file: "history.bin",
 };
 
+pub const FORECASTS: Kind = Kind {
+    tag: b"FORECAST",
+    version: 1,
+    file: "forecasts.bin",
+};
+
 #[derive(Debug, Clone)]
 pub struct StateDir {
     dir: PathBuf,

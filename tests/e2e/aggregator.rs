@@ -1,5 +1,6 @@
 //! Three agents, each a separate process in its own network namespace with its own workload in
-//! its own cgroup, report to one aggregator in a fourth namespace over veth links. The aggregator's
+//! its own cgroup and its own fake `libnvidia-ml` (one GPU on which that workload runs), report to
+//! one aggregator in a fourth namespace over veth links. The aggregator's
 //! JSON API and metrics must show the merged workload within two reporting intervals; then the
 //! aggregator is killed for 30 s (`HEADROOM_E2E_OUTAGE_S` overrides): no agent may crash, their
 //! spools must fill and drain, and the view after recovery must equal the one before.
@@ -121,6 +122,32 @@ fn stable(v: &serde_json::Value) -> serde_json::Value {
     serde_json::json!({"id": v["id"], "nodes": v["nodes"], "current_replicas": v["current_replicas"], "resources": resources})
 }
 
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+/// The fake NVML library (crate `fake-nvml`), built once (`FAKE_NVML_LIB` overrides).
+fn fake_nvml() -> PathBuf {
+    if let Some(p) = std::env::var_os("FAKE_NVML_LIB") {
+        return PathBuf::from(p);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--locked", "-p", "fake-nvml"])
+        .current_dir(workspace_root())
+        .status()
+        .expect("run cargo build -p fake-nvml");
+    assert!(status.success(), "building fake-nvml failed");
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("debug")
+        .join("libnvidia_ml_fake.so")
+}
+
 fn spooled(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .map(|d| {
@@ -153,6 +180,7 @@ fn three_agents_in_netns_merge_at_one_aggregator_and_survive_its_outage() {
         .unwrap_or(30);
     let bin = agent_binary();
     let w = workload_binary();
+    let fake = fake_nvml();
     let tmp = tempfile::tempdir().expect("tempdir");
     let token = tmp.path().join("token");
     std::fs::write(&token, format!("{TOKEN}\n")).expect("token file");
@@ -221,13 +249,44 @@ fn three_agents_in_netns_merge_at_one_aggregator_and_survive_its_outage() {
             "memory.limit_in_bytes",
             &(256u64 << 20).to_string(),
         );
-        burners.push(cg.spawn(&w, &["burn", "1"]));
+        let burner = cg.spawn(&w, &["burn", "1"]);
+        // The fake NVML names the burner's pid; the agent must find it in its cgroup already.
+        let t_enter = Instant::now();
+        while !std::fs::read_to_string(format!("/proc/{}/cgroup", burner.id()))
+            .is_ok_and(|t| t.contains(&cg.rel))
+        {
+            assert!(
+                t_enter.elapsed() < Duration::from_secs(10),
+                "burner never entered {}",
+                cg.rel
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The burner "runs on" this node's one GPU: 40 % SM and 10 GB of its memory.
+        let gpu_dir = tmp.path().join(format!("nvml-{n}"));
+        std::fs::create_dir_all(&gpu_dir).expect("fake NVML dir");
+        let lib = gpu_dir.join("libnvidia-ml.so.1");
+        std::fs::copy(&fake, &lib).expect("copy the fake NVML library");
+        let script = gpu_dir.join("script.json");
+        std::fs::write(
+            &script,
+            serde_json::json!({"gpus": [{
+                "uuid": format!("GPU-e2e0000{i}-0000-0000-0000-000000000000"),
+                "name": "NVIDIA H200", "pci_bus_id": format!("00000000:1{i}:00.0"),
+                "memory_total": 150_000_000_000u64, "memory_used": 20_000_000_000u64,
+                "utilization": 55,
+                "processes": [{"pid": burner.id(), "memory_used": 10_000_000_000u64, "sm_util": 40}]
+            }]})
+            .to_string(),
+        )
+        .expect("fake NVML script");
+        burners.push(burner);
         let state = tmp.path().join(format!("state-{n}"));
         let config = tmp.path().join(format!("agent-{n}.toml"));
         std::fs::write(
             &config,
             format!(
-                "hostname = \"node-{n}\"\nsample_interval_s = {INTERVAL_S}\n\n[gpu]\nenabled = false\n\n[[aggregator.workloads]]\ncgroup = \"/headroom-test-*-web-*\"\nnamespace = \"shop\"\nkind = \"Deployment\"\nname = \"web\"\n"
+                "hostname = \"node-{n}\"\nsample_interval_s = {INTERVAL_S}\n\n[[aggregator.workloads]]\ncgroup = \"/headroom-test-*-web-*\"\nnamespace = \"shop\"\nkind = \"Deployment\"\nname = \"web\"\n"
             ),
         )
         .expect("agent config");
@@ -240,6 +299,9 @@ fn three_agents_in_netns_merge_at_one_aggregator_and_survive_its_outage() {
             .args(["--listen", "127.0.0.1:9810", "--state-dir"])
             .arg(&state)
             .args(["--include-cgroup", &cg.rel])
+            .arg("--nvml-library")
+            .arg(&lib)
+            .env("FAKE_NVML_SCRIPT", &script)
             .args(["--aggregator", &format!("http://10.213.{i}.1:9470")])
             .arg("--aggregator-token-file")
             .arg(&token)
@@ -282,7 +344,7 @@ fn three_agents_in_netns_merge_at_one_aggregator_and_survive_its_outage() {
             if v["nodes"] == 3
                 && v["resources"]
                     .as_array()
-                    .is_some_and(|r| r.len() == 2 && r.iter().all(|x| x["replicas"] == 3))
+                    .is_some_and(|r| r.len() == 4 && r.iter().all(|x| x["replicas"] == 3))
             {
                 break v;
             }

@@ -425,3 +425,68 @@ fn config_errors_name_the_key_and_exit_2() {
     );
     assert!(out.contains("/batch/*"), "{out}");
 }
+
+#[test]
+fn forecasts_are_exported_and_survive_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let mut a = Agent::start_with_state(&["--sample-interval", "0.2"], &state, None);
+    let upper = wait_for(Duration::from_secs(20), || {
+        let s = a.metrics();
+        let up = find(
+            &s,
+            "headroom_forecast_upper",
+            &[("series", "node_memory_used_bytes")],
+        );
+        let pt = find(
+            &s,
+            "headroom_forecast_point",
+            &[("series", "node_memory_used_bytes")],
+        );
+        let model = find(
+            &s,
+            "headroom_forecast_model_info",
+            &[("series", "node_memory_used_bytes")],
+        );
+        match (up.first(), pt.first(), model.first()) {
+            (Some(u), Some(p), Some(_)) if u.value >= p.value && u.value > 0.0 => Some(u.value),
+            _ => None,
+        }
+    });
+    assert!(
+        upper.is_some(),
+        "no forecast for node memory: {}",
+        a.log_text()
+    );
+    let hist = a.json("/v1/history?name=forecast_upper_node_memory_used_bytes");
+    assert!(!hist["series"][0]["fine"].as_array().unwrap().is_empty());
+    let (_, status) = a.terminate();
+    assert!(status.success());
+    assert!(
+        state.join("forecasts.bin").is_file(),
+        "forecasters not saved on SIGTERM"
+    );
+
+    let b = Agent::start_with_state(&["--sample-interval", "0.2"], &state, None);
+    let log = b.log_text();
+    assert!(log.contains("restored forecasters"), "{log}");
+    // A restored forecaster answers from the first sample on.
+    let s = b.metrics();
+    assert!(
+        !find(
+            &s,
+            "headroom_forecast_upper",
+            &[("series", "node_memory_used_bytes")]
+        )
+        .is_empty()
+    );
+
+    // Forecasters saved with other settings are moved aside, not trusted.
+    drop(b);
+    let c = Agent::start_with_state(&["--sample-interval", "0.5"], &state, None);
+    assert!(
+        c.log_text().contains("saved forecasters unusable"),
+        "{}",
+        c.log_text()
+    );
+}

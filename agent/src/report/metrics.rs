@@ -84,7 +84,20 @@ fn none() -> [(&'static str, &'static str); 0] {
     []
 }
 
-pub fn encode_snapshot(s: &Snapshot, _hostname: &str, enc: &mut DescriptorEncoder) -> fmt::Result {
+pub fn encode_snapshot(s: &Snapshot, hostname: &str, enc: &mut DescriptorEncoder) -> fmt::Result {
+    s.gpu.encode(enc, hostname, &|cgroup| {
+        s.containers
+            .iter()
+            .find(|c| c.ident.cgroup == cgroup)
+            .map(|c| {
+                c.ident
+                    .labels()
+                    .into_iter()
+                    .filter(|(k, _)| k == "namespace" || k == "pod" || k == "container")
+                    .collect()
+            })
+            .unwrap_or_default()
+    })?;
     if let Some(n) = &s.node {
         counters(
             enc,
@@ -294,7 +307,60 @@ pub fn encode_snapshot(s: &Snapshot, _hostname: &str, enc: &mut DescriptorEncode
             (l, 1.0)
         }),
     )?;
-    Ok(())
+    encode_forecasts(&s.forecasts, enc)
+}
+
+fn encode_forecasts(
+    rows: &[crate::forecast::ForecastRow],
+    enc: &mut DescriptorEncoder,
+) -> fmt::Result {
+    let labels: Vec<Labels> = rows
+        .iter()
+        .map(|r| {
+            let mut l = Vec::with_capacity(r.key.labels.len() + 1);
+            l.push(("series".to_string(), r.key.name.clone()));
+            l.extend(r.key.labels.iter().cloned());
+            l
+        })
+        .collect();
+    let each = |f: &dyn Fn(&crate::forecast::ForecastRow) -> f64| {
+        rows.iter()
+            .zip(&labels)
+            .map(|(r, l)| (l.as_slice(), f(r)))
+            .collect::<Vec<_>>()
+    };
+    gauges(
+        enc,
+        "headroom_forecast_upper",
+        "Demand the series will not exceed over the lead time, at the configured violation rate (unit of the series).",
+        each(&|r| r.upper),
+    )?;
+    gauges(
+        enc,
+        "headroom_forecast_point",
+        "Expected demand at the end of the lead time (unit of the series).",
+        each(&|r| r.point),
+    )?;
+    gauges(
+        enc,
+        "headroom_forecast_recent_violation_ratio",
+        "Recent share of steps whose demand exceeded the bound of the model in charge.",
+        each(&|r| r.recent_violation_ratio),
+    )?;
+    gauges(
+        enc,
+        "headroom_forecast_recent_slack_ratio",
+        "Recent spare capacity of the model in charge: sum(max(bound - demand, 0)) / sum(demand).",
+        each(&|r| r.recent_slack_ratio),
+    )?;
+    gauges(
+        enc,
+        "headroom_forecast_model_info",
+        "The model in charge of each series' forecast.",
+        rows.iter()
+            .zip(&labels)
+            .map(|(r, l)| (with(l, "model", r.model), 1.0)),
+    )
 }
 
 fn pressure(

@@ -3,6 +3,7 @@
 //! stores history or serves.
 
 pub mod cgroup;
+pub mod gpu;
 pub mod node;
 
 use std::time::SystemTime;
@@ -16,6 +17,11 @@ pub struct Snapshot {
     pub at: SystemTime,
     pub node: Option<node::NodeSample>,
     pub containers: Vec<cgroup::ContainerSample>,
+    /// GPUs, their processes and containers; served through `/metrics`, not the JSON API.
+    #[serde(skip)]
+    pub gpu: gpu::GpuSnapshot,
+    /// Forecasts made from this sample, one per forecast series.
+    pub forecasts: Vec<crate::forecast::ForecastRow>,
 }
 
 /// Time as float seconds since the epoch in JSON.

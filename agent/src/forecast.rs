@@ -1,0 +1,214 @@
+//! One forecaster per demand series, fed every sample by the sampling thread: the expected
+//! demand and its calibrated upper bound over the configured lead time, for the policies, the
+//! metrics and the history. Forecaster state is saved with the history so a restart does not
+//! start from zero. The models themselves live in `headroom-models`; this module only owns
+//! which series get one, their lifetime and their persistence.
+
+use std::collections::HashMap;
+
+use headroom_models::{ForecastConfig, Forecaster, SeriesForecaster};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ForecastSettings;
+use crate::history::SeriesKey;
+
+/// The newest forecast of one series.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForecastRow {
+    pub key: SeriesKey,
+    pub point: f64,
+    pub upper: f64,
+    pub model: &'static str,
+    /// Recent share of steps whose demand exceeded the bound of the model in charge.
+    pub recent_violation_ratio: f64,
+    /// Recent Σ max(bound − demand, 0) / Σ demand of the model in charge.
+    pub recent_slack_ratio: f64,
+}
+
+/// Name of the history series holding a series' forecast upper bound.
+pub fn upper_series_name(name: &str) -> String {
+    format!("forecast_upper_{name}")
+}
+
+pub struct Forecasts {
+    settings: ForecastSettings,
+    model: ForecastConfig,
+    series: HashMap<SeriesKey, SeriesForecaster>,
+    warned_full: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    model: ForecastConfig,
+    series: Vec<(SeriesKey, SeriesForecaster)>,
+}
+
+impl Forecasts {
+    /// `None` when forecasting is disabled; an error names the bad setting.
+    pub fn new(settings: &ForecastSettings, sample_interval_s: f64) -> Result<Forecasts, String> {
+        let lead_steps = ((settings.lead_time_s / sample_interval_s).round() as u32).max(1);
+        let model = ForecastConfig::new(lead_steps, settings.target_violation, sample_interval_s);
+        // Validates the combination once, here, rather than on the first series.
+        SeriesForecaster::new(model.clone()).map_err(|e| e.to_string())?;
+        Ok(Forecasts {
+            settings: settings.clone(),
+            model,
+            series: HashMap::new(),
+            warned_full: false,
+        })
+    }
+
+    pub fn wants(&self, name: &str) -> bool {
+        self.settings.series.iter().any(|s| s == name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.series.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.series.is_empty()
+    }
+
+    /// Feeds this sample's values; series absent from `points` are dropped (their container or
+    /// GPU is gone). Returns the newest forecast of every series.
+    pub fn observe(&mut self, points: &[(SeriesKey, f64)]) -> Vec<ForecastRow> {
+        let mut seen: HashMap<&SeriesKey, ()> = HashMap::with_capacity(points.len());
+        let mut out = Vec::new();
+        for (key, v) in points {
+            if !self.wants(&key.name) || !v.is_finite() {
+                continue;
+            }
+            seen.insert(key, ());
+            if !self.series.contains_key(key) {
+                if self.series.len() >= self.settings.max_series {
+                    if !self.warned_full {
+                        tracing::warn!(
+                            limit = self.settings.max_series,
+                            "forecast.max_series reached; new series go without forecasts"
+                        );
+                        self.warned_full = true;
+                    }
+                    continue;
+                }
+                match SeriesForecaster::new(self.model.clone()) {
+                    Ok(f) => {
+                        self.series.insert(key.clone(), f);
+                    }
+                    Err(_) => continue,
+                }
+            }
+            let Some(f) = self.series.get_mut(key) else {
+                continue;
+            };
+            f.observe(*v);
+            if let Some(fc) = f.forecast() {
+                let err = f.recent_errors().into_iter().next();
+                out.push(ForecastRow {
+                    key: key.clone(),
+                    point: fc.point,
+                    upper: fc.upper,
+                    model: fc.model,
+                    recent_violation_ratio: err.as_ref().map_or(f64::NAN, |e| e.violation_rate),
+                    recent_slack_ratio: err.as_ref().map_or(f64::NAN, |e| e.relative_slack),
+                });
+            }
+        }
+        self.series.retain(|k, _| seen.contains_key(k));
+        out
+    }
+
+    pub fn lead_time_s(&self) -> f64 {
+        self.model.lead_steps as f64 * self.model.step_seconds
+    }
+
+    pub fn target_violation(&self) -> f64 {
+        self.model.target_violation
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let saved = Saved {
+            model: self.model.clone(),
+            series: self
+                .series
+                .iter()
+                .map(|(k, f)| (k.clone(), f.clone()))
+                .collect(),
+        };
+        serde_json::to_vec(&saved).unwrap_or_default()
+    }
+
+    /// Restores saved forecasters made with the same model settings; returns how many.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<usize, String> {
+        let saved: Saved = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if saved.model != self.model {
+            return Err(format!(
+                "saved with lead {} steps, target {}, step {} s; now lead {} steps, target {}, step {} s",
+                saved.model.lead_steps,
+                saved.model.target_violation,
+                saved.model.step_seconds,
+                self.model.lead_steps,
+                self.model.target_violation,
+                self.model.step_seconds
+            ));
+        }
+        let n = saved.series.len().min(self.settings.max_series);
+        self.series.extend(saved.series.into_iter().take(n));
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ForecastSettings {
+        ForecastSettings::default()
+    }
+
+    fn key(cg: &str) -> SeriesKey {
+        SeriesKey::new(
+            "container_cpu_usage_cores",
+            vec![("cgroup".into(), cg.into())],
+        )
+    }
+
+    #[test]
+    fn forecasts_wanted_series_and_drops_vanished_ones() {
+        let mut f = Forecasts::new(&settings(), 1.0).unwrap();
+        let other = SeriesKey::new("container_cpu_throttled_ratio", vec![]);
+        let mut rows = Vec::new();
+        for i in 0..300 {
+            rows = f.observe(&[
+                (key("/a"), 1.0 + (i % 5) as f64 * 0.1),
+                (key("/b"), 2.0),
+                (other.clone(), 0.5),
+            ]);
+        }
+        assert_eq!(f.len(), 2);
+        let a = rows.iter().find(|r| r.key == key("/a")).unwrap();
+        assert!(
+            a.upper >= a.point && a.upper >= 1.0 && a.upper < 3.0,
+            "{a:?}"
+        );
+        f.observe(&[(key("/a"), 1.0)]);
+        assert_eq!(f.len(), 1);
+    }
+
+    #[test]
+    fn state_round_trips_and_rejects_other_settings() {
+        let mut f = Forecasts::new(&settings(), 1.0).unwrap();
+        for i in 0..200 {
+            f.observe(&[(key("/a"), (i % 7) as f64)]);
+        }
+        let bytes = f.encode();
+        let mut g = Forecasts::new(&settings(), 1.0).unwrap();
+        assert_eq!(g.restore(&bytes).unwrap(), 1);
+        let next = [(key("/a"), 3.0)];
+        let (a, b) = (f.observe(&next), g.observe(&next));
+        assert_eq!(a[0].upper, b[0].upper);
+        let mut other = Forecasts::new(&settings(), 2.0).unwrap();
+        assert!(other.restore(&bytes).unwrap_err().contains("lead"));
+        assert!(g.restore(b"{not json").is_err());
+    }
+}
