@@ -52,6 +52,8 @@ pub struct Shared {
     /// Milliseconds since `started` at the end of the newest sample, for liveness.
     pub last_sample_ms: AtomicU64,
     pub sample_interval: Duration,
+    /// The sender of scale hints, when aggregators are configured; read for its counters.
+    pub hints: std::sync::OnceLock<Arc<headroom_aggregator::client::HintClient>>,
 }
 
 impl Shared {
@@ -67,6 +69,7 @@ impl Shared {
             ready: AtomicBool::new(false),
             last_sample_ms: AtomicU64::new(0),
             sample_interval: Duration::from_secs_f64(config.sample_interval_s),
+            hints: std::sync::OnceLock::new(),
         }
     }
 
@@ -191,6 +194,51 @@ impl Shared {
                 "headroom_agent_cpu_seconds",
                 "CPU time of the agent process.",
                 [(none, cpu)],
+            )?;
+        }
+        if let Some(client) = self.hints.get() {
+            let stats = client.stats();
+            let rows = |f: fn(&headroom_aggregator::client::StatsSnapshot) -> u64| {
+                stats
+                    .iter()
+                    .map(move |(e, s)| ([("endpoint", e.clone())], f(s) as f64))
+                    .collect::<Vec<_>>()
+            };
+            counters(
+                enc,
+                "headroom_agent_hint_batches",
+                "Hint batches the aggregator acknowledged, by endpoint and result.",
+                stats.iter().flat_map(|(e, s)| {
+                    [
+                        ("delivered", s.delivered),
+                        ("duplicate", s.duplicates),
+                        ("rejected", s.rejected),
+                    ]
+                    .map(|(r, v)| {
+                        (
+                            [("endpoint", e.clone()), ("result", r.to_string())],
+                            v as f64,
+                        )
+                    })
+                }),
+            )?;
+            counters(
+                enc,
+                "headroom_agent_hint_send_failures",
+                "Failed attempts to deliver a hint batch (unreachable, timeout, 5xx, 429, 401).",
+                rows(|s| s.failures),
+            )?;
+            gauges(
+                enc,
+                "headroom_agent_hint_spool_batches",
+                "Hint batches waiting in the on-disk spool.",
+                rows(|s| s.spool_len),
+            )?;
+            counters(
+                enc,
+                "headroom_agent_hint_spool_dropped_batches",
+                "Oldest spooled hint batches dropped because the spool was full.",
+                rows(|s| s.dropped_oldest),
             )?;
         }
         gauges(
@@ -582,7 +630,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         shutdown_rx,
     ));
 
-    let hints = start_hint_client(&config, &shared.hostname, &runtime)?;
+    let hints = start_hint_client(&config, &shared, &runtime)?;
 
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
     let sampler = {
@@ -615,9 +663,10 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 /// Starts the hint client when aggregators are configured; returns where to send hints.
 fn start_hint_client(
     config: &Config,
-    node: &str,
+    shared: &Shared,
     runtime: &tokio::runtime::Runtime,
 ) -> anyhow::Result<Option<HintSender>> {
+    let node = shared.hostname.as_str();
     let a = &config.aggregator;
     if a.endpoints.is_empty() {
         return Ok(None);
@@ -648,9 +697,12 @@ fn start_hint_client(
     cc.interval = Duration::from_secs_f64(config.sample_interval_s * f64::from(a.report_every));
     let client = {
         let _guard = runtime.enter();
-        headroom_aggregator::client::HintClient::start(cc)
-            .map_err(|e| anyhow::anyhow!("aggregator client: {e}"))?
+        Arc::new(
+            headroom_aggregator::client::HintClient::start(cc)
+                .map_err(|e| anyhow::anyhow!("aggregator client: {e}"))?,
+        )
     };
+    let _ = shared.hints.set(client.clone());
     tracing::info!(endpoints = ?a.endpoints, node, "sending scale hints");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<headroom_aggregator::Hint>>();
     runtime.spawn(async move {

@@ -267,6 +267,22 @@ pub struct HintClient {
     endpoints: Vec<Endpoint>,
 }
 
+impl std::fmt::Debug for HintClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HintClient")
+            .field("node", &self.node)
+            .field(
+                "endpoints",
+                &self
+                    .endpoints
+                    .iter()
+                    .map(|e| e.url.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
 fn endpoint_dir_name(url: &str) -> String {
     url.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })

@@ -417,6 +417,18 @@ fn three_agents_in_netns_merge_at_one_aggregator_and_survive_its_outage() {
         );
         let n = spooled(&state.join("hints"));
         eprintln!("{ns}: {n} batches spooled after {outage_s} s");
+        let m = parse_metrics(
+            &in_netns(ns, || http_get(9810, "/metrics"))
+                .expect("agent metrics")
+                .1,
+        );
+        let gauge = find(&m, "headroom_agent_hint_spool_batches", &[])
+            .first()
+            .map(|s| s.value);
+        assert!(
+            gauge.is_some_and(|g| g >= 1.0),
+            "{ns}: spool gauge {gauge:?}"
+        );
         assert!(
             n as f64 >= outage_s as f64 / INTERVAL_S * 0.5,
             "{ns}: only {n} batches spooled"
