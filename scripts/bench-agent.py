@@ -119,7 +119,7 @@ def main():
             cs.add()
         ap_, np_ = free_port(), free_port()
         agent = subprocess.Popen([agent_bin, "agent", "--listen", f"127.0.0.1:{ap_}", "--state-dir", state,
-                                  "--include-cgroup", "/headroom-bench-*", "--sample-interval", "1"]
+                                  "--include-cgroup", f"/headroom-bench-{os.getpid()}-*", "--sample-interval", "1"]
                                  + (["--config", a.config] if a.config else []),
                                  stderr=subprocess.DEVNULL)
         node = subprocess.Popen([exporter, f"--web.listen-address=127.0.0.1:{np_}"], stderr=subprocess.DEVNULL)

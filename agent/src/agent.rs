@@ -16,6 +16,7 @@ use crate::forecast::{self, Forecasts};
 use crate::history::{History, SeriesKey};
 use crate::report::metrics::{counters, gauges};
 use crate::sample::cgroup::CgroupSampler;
+use crate::sample::ebpf::{EbpfSampler, cgroup_id_of};
 use crate::sample::gpu::{self, GpuSampler};
 use crate::sample::node::NodeSampler;
 use crate::sample::{Snapshot, unix_seconds};
@@ -123,6 +124,7 @@ impl Shared {
             "samplers": self.samplers.read().map(|g| g.clone()).unwrap_or_default(),
             "sample_cost": self.cost.lock().map(|g| g.clone()).unwrap_or_default(),
             "containers": { "count": containers.len(), "items": containers },
+            "ebpf": snapshot.as_ref().map(|s| &s.ebpf.status),
             "history": { "series": series, "points": points },
         })
     }
@@ -285,6 +287,8 @@ fn unix_ms(t: SystemTime) -> u64 {
 pub struct Samplers {
     node: NodeSampler,
     cgroups: Option<CgroupSampler>,
+    /// Dropped with the sampling thread, which detaches and unloads the probes.
+    ebpf: EbpfSampler,
     gpu: GpuSampler,
 }
 
@@ -317,6 +321,7 @@ impl Samplers {
         Samplers {
             node: NodeSampler::new(&config.cgroup.proc_root),
             cgroups,
+            ebpf: EbpfSampler::new(&config.ebpf),
             gpu,
         }
     }
@@ -371,6 +376,39 @@ impl Samplers {
             }
             None => Vec::new(),
         };
+        let cgroup_ids = self
+            .cgroups
+            .as_ref()
+            .map(|c| {
+                c.v2_dirs()
+                    .filter_map(|(ident, dir)| cgroup_id_of(dir).ok().map(|id| (id, ident.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let t2 = Instant::now();
+        let ebpf = self.ebpf.sample();
+        let up: Vec<String> = ebpf
+            .status
+            .programs
+            .iter()
+            .map(|p| match p.attached {
+                Some(how) => format!("{} via {how}", p.program),
+                None => format!("{} off", p.program),
+            })
+            .collect();
+        shared.set_health(
+            "ebpf",
+            SamplerHealth {
+                healthy: ebpf.read_error.is_none(),
+                last_error: ebpf.read_error.clone(),
+                last_duration_seconds: t2.elapsed().as_secs_f64(),
+                detail: Some(if ebpf.status.enabled {
+                    up.join(", ")
+                } else {
+                    "disabled by configuration".into()
+                }),
+            },
+        );
         let gpu = self.gpu.sample(at);
         shared.set_health(
             "gpu",
@@ -395,6 +433,8 @@ impl Samplers {
             at,
             node,
             containers,
+            ebpf,
+            cgroup_ids,
             gpu,
             forecasts: Vec::new(),
         }
@@ -431,6 +471,14 @@ pub fn history_points(s: &Snapshot) -> Vec<(SeriesKey, f64)> {
         if let Some(v) = c.throttled_ratio {
             out.push((SeriesKey::new("container_cpu_throttled_ratio", labels()), v));
         }
+    }
+    let cgroup_of = |id: u64| {
+        s.cgroup_ids
+            .get(&id)
+            .map(|i| vec![("cgroup".to_string(), i.cgroup.clone())])
+    };
+    for (name, labels, v) in s.ebpf.series(&cgroup_of) {
+        out.push((SeriesKey::new(&name, labels), v));
     }
     out
 }

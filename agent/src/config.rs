@@ -188,11 +188,11 @@ impl Default for AggregatorConfig {
 impl Default for HistoryConfig {
     fn default() -> Self {
         HistoryConfig {
-            fine_retention_s: 900,
+            fine_retention_s: 600,
             coarse_step_s: 60,
             coarse_retention_s: 86400,
             save_interval_s: 60,
-            stale_after_s: 600,
+            stale_after_s: 30,
         }
     }
 }
@@ -248,6 +248,8 @@ impl Default for ForecastSettings {
                 "gpu_memory_used_bytes",
                 "container_gpu_utilization_ratio",
                 "container_gpu_memory_used_bytes",
+                "container_request_rate_per_second",
+                "container_request_latency_p99_seconds",
             ]
             .map(String::from)
             .to_vec(),

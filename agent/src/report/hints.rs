@@ -619,6 +619,8 @@ mod tests {
                 at,
                 crate::sample::gpu::NvmlStatus::Disabled,
             ),
+            ebpf: Default::default(),
+            cgroup_ids: Default::default(),
             forecasts: vec![ForecastRow {
                 key: key_a,
                 point: 0.5,

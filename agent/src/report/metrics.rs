@@ -307,6 +307,8 @@ pub fn encode_snapshot(s: &Snapshot, hostname: &str, enc: &mut DescriptorEncoder
             (l, 1.0)
         }),
     )?;
+    s.ebpf
+        .encode(enc, &|id| s.cgroup_ids.get(&id).map(|i| i.labels()))?;
     encode_forecasts(&s.forecasts, enc)
 }
 

@@ -3,9 +3,12 @@
 //! stores history or serves.
 
 pub mod cgroup;
+pub mod ebpf;
 pub mod gpu;
 pub mod node;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -17,6 +20,11 @@ pub struct Snapshot {
     pub at: SystemTime,
     pub node: Option<node::NodeSample>,
     pub containers: Vec<cgroup::ContainerSample>,
+    /// Request latency and run-queue delay from the eBPF probes (empty when they are off).
+    pub ebpf: ebpf::EbpfSnapshot,
+    /// cgroup v2 id (what eBPF reports) of every tracked container that has a v2 directory.
+    #[serde(skip)]
+    pub cgroup_ids: BTreeMap<u64, Arc<cgroup::Identity>>,
     /// GPUs, their processes and containers; served through `/metrics`, not the JSON API.
     #[serde(skip)]
     pub gpu: gpu::GpuSnapshot,

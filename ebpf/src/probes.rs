@@ -1,0 +1,636 @@
+//! Loading the embedded object, attaching each probe group along a fallback chain of program
+//! types, and reading its histogram maps. Owns every kernel object it creates: dropping [`Probes`]
+//! detaches the links and closes programs and maps. Never panics and never fails the caller: what
+//! the kernel refuses is recorded in [`ProgramStatus`] and logged once.
+
+use std::collections::HashMap as StdHashMap;
+use std::fmt;
+
+use aya::maps::{Array, HashMap, MapData};
+use aya::programs::{BtfTracePoint, FEntry, FExit, RawTracePoint};
+use aya::{Btf, Ebpf, EbpfLoader, Pod};
+use serde::Serialize;
+
+use crate::hist::{Histogram, NBUCKETS};
+
+/// The compiled probes, rebuilt by `ebpf/build.sh`: the first keeps tp_btf state in socket/task
+/// local storage (cheapest per event); the second uses hash maps only, for kernels that lack
+/// those map types (the whole object fails to load there, maps being created up front).
+static OBJECTS: [(&str, &[u8]); 2] = [
+    (
+        "local_storage",
+        aya::include_bytes_aligned!("../bpf/headroom.bpf.o"),
+    ),
+    (
+        "compat",
+        aya::include_bytes_aligned!("../bpf/headroom_compat.bpf.o"),
+    ),
+];
+
+/// A way of attaching a probe, in the order the default chain tries them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attach {
+    /// BTF-typed tracepoint (`BPF_PROG_TYPE_TRACING`, `tp_btf`); the sock tracepoints need >= 6.3.
+    TpBtf,
+    /// fentry/fexit trampolines on kernel functions (>= 5.5, needs BTF and trampolines).
+    Fentry,
+    /// Raw tracepoint (>= 4.17), arguments read through probe-read helpers.
+    RawTracepoint,
+}
+
+impl Attach {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attach::TpBtf => "tp_btf",
+            Attach::Fentry => "fentry",
+            Attach::RawTracepoint => "raw_tracepoint",
+        }
+    }
+}
+
+impl fmt::Display for Attach {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The default fallback chain.
+pub const DEFAULT_CHAIN: [Attach; 3] = [Attach::TpBtf, Attach::Fentry, Attach::RawTracepoint];
+
+/// The probe groups, as named in status and in `headroom_ebpf_program_up{program}`.
+pub const REQUEST_LATENCY: &str = "request_latency";
+pub const RUNQUEUE_DELAY: &str = "runqueue_delay";
+
+/// One hook of a group: the program's function name in the object and where it attaches.
+#[derive(Clone, Copy)]
+enum Hook {
+    TpBtf {
+        prog: &'static str,
+        tracepoint: &'static str,
+    },
+    FEntry {
+        prog: &'static str,
+        function: &'static str,
+    },
+    FExit {
+        prog: &'static str,
+        function: &'static str,
+    },
+    Raw {
+        prog: &'static str,
+        tracepoint: &'static str,
+    },
+}
+
+impl Hook {
+    fn prog(self) -> &'static str {
+        match self {
+            Hook::TpBtf { prog, .. }
+            | Hook::FEntry { prog, .. }
+            | Hook::FExit { prog, .. }
+            | Hook::Raw { prog, .. } => prog,
+        }
+    }
+}
+
+/// Hooks of a group for one way of attaching; `None` when that way has no equivalent hook.
+fn hooks(group: &str, how: Attach) -> Option<&'static [Hook]> {
+    const REQ_TP: &[Hook] = &[
+        Hook::TpBtf {
+            prog: "tp_sock_state",
+            tracepoint: "inet_sock_set_state",
+        },
+        Hook::TpBtf {
+            prog: "tp_sock_recv",
+            tracepoint: "sock_recv_length",
+        },
+        Hook::TpBtf {
+            prog: "tp_sock_send",
+            tracepoint: "sock_send_length",
+        },
+    ];
+    const REQ_FENTRY: &[Hook] = &[
+        Hook::FEntry {
+            prog: "fe_sock_state",
+            function: "tcp_set_state",
+        },
+        Hook::FExit {
+            prog: "fe_sock_recv",
+            function: "sock_recvmsg",
+        },
+        Hook::FExit {
+            prog: "fe_sock_send",
+            function: "sock_sendmsg",
+        },
+    ];
+    const REQ_RAW: &[Hook] = &[
+        Hook::Raw {
+            prog: "raw_sock_state",
+            tracepoint: "inet_sock_set_state",
+        },
+        Hook::Raw {
+            prog: "raw_sock_recv",
+            tracepoint: "sock_recv_length",
+        },
+        Hook::Raw {
+            prog: "raw_sock_send",
+            tracepoint: "sock_send_length",
+        },
+    ];
+    const RUNQ_TP: &[Hook] = &[
+        Hook::TpBtf {
+            prog: "tp_sched_wakeup",
+            tracepoint: "sched_wakeup",
+        },
+        Hook::TpBtf {
+            prog: "tp_sched_wakeup_new",
+            tracepoint: "sched_wakeup_new",
+        },
+        Hook::TpBtf {
+            prog: "tp_sched_switch",
+            tracepoint: "sched_switch",
+        },
+    ];
+    const RUNQ_RAW: &[Hook] = &[
+        Hook::Raw {
+            prog: "raw_sched_wakeup",
+            tracepoint: "sched_wakeup",
+        },
+        Hook::Raw {
+            prog: "raw_sched_wakeup_new",
+            tracepoint: "sched_wakeup_new",
+        },
+        Hook::Raw {
+            prog: "raw_sched_switch",
+            tracepoint: "sched_switch",
+        },
+    ];
+    match (group, how) {
+        (REQUEST_LATENCY, Attach::TpBtf) => Some(REQ_TP),
+        (REQUEST_LATENCY, Attach::Fentry) => Some(REQ_FENTRY),
+        (REQUEST_LATENCY, Attach::RawTracepoint) => Some(REQ_RAW),
+        (RUNQUEUE_DELAY, Attach::TpBtf) => Some(RUNQ_TP),
+        // The scheduler's switch path is not a traceable function; only tracepoints reach it.
+        (RUNQUEUE_DELAY, Attach::Fentry) => None,
+        (RUNQUEUE_DELAY, Attach::RawTracepoint) => Some(RUNQ_RAW),
+        _ => None,
+    }
+}
+
+/// Which probe groups to load and which ways of attaching to try, in order.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub request_latency: bool,
+    pub runqueue_delay: bool,
+    pub chain: Vec<Attach>,
+    /// Skip the local-storage object and load the hash-map-only one (tests use it).
+    pub compat_only: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            request_latency: true,
+            runqueue_delay: true,
+            chain: DEFAULT_CHAIN.to_vec(),
+            compat_only: false,
+        }
+    }
+}
+
+/// What happened when one way of attaching was tried for one group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AttachAttempt {
+    pub attach: Attach,
+    /// `"attached"`, `"not applicable"`, or `"refused: <reason>"`.
+    pub result: String,
+}
+
+/// Per-group outcome, reported in `/v1/status` and `headroom_ebpf_program_up`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ProgramStatus {
+    pub program: &'static str,
+    /// The way it is attached, or `None` when it runs with none.
+    pub attached: Option<Attach>,
+    /// Every way tried, in order, until one worked.
+    pub attempts: Vec<AttachAttempt>,
+}
+
+impl ProgramStatus {
+    pub fn up(&self) -> bool {
+        self.attached.is_some()
+    }
+}
+
+/// Errors reading the probes' maps.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("eBPF map {map} is missing from the loaded object")]
+    MissingMap { map: &'static str },
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawReqKey {
+    cgroup_id: u64,
+    port: u16,
+    pad: [u16; 3],
+}
+// SAFETY: repr(C), only integers, and no padding bytes (8 + 2 + 6).
+unsafe impl Pod for RawReqKey {}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawHist {
+    sum_ns: u64,
+    buckets: [u64; NBUCKETS],
+}
+// SAFETY: repr(C), only u64 fields, no padding.
+unsafe impl Pod for RawHist {}
+
+impl From<&RawHist> for Histogram {
+    fn from(r: &RawHist) -> Self {
+        Histogram {
+            count: r.buckets.iter().sum(),
+            sum_ns: r.sum_ns,
+            buckets: r.buckets.to_vec(),
+        }
+    }
+}
+
+/// Key of a request-latency histogram: the serving thread's cgroup (v2 id) and the local port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestKey {
+    pub cgroup_id: u64,
+    pub port: u16,
+}
+
+/// One reading of every map; histograms are cumulative since the probes were loaded.
+#[derive(Clone, Debug, Default)]
+pub struct Reading {
+    pub request_latency: StdHashMap<RequestKey, Histogram>,
+    pub runqueue_delay: StdHashMap<u64, Histogram>,
+    /// Events lost because a histogram map was full: (request latency, run-queue delay).
+    pub dropped: (u64, u64),
+}
+
+/// The loaded probes. Dropping it releases every program, link and map.
+pub struct Probes {
+    ebpf: Option<Ebpf>,
+    object: Option<&'static str>,
+    status: Vec<ProgramStatus>,
+}
+
+impl fmt::Debug for Probes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Probes")
+            .field("object", &self.object)
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+fn error_text(err: &dyn std::error::Error) -> String {
+    let mut text = err
+        .to_string()
+        .trim_end()
+        .trim_end_matches(" Verifier output:")
+        .to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let line = s.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = s.source();
+    }
+    // Verifier logs can run to megabytes; the first line or so says why.
+    const MAX: usize = 400;
+    if text.len() > MAX {
+        let mut cut = MAX;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(" …");
+    }
+    text
+}
+
+fn attach_hook(ebpf: &mut Ebpf, hook: Hook, btf: Option<&Btf>) -> Result<(), String> {
+    let name = hook.prog();
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} is missing from the object"))?;
+    let need_btf =
+        || btf.ok_or_else(|| "kernel BTF (/sys/kernel/btf/vmlinux) unavailable".to_string());
+    let fail = |what: &str, e: &dyn std::error::Error| format!("{what} {name}: {}", error_text(e));
+    match hook {
+        Hook::TpBtf { tracepoint, .. } => {
+            let p: &mut BtfTracePoint = program.try_into().map_err(|e| fail("type of", &e))?;
+            p.load(tracepoint, need_btf()?)
+                .map_err(|e| fail("load", &e))?;
+            p.attach().map_err(|e| fail("attach", &e))?;
+        }
+        Hook::FEntry { function, .. } => {
+            let p: &mut FEntry = program.try_into().map_err(|e| fail("type of", &e))?;
+            p.load(function, need_btf()?)
+                .map_err(|e| fail("load", &e))?;
+            p.attach().map_err(|e| fail("attach", &e))?;
+        }
+        Hook::FExit { function, .. } => {
+            let p: &mut FExit = program.try_into().map_err(|e| fail("type of", &e))?;
+            p.load(function, need_btf()?)
+                .map_err(|e| fail("load", &e))?;
+            p.attach().map_err(|e| fail("attach", &e))?;
+        }
+        Hook::Raw { tracepoint, .. } => {
+            let p: &mut RawTracePoint = program.try_into().map_err(|e| fail("type of", &e))?;
+            p.load().map_err(|e| fail("load", &e))?;
+            p.attach(tracepoint).map_err(|e| fail("attach", &e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Unloads (and so detaches) every program of `hooks`; used to undo a half-attached group.
+fn release(ebpf: &mut Ebpf, hooks: &[Hook]) {
+    for hook in hooks {
+        let Some(program) = ebpf.program_mut(hook.prog()) else {
+            continue;
+        };
+        // Unloading a program that never loaded fails with NotLoaded; nothing to undo then.
+        let _ = match hook {
+            Hook::TpBtf { .. } => <&mut BtfTracePoint>::try_from(program).map(|p| p.unload()),
+            Hook::FEntry { .. } => <&mut FEntry>::try_from(program).map(|p| p.unload()),
+            Hook::FExit { .. } => <&mut FExit>::try_from(program).map(|p| p.unload()),
+            Hook::Raw { .. } => <&mut RawTracePoint>::try_from(program).map(|p| p.unload()),
+        };
+    }
+}
+
+fn attach_group(
+    ebpf: &mut Ebpf,
+    group: &'static str,
+    chain: &[Attach],
+    btf: Option<&Btf>,
+) -> ProgramStatus {
+    let mut attempts = Vec::new();
+    for &how in chain {
+        let Some(group_hooks) = hooks(group, how) else {
+            attempts.push(AttachAttempt {
+                attach: how,
+                result: "not applicable".into(),
+            });
+            continue;
+        };
+        let outcome = group_hooks
+            .iter()
+            .try_for_each(|&h| attach_hook(ebpf, h, btf));
+        match outcome {
+            Ok(()) => {
+                attempts.push(AttachAttempt {
+                    attach: how,
+                    result: "attached".into(),
+                });
+                tracing::info!(program = group, attach = %how, "eBPF program attached");
+                return ProgramStatus {
+                    program: group,
+                    attached: Some(how),
+                    attempts,
+                };
+            }
+            Err(reason) => {
+                release(ebpf, group_hooks);
+                tracing::warn!(program = group, attach = %how, %reason, "eBPF program type refused; trying the next in the chain");
+                attempts.push(AttachAttempt {
+                    attach: how,
+                    result: format!("refused: {reason}"),
+                });
+            }
+        }
+    }
+    tracing::warn!(
+        program = group,
+        "eBPF program not attached by any way in the chain; running without it"
+    );
+    ProgramStatus {
+        program: group,
+        attached: None,
+        attempts,
+    }
+}
+
+impl Probes {
+    /// Loads the object and attaches the requested groups. Never fails: whatever the kernel
+    /// refuses is logged once and reported by [`Probes::status`].
+    pub fn load(opts: &Options) -> Probes {
+        let groups: Vec<&'static str> = [
+            (opts.request_latency, REQUEST_LATENCY),
+            (opts.runqueue_delay, RUNQUEUE_DELAY),
+        ]
+        .into_iter()
+        .filter_map(|(on, g)| on.then_some(g))
+        .collect();
+        if groups.is_empty() {
+            return Probes {
+                ebpf: None,
+                object: None,
+                status: Vec::new(),
+            };
+        }
+        let btf = match Btf::from_sys_fs() {
+            Ok(btf) => Some(btf),
+            Err(e) => {
+                tracing::warn!(error = %error_text(&e), "kernel BTF unavailable; only programs without BTF can load");
+                None
+            }
+        };
+        let mut failures = Vec::new();
+        let mut loaded = None;
+        for (name, bytes) in OBJECTS.iter().skip(usize::from(opts.compat_only)) {
+            match EbpfLoader::new()
+                .btf(btf.as_ref())
+                // aya 0.14 has no wrapper for task/socket storage maps; the kernel creates them
+                // all the same, and user space never reads them.
+                .allow_unsupported_maps()
+                .load(bytes)
+            {
+                Ok(ebpf) => {
+                    loaded = Some((*name, ebpf));
+                    break;
+                }
+                Err(e) => {
+                    let reason = format!("object {name}: {}", error_text(&e));
+                    tracing::warn!(%reason, "loading eBPF object refused; trying the next");
+                    failures.push(reason);
+                }
+            }
+        }
+        let Some((object, mut ebpf)) = loaded else {
+            let reason = format!(
+                "refused: loading the object (maps, CO-RE relocations): {}",
+                failures.join("; ")
+            );
+            tracing::warn!(%reason, "eBPF unavailable; the agent runs without request latency and run-queue delay");
+            let status = groups
+                .iter()
+                .map(|&g| ProgramStatus {
+                    program: g,
+                    attached: None,
+                    attempts: opts
+                        .chain
+                        .iter()
+                        .map(|&how| AttachAttempt {
+                            attach: how,
+                            result: reason.clone(),
+                        })
+                        .collect(),
+                })
+                .collect();
+            return Probes {
+                ebpf: None,
+                object: None,
+                status,
+            };
+        };
+        tracing::info!(object, "eBPF object loaded");
+        let status = groups
+            .iter()
+            .map(|&g| attach_group(&mut ebpf, g, &opts.chain, btf.as_ref()))
+            .collect();
+        Probes {
+            ebpf: Some(ebpf),
+            object: Some(object),
+            status,
+        }
+    }
+
+    /// Which embedded object loaded (`"local_storage"` or `"compat"`), if any.
+    pub fn object(&self) -> Option<&'static str> {
+        self.object
+    }
+
+    /// Per-group outcome of [`Probes::load`].
+    pub fn status(&self) -> &[ProgramStatus] {
+        &self.status
+    }
+
+    /// Kernel ids of the programs currently loaded (for `bpftool prog show id N`, and to check
+    /// release on drop).
+    pub fn program_ids(&self) -> Vec<u32> {
+        let Some(ebpf) = &self.ebpf else {
+            return Vec::new();
+        };
+        ebpf.programs()
+            .filter_map(|(_, p)| p.info().ok())
+            .map(|info| info.id())
+            .collect()
+    }
+
+    /// Deletes histograms from the kernel maps (keys of cgroups gone or idle), so the bounded maps
+    /// keep room for new ones. A key seen again later starts from zero. Returns how many were
+    /// deleted; keys already absent are not errors.
+    pub fn forget(
+        &mut self,
+        requests: &[RequestKey],
+        runqueue: &[u64],
+    ) -> Result<usize, ReadError> {
+        let Some(ebpf) = &mut self.ebpf else {
+            return Ok(0);
+        };
+        let mut deleted = 0;
+        if !requests.is_empty() {
+            let map = ebpf
+                .map_mut("req_hist")
+                .ok_or(ReadError::MissingMap { map: "req_hist" })?;
+            let mut req: HashMap<&mut MapData, RawReqKey, RawHist> = HashMap::try_from(map)
+                .map_err(|source| ReadError::Map {
+                    map: "req_hist",
+                    source,
+                })?;
+            for k in requests {
+                let raw = RawReqKey {
+                    cgroup_id: k.cgroup_id,
+                    port: k.port,
+                    pad: [0; 3],
+                };
+                deleted += usize::from(req.remove(&raw).is_ok());
+            }
+        }
+        if !runqueue.is_empty() {
+            let map = ebpf
+                .map_mut("runq_hist")
+                .ok_or(ReadError::MissingMap { map: "runq_hist" })?;
+            let mut runq: HashMap<&mut MapData, u64, RawHist> =
+                HashMap::try_from(map).map_err(|source| ReadError::Map {
+                    map: "runq_hist",
+                    source,
+                })?;
+            for id in runqueue {
+                deleted += usize::from(runq.remove(id).is_ok());
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Kernel run-time accounting per loaded program: (name, total run time, runs). The kernel
+    /// counts only while `kernel.bpf_stats_enabled` is 1 (it costs a clock read per run), so
+    /// benchmarks switch it on for a measuring run; otherwise both stay 0.
+    pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
+        let Some(ebpf) = &self.ebpf else {
+            return Vec::new();
+        };
+        ebpf.programs()
+            .filter_map(|(name, p)| {
+                p.info()
+                    .ok()
+                    .map(|i| (name.to_string(), i.run_time(), i.run_count()))
+            })
+            .collect()
+    }
+
+    /// Reads every histogram. Cheap enough for each sampling tick: one map walk per key in use.
+    pub fn read(&self) -> Result<Reading, ReadError> {
+        let Some(ebpf) = &self.ebpf else {
+            return Ok(Reading::default());
+        };
+        let map = |name: &'static str| ebpf.map(name).ok_or(ReadError::MissingMap { map: name });
+        let err = |map: &'static str| move |source| ReadError::Map { map, source };
+
+        let mut reading = Reading::default();
+        let req: HashMap<&MapData, RawReqKey, RawHist> =
+            HashMap::try_from(map("req_hist")?).map_err(err("req_hist"))?;
+        for entry in req.iter() {
+            let (k, v) = entry.map_err(err("req_hist"))?;
+            reading.request_latency.insert(
+                RequestKey {
+                    cgroup_id: k.cgroup_id,
+                    port: k.port,
+                },
+                Histogram::from(&v),
+            );
+        }
+        let runq: HashMap<&MapData, u64, RawHist> =
+            HashMap::try_from(map("runq_hist")?).map_err(err("runq_hist"))?;
+        for entry in runq.iter() {
+            let (k, v) = entry.map_err(err("runq_hist"))?;
+            reading.runqueue_delay.insert(k, Histogram::from(&v));
+        }
+        let dropped: Array<&MapData, u64> =
+            Array::try_from(map("dropped")?).map_err(err("dropped"))?;
+        reading.dropped = (
+            dropped.get(&0, 0).map_err(err("dropped"))?,
+            dropped.get(&1, 0).map_err(err("dropped"))?,
+        );
+        Ok(reading)
+    }
+}
