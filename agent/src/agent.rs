@@ -55,6 +55,11 @@ pub struct Shared {
     pub sample_interval: Duration,
     /// The sender of scale hints, when aggregators are configured; read for its counters.
     pub hints: std::sync::OnceLock<Arc<headroom_aggregator::client::HintClient>>,
+    /// Where the sampling thread hands each pass's hints to that sender.
+    pub hint_tx: std::sync::OnceLock<HintSender>,
+    /// Policy decisions, for `/v1/decisions` and `headroom_decisions_total`.
+    pub decisions: crate::act::driver::DecisionLog,
+    pub policy_mode: crate::config::PolicyMode,
 }
 
 impl Shared {
@@ -71,6 +76,9 @@ impl Shared {
             last_sample_ms: AtomicU64::new(0),
             sample_interval: Duration::from_secs_f64(config.sample_interval_s),
             hints: std::sync::OnceLock::new(),
+            hint_tx: std::sync::OnceLock::new(),
+            decisions: Default::default(),
+            policy_mode: config.policy.mode,
         }
     }
 
@@ -184,6 +192,24 @@ impl Shared {
             "Containers found by the newest sample.",
             [(none, containers as f64)],
         )?;
+        counters(
+            enc,
+            "headroom_decisions",
+            "Policy decisions, by resource, reason and whether they were written.",
+            self.decisions
+                .counts()
+                .into_iter()
+                .map(|((r, why, applied), n)| {
+                    (
+                        [
+                            ("resource", r),
+                            ("reason", why),
+                            ("applied", if applied { "true" } else { "false" }),
+                        ],
+                        n as f64,
+                    )
+                }),
+        )?;
         if let Some((rss, cpu)) = self_usage() {
             gauges(
                 enc,
@@ -293,8 +319,21 @@ pub struct Samplers {
 }
 
 impl Samplers {
+    pub fn cgroups(&self) -> Option<&CgroupSampler> {
+        self.cgroups.as_ref()
+    }
+}
+
+impl Samplers {
     pub fn new(config: &Config) -> Samplers {
-        let cgroups = match CgroupSampler::new(&config.cgroup, &config.kubernetes) {
+        // A cgroup the policy manages must be sampled to be right-sized.
+        let mut cgroup = config.cgroup.clone();
+        for g in &config.policy.manage {
+            if !cgroup.include.contains(g) {
+                cgroup.include.push(g.clone());
+            }
+        }
+        let cgroups = match CgroupSampler::new(&cgroup, &config.kubernetes) {
             Ok(c) => {
                 tracing::info!(
                     mode = ?c.hierarchy().mode,
@@ -528,8 +567,7 @@ pub fn restore_forecasts(config: &Config, dir: &StateDir) -> Option<Forecasts> {
 }
 
 pub fn save_forecasts(dir: &StateDir, forecasts: &Forecasts) {
-    let bytes = forecasts.encode();
-    if let Err(e) = dir.save(state::FORECASTS, &bytes) {
+    if let Err(e) = dir.save_with(state::FORECASTS, |w| forecasts.write_state(w)) {
         tracing::warn!(error = %e, "cannot save forecasters; will retry at the next save");
     }
 }
@@ -555,8 +593,8 @@ pub fn sampling_loop(
     dir: &StateDir,
     mut samplers: Samplers,
     mut forecasts: Option<Forecasts>,
+    mut policy: crate::act::driver::Driver,
     stop: std::sync::mpsc::Receiver<()>,
-    hints: Option<HintSender>,
 ) {
     let mut pass: u64 = 0;
     let interval = Duration::from_secs_f64(config.sample_interval_s);
@@ -587,7 +625,7 @@ pub fn sampling_loop(
             h.drop_stale(t_ms, stale_ms);
         }
         pass += 1;
-        if let Some(tx) = &hints {
+        if let Some(tx) = shared.hint_tx.get() {
             if pass.is_multiple_of(u64::from(config.aggregator.report_every)) {
                 let built = shared
                     .history
@@ -600,6 +638,7 @@ pub fn sampling_loop(
                 }
             }
         }
+        policy.tick(&snapshot, samplers.cgroups(), &shared.decisions);
         shared.publish(snapshot);
         let wall = t0.elapsed().as_secs_f64();
         let cpu = thread_cpu_seconds() - cpu0;
@@ -632,6 +671,7 @@ pub fn sampling_loop(
         match stop.recv_timeout(next - now) {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             _ => {
+                policy.restore();
                 save_history(dir, shared);
                 if let Some(f) = &forecasts {
                     save_forecasts(dir, f);
@@ -651,6 +691,31 @@ fn hostname(config: &Config) -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// `headroom agent --restore`: puts back every cgroup value a previous run changed, then exits.
+pub fn restore_only(config: &Config) -> anyhow::Result<()> {
+    let dir = StateDir::open(&config.state_dir)?;
+    let mut a = crate::act::Actuator::open(dir)?;
+    let pending = a.changed().count();
+    let (n, errors) = a.restore_all();
+    for e in &errors {
+        tracing::error!(error = %e, "cannot restore an original value");
+    }
+    tracing::info!(
+        pending,
+        restored = n,
+        failed = errors.len(),
+        "restore finished"
+    );
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!(
+            "{} value(s) could not be restored",
+            errors.len()
+        ))
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: Config) -> anyhow::Result<()> {
     let dir = StateDir::open(&config.state_dir)?;
@@ -661,6 +726,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         config.coarse_capacity(),
     );
     restore_history(&dir, &mut history);
+    // Values a crashed run changed go back before anything else happens.
+    let actuator = match crate::act::Actuator::open(dir.clone()) {
+        Ok(mut a) => {
+            crate::act::driver::restore_logged(&mut a);
+            Some(a)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use the record of original cgroup values; enforce mode will write nothing");
+            None
+        }
+    };
     let shared = Arc::new(Shared::new(&config, history, hostname(&config)));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -678,7 +754,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         shutdown_rx,
     ));
 
-    let hints = start_hint_client(&config, &shared, &runtime)?;
+    start_hint_client(&config, &shared, &runtime)?;
 
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
     let sampler = {
@@ -687,8 +763,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .name("headroom-sample".into())
             .spawn(move || {
                 let samplers = Samplers::new(&config);
+                let policy = crate::act::driver::Driver::new(
+                    &config.policy,
+                    config.sample_interval_s,
+                    actuator,
+                );
                 let forecasts = restore_forecasts(&config, &dir);
-                sampling_loop(&config, &shared, &dir, samplers, forecasts, stop_rx, hints);
+                sampling_loop(&config, &shared, &dir, samplers, forecasts, policy, stop_rx);
             })?
     };
 
@@ -708,16 +789,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the hint client when aggregators are configured; returns where to send hints.
+/// Starts the hint client when aggregators are configured and tells the sampling thread, through
+/// `shared`, where to send hints.
 fn start_hint_client(
     config: &Config,
     shared: &Shared,
     runtime: &tokio::runtime::Runtime,
-) -> anyhow::Result<Option<HintSender>> {
+) -> anyhow::Result<()> {
     let node = shared.hostname.as_str();
     let a = &config.aggregator;
     if a.endpoints.is_empty() {
-        return Ok(None);
+        return Ok(());
     }
     let probe = headroom_aggregator::HintBatch {
         schema: headroom_aggregator::SCHEMA_V1.into(),
@@ -760,7 +842,8 @@ fn start_hint_client(
             }
         }
     });
-    Ok(Some(tx))
+    let _ = shared.hint_tx.set(tx);
+    Ok(())
 }
 
 async fn wait_for_signal() -> &'static str {

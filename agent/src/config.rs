@@ -47,6 +47,7 @@ pub struct Config {
     pub gpu: GpuConfig,
     pub ebpf: EbpfConfig,
     pub aggregator: AggregatorConfig,
+    pub policy: PolicyConfig,
     pub forecast: ForecastSettings,
 }
 
@@ -152,6 +153,113 @@ pub struct WorkloadRule {
     pub name: String,
 }
 
+/// Whether the policy writes what it decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    /// Decisions are computed, exported and logged; nothing is written.
+    Observe,
+    /// Decisions are written to the managed cgroups.
+    Enforce,
+}
+
+/// Right-sizing: which cgroups may be changed, how, and within which bounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub mode: PolicyMode,
+    /// Cgroup path globs (relative to the hierarchy root) the agent may change; nothing else is
+    /// ever written.
+    pub manage: Vec<String>,
+    /// Kubernetes containers in these namespaces (globs) may be changed too.
+    pub kubernetes_namespaces: Vec<String>,
+    /// `rule`, `predictive`, `event`, combined.
+    pub strategies: Vec<crate::policy::Strategy>,
+    /// Lead time of the policy's built-in window forecast, used for series the agent's
+    /// forecaster (`[forecast]`, which has its own `lead_time_s`) does not cover.
+    pub lead_time_s: f64,
+    /// Samples in the built-in forecaster's window.
+    pub forecast_window: usize,
+    /// Capacity = forecast upper bound × (1 + margin).
+    pub margin_ratio: f64,
+    pub max_step_ratio: f64,
+    pub cooldown_s: f64,
+    pub scale_in_window_s: f64,
+    pub rollback_window_s: f64,
+    /// Global limit on cgroup writes per second, all containers together.
+    pub max_writes_per_s: f64,
+    pub throttle_high_ratio: f64,
+    pub util_high_ratio: f64,
+    pub util_low_ratio: f64,
+    pub memory_pressure_spike_ratio: f64,
+    /// Latency SLO for the event reaction (needs a latency signal); 0 disables it.
+    pub latency_slo_s: f64,
+    /// Floor of a managed non-Kubernetes cgroup.
+    pub cpu_floor_cores: f64,
+    pub memory_floor_bytes: u64,
+    /// Ceiling of a managed non-Kubernetes cgroup; 0 means the node's capacity.
+    pub cpu_ceiling_cores: f64,
+    pub memory_ceiling_bytes: u64,
+    /// Move `memory.max` / `memory.limit_in_bytes` along with the soft limit (never below its
+    /// original, never where none was set).
+    pub allow_memory_max: bool,
+    /// memory.max = memory.high × this, when allowed.
+    pub memory_max_ratio: f64,
+    /// Kubernetes: allow a burst this share above the container's limit (0 = never above it);
+    /// on v2 also sets `cpu.max.burst`.
+    pub cpu_burst_ratio: f64,
+    pub workload: Vec<WorkloadOverride>,
+}
+
+/// Settings for the managed cgroups matching `match` (first match wins).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadOverride {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub mode: Option<PolicyMode>,
+    pub strategies: Option<Vec<crate::policy::Strategy>>,
+    pub margin_ratio: Option<f64>,
+    pub cpu_floor_cores: Option<f64>,
+    pub cpu_ceiling_cores: Option<f64>,
+    pub memory_floor_bytes: Option<u64>,
+    pub memory_ceiling_bytes: Option<u64>,
+    pub latency_slo_s: Option<f64>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        use crate::policy::Strategy;
+        PolicyConfig {
+            mode: PolicyMode::Observe,
+            manage: Vec::new(),
+            kubernetes_namespaces: Vec::new(),
+            strategies: vec![Strategy::Rule, Strategy::Predictive, Strategy::Event],
+            lead_time_s: 30.0,
+            forecast_window: 60,
+            margin_ratio: 0.15,
+            max_step_ratio: 0.5,
+            cooldown_s: 10.0,
+            scale_in_window_s: 300.0,
+            rollback_window_s: 60.0,
+            max_writes_per_s: 20.0,
+            throttle_high_ratio: 0.05,
+            util_high_ratio: 0.9,
+            util_low_ratio: 0.5,
+            memory_pressure_spike_ratio: 0.2,
+            latency_slo_s: 0.0,
+            cpu_floor_cores: 0.1,
+            memory_floor_bytes: 64 << 20,
+            cpu_ceiling_cores: 0.0,
+            memory_ceiling_bytes: 0,
+            allow_memory_max: false,
+            memory_max_ratio: 1.25,
+            cpu_burst_ratio: 0.0,
+            workload: Vec::new(),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -166,6 +274,7 @@ impl Default for Config {
             gpu: GpuConfig::default(),
             ebpf: EbpfConfig::default(),
             aggregator: AggregatorConfig::default(),
+            policy: PolicyConfig::default(),
             forecast: ForecastSettings::default(),
         }
     }
@@ -330,6 +439,73 @@ impl Config {
                 );
             }
         }
+        let p = &self.policy;
+        for (key, v, lo, hi) in [
+            ("policy.lead_time_s", p.lead_time_s, 0.0, 86400.0),
+            ("policy.margin_ratio", p.margin_ratio, 0.0, 10.0),
+            ("policy.max_step_ratio", p.max_step_ratio, 0.01, 10.0),
+            ("policy.cooldown_s", p.cooldown_s, 0.0, 86400.0),
+            (
+                "policy.scale_in_window_s",
+                p.scale_in_window_s,
+                0.0,
+                7.0 * 86400.0,
+            ),
+            (
+                "policy.rollback_window_s",
+                p.rollback_window_s,
+                0.0,
+                86400.0,
+            ),
+            ("policy.max_writes_per_s", p.max_writes_per_s, 0.01, 10000.0),
+            (
+                "policy.throttle_high_ratio",
+                p.throttle_high_ratio,
+                0.0,
+                1.0,
+            ),
+            ("policy.util_high_ratio", p.util_high_ratio, 0.05, 1.0),
+            ("policy.util_low_ratio", p.util_low_ratio, 0.0, 1.0),
+            (
+                "policy.memory_pressure_spike_ratio",
+                p.memory_pressure_spike_ratio,
+                0.0,
+                1.0,
+            ),
+            ("policy.latency_slo_s", p.latency_slo_s, 0.0, 3600.0),
+            ("policy.cpu_floor_cores", p.cpu_floor_cores, 0.001, 100000.0),
+            (
+                "policy.cpu_ceiling_cores",
+                p.cpu_ceiling_cores,
+                0.0,
+                100000.0,
+            ),
+            ("policy.memory_max_ratio", p.memory_max_ratio, 1.0, 100.0),
+            ("policy.cpu_burst_ratio", p.cpu_burst_ratio, 0.0, 10.0),
+        ] {
+            if !(v.is_finite() && v >= lo && v <= hi) {
+                return invalid(key, &format!("{v} is outside {lo}..={hi}"));
+            }
+        }
+        if p.util_low_ratio >= p.util_high_ratio {
+            return invalid(
+                "policy.util_low_ratio",
+                "must be below policy.util_high_ratio (the hysteresis band)",
+            );
+        }
+        if p.forecast_window < 3 {
+            return invalid("policy.forecast_window", "must be at least 3");
+        }
+        for glob in p.manage.iter().chain(p.workload.iter().map(|w| &w.pattern)) {
+            if !glob.starts_with('/') {
+                return invalid(
+                    "policy.manage",
+                    &format!(
+                        "`{glob}` must be a path relative to the hierarchy root, starting with `/`"
+                    ),
+                );
+            }
+        }
         let f = &self.forecast;
         if !(f.lead_time_s.is_finite() && f.lead_time_s > 0.0) {
             return invalid(
@@ -449,6 +625,37 @@ mod tests {
                 .to_string()
                 .contains("cgroup.include")
         );
+    }
+
+    #[test]
+    fn policy_section_parses_and_is_checked() {
+        let c = Config::from_toml(
+            "[policy]\nmode = \"enforce\"\nmanage = [\"/batch/*\"]\n[[policy.workload]]\nmatch = \"/batch/a\"\nstrategies = [\"rule\"]\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.policy.mode, PolicyMode::Enforce);
+        assert_eq!(c.policy.workload[0].pattern, "/batch/a");
+        c.validate().unwrap();
+        assert_eq!(Config::default().policy.mode, PolicyMode::Observe);
+        let mut bad = c.clone();
+        bad.policy.util_low_ratio = 0.95;
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("policy.util_low_ratio")
+        );
+        let mut bad = c;
+        bad.policy.manage = vec!["batch".into()];
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("policy.manage")
+        );
+        let e = Config::from_toml("[policy]\nmode = \"yolo\"\n", Path::new("a.toml")).unwrap_err();
+        assert!(e.to_string().contains("mode"), "{e}");
     }
 
     #[test]

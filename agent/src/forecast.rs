@@ -126,16 +126,31 @@ impl Forecasts {
         self.model.target_violation
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        let saved = Saved {
-            model: self.model.clone(),
-            series: self
-                .series
-                .iter()
-                .map(|(k, f)| (k.clone(), f.clone()))
-                .collect(),
+    /// Writes the state as JSON, one forecaster at a time (the whole can be many MiB).
+    pub fn write_state(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        #[derive(Serialize)]
+        struct SavedRef<'a, S> {
+            model: &'a ForecastConfig,
+            series: S,
+        }
+        struct Each<'a>(&'a HashMap<SeriesKey, SeriesForecaster>);
+        impl Serialize for Each<'_> {
+            fn serialize<Ser: serde::Serializer>(&self, s: Ser) -> Result<Ser::Ok, Ser::Error> {
+                s.collect_seq(self.0.iter())
+            }
+        }
+        let saved = SavedRef {
+            model: &self.model,
+            series: Each(&self.series),
         };
-        serde_json::to_vec(&saved).unwrap_or_default()
+        serde_json::to_writer(w, &saved).map_err(std::io::Error::other)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Writing into a Vec cannot fail.
+        let _ = self.write_state(&mut out);
+        out
     }
 
     /// Restores saved forecasters made with the same model settings; returns how many.

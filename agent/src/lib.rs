@@ -7,11 +7,13 @@
 //!
 //! Nothing in this crate writes a cgroup file it was not told to manage.
 
+pub mod act;
 pub mod agent;
 pub mod backtest;
 pub mod config;
 pub mod forecast;
 pub mod history;
+pub mod policy;
 pub mod report;
 pub mod sample;
 pub mod serve;

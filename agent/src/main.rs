@@ -58,6 +58,15 @@ struct AgentArgs {
     /// File holding the bearer token for the aggregators.
     #[arg(long, env = "HEADROOM_AGGREGATOR_TOKEN_FILE", value_name = "PATH")]
     aggregator_token_file: Option<PathBuf>,
+    /// observe: decide and report only; enforce: write decisions to managed cgroups.
+    #[arg(long, env = "HEADROOM_MODE", value_enum)]
+    mode: Option<headroom::config::PolicyMode>,
+    /// Cgroups (glob relative to the hierarchy root) the policy may change; repeatable.
+    #[arg(long = "manage", value_name = "GLOB")]
+    manage: Vec<String>,
+    /// Put back every cgroup value a previous run changed, then exit without running.
+    #[arg(long)]
+    restore: bool,
     /// Print the effective configuration, with every default, and exit.
     #[arg(long)]
     print_config: bool,
@@ -91,6 +100,10 @@ impl AgentArgs {
         if let Some(v) = &self.aggregator_token_file {
             c.aggregator.token_file = Some(v.clone());
         }
+        if let Some(m) = self.mode {
+            c.policy.mode = m;
+        }
+        c.policy.manage.extend(self.manage.iter().cloned());
         c.validate()?;
         Ok(c)
     }
@@ -146,6 +159,15 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             init_logging(config.log_format);
+            if args.restore {
+                return match headroom::agent::restore_only(&config) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!("{e:#}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
             match headroom::agent::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -1,5 +1,5 @@
 //! The agent's HTTP server (hyper, HTTP/1.1): `/metrics`, `/healthz`, `/readyz`, `/v1/status`,
-//! `/v1/history`. Handlers only read shared state; none of them samples or blocks on I/O.
+//! `/v1/history`, `/v1/decisions`. Handlers only read shared state; none of them samples or blocks on I/O.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -65,6 +65,20 @@ impl Routes {
             }
             "/v1/status" => json(StatusCode::OK, &self.shared.status()),
             "/v1/history" => self.history(req.uri().query().unwrap_or("")),
+            "/v1/decisions" => {
+                let container = req.uri().query().and_then(|q| {
+                    q.split('&')
+                        .find_map(|p| p.strip_prefix("container="))
+                        .map(percent_decode)
+                });
+                json(
+                    StatusCode::OK,
+                    &self
+                        .shared
+                        .decisions
+                        .json(self.shared.policy_mode, container.as_deref()),
+                )
+            }
             _ => json(
                 StatusCode::NOT_FOUND,
                 &serde_json::json!({"error": format!("no such endpoint: {path}")}),

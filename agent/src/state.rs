@@ -75,21 +75,38 @@ impl StateDir {
     }
 
     pub fn save(&self, kind: Kind, payload: &[u8]) -> Result<(), StateError> {
+        self.save_with(kind, |w| w.write_all(payload))
+    }
+
+    /// Like [`StateDir::save`], with the payload written by `write` straight to the file, so a
+    /// large state never has to be held in memory whole.
+    pub fn save_with(
+        &self,
+        kind: Kind,
+        write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<(), StateError> {
+        use std::io::{Seek, SeekFrom};
         let path = self.dir.join(kind.file);
         let tmp = self.dir.join(format!(".{}.tmp", kind.file));
         let werr = |source| StateError::Write {
             path: path.clone(),
             source,
         };
-        let mut header = Vec::with_capacity(HEADER_LEN);
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(kind.tag);
-        header.extend_from_slice(&kind.version.to_le_bytes());
-        header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        header.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
         let mut f = fs::File::create(&tmp).map_err(werr)?;
-        f.write_all(&header).map_err(werr)?;
-        f.write_all(payload).map_err(werr)?;
+        // Length and checksum are patched in once the payload is written.
+        f.write_all(&header(kind, 0, 0)).map_err(werr)?;
+        let mut counted = Counted {
+            inner: std::io::BufWriter::new(f.try_clone().map_err(werr)?),
+            len: 0,
+            crc: crc32fast::Hasher::new(),
+        };
+        write(&mut counted).map_err(werr)?;
+        counted.inner.flush().map_err(werr)?;
+        let Counted { inner, len, crc } = counted;
+        drop(inner);
+        let crc = crc.finalize();
+        f.seek(SeekFrom::Start(0)).map_err(werr)?;
+        f.write_all(&header(kind, len, crc)).map_err(werr)?;
         f.sync_all().map_err(werr)?;
         drop(f);
         fs::rename(&tmp, &path).map_err(werr)?;
@@ -136,6 +153,36 @@ impl StateDir {
             reason,
             moved_to,
         }
+    }
+}
+
+fn header(kind: Kind, len: u64, crc: u32) -> Vec<u8> {
+    let mut h = Vec::with_capacity(HEADER_LEN);
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(kind.tag);
+    h.extend_from_slice(&kind.version.to_le_bytes());
+    h.extend_from_slice(&len.to_le_bytes());
+    h.extend_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Passes bytes through while counting them and computing their CRC-32.
+struct Counted<W: Write> {
+    inner: W,
+    len: u64,
+    crc: crc32fast::Hasher,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.len += n as u64;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 

@@ -387,6 +387,11 @@ impl CgroupSampler {
             .filter_map(|t| t.paths.v2.as_deref().map(|p| (&t.ident, p)))
     }
 
+    /// Directories of a tracked container, by its key (cgroup path), for the actuators.
+    pub fn paths(&self, cgroup: &str) -> Option<&ControllerPaths> {
+        self.tracked.get(cgroup).map(|t| &t.paths)
+    }
+
     pub fn containers(&self) -> impl Iterator<Item = &Arc<Identity>> {
         self.tracked.values().map(|t| &t.ident)
     }
