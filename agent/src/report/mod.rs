@@ -1,3 +1,4 @@
-//! What leaves the agent: Prometheus metrics now; scale hints to the aggregator later.
+//! What leaves the agent: Prometheus metrics, and scale hints for the cluster aggregator.
 
+pub mod hints;
 pub mod metrics;
