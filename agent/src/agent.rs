@@ -53,6 +53,10 @@ pub struct Shared {
     /// Milliseconds since `started` at the end of the newest sample, for liveness.
     pub last_sample_ms: AtomicU64,
     pub sample_interval: Duration,
+    /// The sender of scale hints, when aggregators are configured; read for its counters.
+    pub hints: std::sync::OnceLock<Arc<headroom_aggregator::client::HintClient>>,
+    /// Where the sampling thread hands each pass's hints to that sender.
+    pub hint_tx: std::sync::OnceLock<HintSender>,
     /// Policy decisions, for `/v1/decisions` and `headroom_decisions_total`.
     pub decisions: crate::act::driver::DecisionLog,
     pub policy_mode: crate::config::PolicyMode,
@@ -71,6 +75,8 @@ impl Shared {
             ready: AtomicBool::new(false),
             last_sample_ms: AtomicU64::new(0),
             sample_interval: Duration::from_secs_f64(config.sample_interval_s),
+            hints: std::sync::OnceLock::new(),
+            hint_tx: std::sync::OnceLock::new(),
             decisions: Default::default(),
             policy_mode: config.policy.mode,
         }
@@ -216,6 +222,51 @@ impl Shared {
                 "headroom_agent_cpu_seconds",
                 "CPU time of the agent process.",
                 [(none, cpu)],
+            )?;
+        }
+        if let Some(client) = self.hints.get() {
+            let stats = client.stats();
+            let rows = |f: fn(&headroom_aggregator::client::StatsSnapshot) -> u64| {
+                stats
+                    .iter()
+                    .map(move |(e, s)| ([("endpoint", e.clone())], f(s) as f64))
+                    .collect::<Vec<_>>()
+            };
+            counters(
+                enc,
+                "headroom_agent_hint_batches",
+                "Hint batches the aggregator acknowledged, by endpoint and result.",
+                stats.iter().flat_map(|(e, s)| {
+                    [
+                        ("delivered", s.delivered),
+                        ("duplicate", s.duplicates),
+                        ("rejected", s.rejected),
+                    ]
+                    .map(|(r, v)| {
+                        (
+                            [("endpoint", e.clone()), ("result", r.to_string())],
+                            v as f64,
+                        )
+                    })
+                }),
+            )?;
+            counters(
+                enc,
+                "headroom_agent_hint_send_failures",
+                "Failed attempts to deliver a hint batch (unreachable, timeout, 5xx, 429, 401).",
+                rows(|s| s.failures),
+            )?;
+            gauges(
+                enc,
+                "headroom_agent_hint_spool_batches",
+                "Hint batches waiting in the on-disk spool.",
+                rows(|s| s.spool_len),
+            )?;
+            counters(
+                enc,
+                "headroom_agent_hint_spool_dropped_batches",
+                "Oldest spooled hint batches dropped because the spool was full.",
+                rows(|s| s.dropped_oldest),
             )?;
         }
         gauges(
@@ -548,6 +599,9 @@ pub fn save_history(dir: &StateDir, shared: &Shared) {
     }
 }
 
+/// Hints of one reporting pass, on their way to the aggregator client.
+pub type HintSender = tokio::sync::mpsc::UnboundedSender<Vec<headroom_aggregator::Hint>>;
+
 /// The sampling loop; returns when `stop` receives a message or its sender is dropped.
 pub fn sampling_loop(
     config: &Config,
@@ -558,6 +612,7 @@ pub fn sampling_loop(
     mut policy: crate::act::driver::Driver,
     stop: std::sync::mpsc::Receiver<()>,
 ) {
+    let mut pass: u64 = 0;
     let interval = Duration::from_secs_f64(config.sample_interval_s);
     let save_every = Duration::from_secs(config.history.save_interval_s);
     let stale_ms = config.history.stale_after_s * 1000;
@@ -586,6 +641,20 @@ pub fn sampling_loop(
                 h.record(&key, t_ms, row.upper);
             }
             h.drop_stale(t_ms, stale_ms);
+        }
+        pass += 1;
+        if let Some(tx) = shared.hint_tx.get() {
+            if pass.is_multiple_of(u64::from(config.aggregator.report_every)) {
+                let built = shared
+                    .history
+                    .lock()
+                    .ok()
+                    .map(|h| crate::report::hints::build_hints(config, &snapshot, &h));
+                if let Some(batch) = built {
+                    // The receiver lives as long as the runtime; a send error means shutdown.
+                    let _ = tx.send(batch);
+                }
+            }
         }
         policy.tick(&snapshot, samplers.cgroups(), &shared.decisions);
         shared.publish(snapshot);
@@ -706,6 +775,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         shutdown_rx,
     ));
 
+    start_hint_client(&config, &shared, &runtime)?;
+
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
     let sampler = {
         let (config, shared, dir) = (config.clone(), shared.clone(), dir.clone());
@@ -736,6 +807,63 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     });
     runtime.shutdown_timeout(Duration::from_millis(200));
     tracing::info!("stopped; state saved");
+    Ok(())
+}
+
+/// Starts the hint client when aggregators are configured and tells the sampling thread, through
+/// `shared`, where to send hints.
+fn start_hint_client(
+    config: &Config,
+    shared: &Shared,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    let node = shared.hostname.as_str();
+    let a = &config.aggregator;
+    if a.endpoints.is_empty() {
+        return Ok(());
+    }
+    let probe = headroom_aggregator::HintBatch {
+        schema: headroom_aggregator::SCHEMA_V1.into(),
+        node: node.to_owned(),
+        epoch: 0,
+        seq: 1,
+        time: 1.0,
+        interval_s: 1.0,
+        hints: Vec::new(),
+    };
+    if headroom_aggregator::schema::validate(&probe).is_err() {
+        anyhow::bail!(
+            "host name `{node}` is not a Kubernetes node name (lowercase DNS subdomain); set `hostname` in the config to report hints"
+        );
+    }
+    let mut cc = headroom_aggregator::client::ClientConfig::new(
+        node,
+        a.endpoints.clone(),
+        a.spool_dir
+            .clone()
+            .unwrap_or_else(|| config.state_dir.join("hints")),
+    );
+    cc.token_file = a.token_file.clone();
+    cc.spool_max_batches = a.spool_max_batches;
+    cc.interval = Duration::from_secs_f64(config.sample_interval_s * f64::from(a.report_every));
+    let client = {
+        let _guard = runtime.enter();
+        Arc::new(
+            headroom_aggregator::client::HintClient::start(cc)
+                .map_err(|e| anyhow::anyhow!("aggregator client: {e}"))?,
+        )
+    };
+    let _ = shared.hints.set(client.clone());
+    tracing::info!(endpoints = ?a.endpoints, node, "sending scale hints");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<headroom_aggregator::Hint>>();
+    runtime.spawn(async move {
+        while let Some(hints) = rx.recv().await {
+            if let Err(e) = client.submit(hints).await {
+                tracing::warn!(error = %e, "cannot queue scale hints; the next pass sends fresh ones");
+            }
+        }
+    });
+    let _ = shared.hint_tx.set(tx);
     Ok(())
 }
 

@@ -46,6 +46,7 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
     pub gpu: GpuConfig,
     pub ebpf: EbpfConfig,
+    pub aggregator: AggregatorConfig,
     pub policy: PolicyConfig,
     pub forecast: ForecastSettings,
 }
@@ -119,6 +120,37 @@ pub struct ForecastSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct EbpfConfig {
     pub enabled: bool,
+}
+
+/// Where scale hints go and how they are built.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorConfig {
+    /// Aggregator base URLs (`http://host:port`); every batch goes to each. Empty: no hints.
+    pub endpoints: Vec<String>,
+    /// File holding the bearer token; re-read on every attempt.
+    pub token_file: Option<PathBuf>,
+    /// Where batches wait while an aggregator is unreachable; unset means `<state_dir>/hints`.
+    pub spool_dir: Option<PathBuf>,
+    /// Batches kept per endpoint while it is unreachable; the oldest are dropped beyond this.
+    pub spool_max_batches: usize,
+    /// Samples between two reports.
+    pub report_every: u32,
+    /// Seconds of recent history the demand quantiles are taken from where a series has no
+    /// forecaster; also the history that earns a hint full confidence.
+    pub window_s: u64,
+    /// Cgroups mapped to workloads explicitly, first match wins (for cgroups outside Kubernetes).
+    pub workloads: Vec<WorkloadRule>,
+}
+
+/// `cgroup` is a glob like `cgroup.include`; matching containers report as this workload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadRule {
+    pub cgroup: String,
+    pub namespace: String,
+    pub kind: String,
+    pub name: String,
 }
 
 /// Whether the policy writes what it decides.
@@ -241,8 +273,23 @@ impl Default for Config {
             kubernetes: KubernetesConfig::default(),
             gpu: GpuConfig::default(),
             ebpf: EbpfConfig::default(),
+            aggregator: AggregatorConfig::default(),
             policy: PolicyConfig::default(),
             forecast: ForecastSettings::default(),
+        }
+    }
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        AggregatorConfig {
+            endpoints: Vec::new(),
+            token_file: None,
+            spool_dir: None,
+            spool_max_batches: 1000,
+            report_every: 1,
+            window_s: 300,
+            workloads: Vec::new(),
         }
     }
 }
@@ -480,6 +527,40 @@ impl Config {
         }
         if self.state_dir.as_os_str().is_empty() {
             return invalid("state_dir", "must not be empty");
+        }
+        let a = &self.aggregator;
+        for e in &a.endpoints {
+            if !e.starts_with("http://") {
+                return invalid(
+                    "aggregator.endpoints",
+                    &format!(
+                        "`{e}` must be an http:// URL (terminate TLS in front of the aggregator)"
+                    ),
+                );
+            }
+        }
+        if a.report_every == 0 {
+            return invalid("aggregator.report_every", "must be at least 1");
+        }
+        if a.spool_max_batches == 0 {
+            return invalid("aggregator.spool_max_batches", "must be at least 1");
+        }
+        if (a.window_s as f64) < self.sample_interval_s {
+            return invalid(
+                "aggregator.window_s",
+                "must hold at least one sample interval",
+            );
+        }
+        for r in &a.workloads {
+            if !r.cgroup.starts_with('/') {
+                return invalid(
+                    "aggregator.workloads.cgroup",
+                    &format!("`{}` must start with `/`", r.cgroup),
+                );
+            }
+            if let Err(e) = crate::report::hints::check_workload(&r.namespace, &r.kind, &r.name) {
+                return invalid("aggregator.workloads", &e);
+            }
         }
         Ok(())
     }

@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the node agent: sample the node, its containers and GPUs; serve /metrics and /v1/status.
     Agent(AgentArgs),
+    /// Run the cluster aggregator: merge the agents' scale hints; serve JSON, Prometheus and KEDA.
+    Aggregator(headroom_aggregator::AggregatorArgs),
     /// Replay a recorded series through the forecasters and emit their capacities.
     Backtest(headroom::backtest::BacktestArgs),
 }
@@ -53,6 +55,12 @@ struct AgentArgs {
     /// Treat cgroups matching this glob (relative to the hierarchy root) as containers; repeatable.
     #[arg(long = "include-cgroup", value_name = "GLOB")]
     include_cgroup: Vec<String>,
+    /// Send scale hints to this aggregator (`http://host:port`); repeatable.
+    #[arg(long = "aggregator", value_name = "URL")]
+    aggregator: Vec<String>,
+    /// File holding the bearer token for the aggregators.
+    #[arg(long, env = "HEADROOM_AGGREGATOR_TOKEN_FILE", value_name = "PATH")]
+    aggregator_token_file: Option<PathBuf>,
     /// observe: decide and report only; enforce: write decisions to managed cgroups.
     #[arg(long, env = "HEADROOM_MODE", value_enum)]
     mode: Option<headroom::config::PolicyMode>,
@@ -92,6 +100,12 @@ impl AgentArgs {
             c.hostname = v.clone();
         }
         c.cgroup.include.extend(self.include_cgroup.iter().cloned());
+        c.aggregator
+            .endpoints
+            .extend(self.aggregator.iter().cloned());
+        if let Some(v) = &self.aggregator_token_file {
+            c.aggregator.token_file = Some(v.clone());
+        }
         if let Some(m) = self.mode {
             c.policy.mode = m;
         }
@@ -161,6 +175,33 @@ fn main() -> ExitCode {
                 };
             }
             match headroom::agent::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Aggregator(args) => {
+            let config = match args.into_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("headroom: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(LogFormat::Text);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("headroom: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(headroom_aggregator::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

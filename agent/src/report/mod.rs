@@ -1,4 +1,6 @@
-//! What leaves the agent: Prometheus metrics, the status page; scale hints to the aggregator later.
+//! What leaves the agent: Prometheus metrics, the status page, and scale hints for the cluster
+//! aggregator.
 
+pub mod hints;
 pub mod metrics;
 pub mod page;

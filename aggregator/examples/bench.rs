@@ -1,0 +1,475 @@
+//! Aggregator benchmark: hint ingestion rate with many simulated nodes, with the aggregator on one
+//! core; `GetMetrics` latency percentiles at that load; and the time from a step in one node's load
+//! (sampled every second and sent by the real hint client) to the changed value at `GetMetrics`.
+//!
+//! Prints figures; asserts nothing. Run through `scripts/bench-aggregator.sh`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use headroom_aggregator::client::{ClientConfig, HintClient};
+use headroom_aggregator::keda::proto::external_scaler_client::ExternalScalerClient;
+use headroom_aggregator::keda::proto::{GetMetricsRequest, ScaledObjectRef};
+use headroom_aggregator::schema::{Forecast, Hint, Quantile, Resource, WorkloadRef};
+use headroom_aggregator::{Aggregator, AggregatorConfig, MergePolicy};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+struct Opts {
+    nodes: usize,
+    workloads: usize,
+    seconds: f64,
+    connections: usize,
+    server_cpu: usize,
+    steps: usize,
+}
+
+fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pin_to(cpu: usize) -> bool {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity(0) affects only the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn hint(ns: &str, name: &str, resource: Resource, capacity: f64, p90: f64) -> Hint {
+    Hint {
+        workload: WorkloadRef {
+            namespace: ns.into(),
+            kind: "Deployment".into(),
+            name: name.into(),
+        },
+        resource,
+        replicas: 1,
+        capacity,
+        usage: capacity * 0.6,
+        forecast: Forecast {
+            horizon_s: 60.0,
+            quantiles: vec![
+                Quantile {
+                    q: 0.5,
+                    value: p90 * 0.8,
+                },
+                Quantile { q: 0.9, value: p90 },
+                Quantile {
+                    q: 0.99,
+                    value: p90 * 1.2,
+                },
+            ],
+        },
+        local_headroom: 0.1,
+        desired_capacity: p90,
+        replica_delta: 0.0,
+        confidence: 0.9,
+        reason: "forecast p90 above capacity".into(),
+    }
+}
+
+/// Body of node `i` split around its sequence number, so the generator only formats an integer.
+fn node_body(i: usize, workloads: usize) -> (String, String) {
+    let node = format!("node-{i:05}");
+    // Three workloads from a pool (each on ~nodes*3/workloads nodes) plus one fleet-wide
+    // workload on every node: two resources each, eight hints per batch.
+    let mut hints = Vec::new();
+    for j in 0..3 {
+        let w = format!("svc-{}", (i * 3 + j) % workloads);
+        hints.push(hint("bench", &w, Resource::Cpu, 2.0, 2.5));
+        hints.push(hint("bench", &w, Resource::Memory, 4e9, 3e9));
+    }
+    hints.push(hint("bench", "fleet", Resource::Gpu, 1.0, 1.3));
+    hints.push(hint("bench", "fleet", Resource::GpuMemory, 80e9, 60e9));
+    let v = serde_json::json!({
+        "schema": "headroom.hints/v1", "node": node, "epoch": 1, "seq": 999_999_999_999u64,
+        "time": 1.7e9, "interval_s": 1.0, "hints": hints,
+    });
+    let s = v.to_string();
+    let (a, b) = s.split_once("999999999999").unwrap();
+    (a.to_owned(), b.to_owned())
+}
+
+const HINTS_PER_BATCH: u64 = 8;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Counters the generator keeps and the probe reads.
+#[derive(Default)]
+struct Load {
+    running: AtomicBool,
+    /// Batches per second across all connections; 0 sends as fast as the aggregator answers.
+    pace: AtomicU64,
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+struct PhaseResult {
+    hints_per_s: f64,
+    refused: u64,
+    fleet: Vec<Duration>,
+    pool: Vec<Duration>,
+    steps: Vec<Duration>,
+}
+
+fn main() {
+    let o = Opts {
+        nodes: arg("--nodes", 10_000),
+        workloads: arg("--workloads", 1000),
+        seconds: arg("--seconds", 10.0),
+        connections: arg("--connections", 32),
+        server_cpu: arg("--server-cpu", 0),
+        steps: arg("--steps", 6),
+    };
+    let paced_hints: u64 = arg("--paced-hints-per-s", 50_000);
+    let cpus = online_cpus();
+    let client_cpu = if cpus > 1 {
+        (o.server_cpu + 1) % cpus
+    } else {
+        o.server_cpu
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "bench-token\n").unwrap();
+
+    // The aggregator: one thread, one single-threaded runtime, pinned to one core (its scaler
+    // thread inherits the pinning).
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_cpu = o.server_cpu;
+    let server = std::thread::spawn(move || {
+        let pinned = pin_to(server_cpu);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let cfg = AggregatorConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                grpc_listen: "127.0.0.1:0".parse().unwrap(),
+                tokens: vec!["bench-token".into()],
+                policy: MergePolicy::default(),
+                max_body_bytes: 1 << 20,
+                node_rate: 20.0,
+                node_burst: 600.0,
+            };
+            let agg = Aggregator::bind(cfg).await.unwrap();
+            addr_tx
+                .send((agg.http_addr().unwrap(), agg.grpc_addr().unwrap(), pinned))
+                .unwrap();
+            agg.serve(async move {
+                let _ = stop_rx.await;
+            })
+            .await
+            .unwrap();
+        });
+    });
+    let (http_addr, grpc_addr, pinned) = addr_rx.recv().unwrap();
+    println!(
+        "aggregator: one current-thread runtime on cpu {} (pinned: {pinned}); load generator on cpu {client_cpu}; {cpus} cpus online",
+        o.server_cpu
+    );
+    println!(
+        "load: {} simulated nodes, {HINTS_PER_BATCH} hints per batch ({} pooled workloads + 1 fleet-wide), {} connections, {} s per phase",
+        o.nodes, o.workloads, o.connections, o.seconds
+    );
+
+    let bodies: Arc<Vec<(String, String)>> =
+        Arc::new((0..o.nodes).map(|i| node_body(i, o.workloads)).collect());
+    let load = Arc::new(Load::default());
+    load.running.store(true, Ordering::Relaxed);
+
+    let gen_thread = {
+        let (bodies, load) = (bodies.clone(), load.clone());
+        let conns = o.connections;
+        let nodes = o.nodes;
+        std::thread::spawn(move || {
+            pin_to(client_cpu);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for c in 0..conns {
+                    let (bodies, load) = (bodies.clone(), load.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let stream = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+                        stream.set_nodelay(true).unwrap();
+                        let (mut send, conn) =
+                            hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                                .await
+                                .unwrap();
+                        tokio::spawn(conn);
+                        let mut seq = 1u64;
+                        let mut i = c;
+                        let mut next = tokio::time::Instant::now();
+                        while load.running.load(Ordering::Relaxed) {
+                            let pace = load.pace.load(Ordering::Relaxed);
+                            if pace > 0 {
+                                let period = Duration::from_secs_f64(conns as f64 / pace as f64);
+                                next += period;
+                                let now = tokio::time::Instant::now();
+                                if next > now {
+                                    tokio::time::sleep_until(next).await;
+                                } else if now - next > period * 4 {
+                                    next = now;
+                                }
+                            } else {
+                                next = tokio::time::Instant::now();
+                            }
+                            let (a, b) = &bodies[i];
+                            let body = format!("{a}{seq}{b}");
+                            let req = hyper::Request::post("/v1/hints")
+                                .header("host", "bench")
+                                .header("authorization", "Bearer bench-token")
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(body)))
+                                .unwrap();
+                            let resp = send.send_request(req).await.unwrap();
+                            let status = resp.status();
+                            let _ = resp.into_body().collect().await;
+                            if status == 200 {
+                                load.ok.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                load.failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            i += conns;
+                            if i >= nodes {
+                                i = c;
+                                seq += 1;
+                            }
+                        }
+                    }));
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        })
+    };
+
+    let probe_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (fleet_desired, phases) = probe_rt.block_on(async {
+        // Let every node report at least once so the registry holds the whole fleet.
+        let warm = Instant::now();
+        while load.ok.load(Ordering::Relaxed) < o.nodes as u64
+            && warm.elapsed() < Duration::from_secs(30)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+            .unwrap()
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = ExternalScalerClient::new(channel);
+        let fleet_desired = metric(&mut grpc, "bench/Deployment/fleet").await;
+
+        // Step node: samples its load every second and sends it through the real client.
+        let step_load = Arc::new(AtomicU64::new(1));
+        let spool = tempfile::tempdir().unwrap();
+        let mut ccfg = ClientConfig::new(
+            "step-node",
+            vec![format!("http://{http_addr}")],
+            spool.path().into(),
+        );
+        ccfg.token_file = Some(token_file.clone());
+        let client = HintClient::start(ccfg).unwrap();
+        let sampler = {
+            let step_load = step_load.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let l = step_load.load(Ordering::Relaxed) as f64;
+                    client
+                        .submit(vec![hint("bench", "step", Resource::Cpu, 1.0, l)])
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+
+        let mut phases = Vec::new();
+        for pace_hints in [0u64, paced_hints] {
+            load.pace
+                .store(pace_hints / HINTS_PER_BATCH, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let r = phase(&o, &load, &mut grpc, &step_load).await;
+            phases.push((pace_hints, r));
+        }
+        sampler.abort();
+        (fleet_desired, phases)
+    });
+    load.running.store(false, Ordering::Relaxed);
+    let _ = gen_thread.join();
+    let _ = stop_tx.send(());
+    let _ = server.join();
+
+    for (pace, mut r) in phases {
+        let label = if pace == 0 {
+            "saturation (as fast as the aggregator answers)".to_string()
+        } else {
+            format!("paced at {pace} hints/s")
+        };
+        println!("--- {label}");
+        println!(
+            "ingest: {:.0} hints/s accepted ({:.0} batches/s), {} refused (target >= 50000 hints/s)",
+            r.hints_per_s,
+            r.hints_per_s / HINTS_PER_BATCH as f64,
+            r.refused
+        );
+        r.fleet.sort();
+        r.pool.sort();
+        println!(
+            "GetMetrics, fleet-wide workload on {} nodes (desired {fleet_desired}): n={} p50={:.3} ms p99={:.3} ms max={:.3} ms (target p99 <= 1 ms)",
+            o.nodes,
+            r.fleet.len(),
+            ms(percentile(&r.fleet, 0.5)),
+            ms(percentile(&r.fleet, 0.99)),
+            ms(r.fleet.last().copied().unwrap_or_default())
+        );
+        println!(
+            "GetMetrics, typical workload on ~{} nodes: n={} p50={:.3} ms p99={:.3} ms max={:.3} ms",
+            o.nodes * 3 / o.workloads.max(1),
+            r.pool.len(),
+            ms(percentile(&r.pool, 0.5)),
+            ms(percentile(&r.pool, 0.99)),
+            ms(r.pool.last().copied().unwrap_or_default())
+        );
+        let shown: Vec<f64> = r.steps.iter().map(|d| ms(*d).round()).collect();
+        r.steps.sort();
+        println!(
+            "step in a node's load to changed GetMetrics (1 s sampling, real hint client): n={} ms={shown:?} median={:.0} ms max={:.0} ms (target <= 2000 ms)",
+            r.steps.len(),
+            ms(percentile(&r.steps, 0.5)),
+            ms(r.steps.last().copied().unwrap_or_default())
+        );
+    }
+}
+
+type Grpc = ExternalScalerClient<tonic::transport::Channel>;
+
+fn request(workload: &str) -> GetMetricsRequest {
+    GetMetricsRequest {
+        scaled_object_ref: Some(ScaledObjectRef {
+            name: "x".into(),
+            namespace: "bench".into(),
+            scaler_metadata: [("workload".to_string(), workload.to_string())].into(),
+        }),
+        metric_name: String::new(),
+    }
+}
+
+async fn metric(grpc: &mut Grpc, workload: &str) -> i64 {
+    grpc.get_metrics(request(workload))
+        .await
+        .unwrap()
+        .into_inner()
+        .metric_values[0]
+        .metric_value
+}
+
+/// One measuring window: GetMetrics latency on a fleet-wide and a typical workload, alternating,
+/// and steps of the step node's load timed until GetMetrics shows them.
+async fn phase(o: &Opts, load: &Load, grpc: &mut Grpc, step_load: &AtomicU64) -> PhaseResult {
+    let ok0 = load.ok.load(Ordering::Relaxed);
+    let failed0 = load.failed.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(o.seconds);
+    let (mut fleet, mut pool, mut steps) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ingest: Option<(f64, u64)> = None;
+    let mut k = 0usize;
+    let mut next_step = Instant::now() + Duration::from_millis(300);
+    let mut pending: Option<(Instant, i64)> = None;
+    loop {
+        let now = Instant::now();
+        if now >= deadline && ingest.is_none() {
+            let secs = t0.elapsed().as_secs_f64();
+            let hints = (load.ok.load(Ordering::Relaxed) - ok0) * HINTS_PER_BATCH;
+            ingest = Some((
+                hints as f64 / secs,
+                load.failed.load(Ordering::Relaxed) - failed0,
+            ));
+        }
+        if now >= deadline && (steps.len() >= o.steps || now >= deadline + Duration::from_secs(20))
+        {
+            break;
+        }
+        let w = if k.is_multiple_of(2) {
+            "bench/Deployment/fleet".to_string()
+        } else {
+            format!("bench/Deployment/svc-{}", k % o.workloads)
+        };
+        let s = Instant::now();
+        metric(grpc, &w).await;
+        if now < deadline {
+            if k.is_multiple_of(2) {
+                fleet.push(s.elapsed())
+            } else {
+                pool.push(s.elapsed())
+            }
+        }
+        k += 1;
+        let v = metric(grpc, "bench/Deployment/step").await;
+        match pending {
+            Some((t, want)) if v == want => {
+                steps.push(t.elapsed());
+                pending = None;
+                // A pseudo-random phase against the 1 s sampler for the next step.
+                next_step = Instant::now() + Duration::from_millis(300 + (k as u64 * 7919) % 1000);
+            }
+            None if Instant::now() >= next_step && steps.len() < o.steps => {
+                // Load 1 -> 1 replica, load 5 -> 5 replicas (1.1 cores absorbable per replica).
+                let (new_load, want) = if step_load.load(Ordering::Relaxed) == 1 {
+                    (5, 5)
+                } else {
+                    (1, 1)
+                };
+                step_load.store(new_load, Ordering::Relaxed);
+                pending = Some((Instant::now(), want));
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    let (hints_per_s, refused) = ingest.unwrap_or((0.0, 0));
+    PhaseResult {
+        hints_per_s,
+        refused,
+        fleet,
+        pool,
+        steps,
+    }
+}

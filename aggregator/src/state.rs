@@ -1,0 +1,226 @@
+//! The aggregator's shared, in-memory state: the hint registry behind a lock, the change signal
+//! that wakes KEDA push streams, per-node rate limiting, and ingest counters.
+//!
+//! It owns no sockets and no files; servers (HTTP, gRPC) borrow it through an `Arc`. Locks are held
+//! only for the arithmetic of one request, never across an await.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::sync::watch;
+
+use crate::merge::{Applied, MergePolicy, NodeView, Registry, WorkloadView};
+use crate::schema::HintBatch;
+
+/// Token bucket per key: `rate` tokens per second, at most `burst`.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: HashMap<String, (f64, f64)>,
+}
+
+impl RateLimiter {
+    pub fn new(rate: f64, burst: f64) -> Self {
+        RateLimiter {
+            rate,
+            burst: burst.max(1.0),
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes one token for `key` at time `now` (seconds). `Err(wait)` says how long until one is
+    /// available. A rate of 0 disables limiting.
+    pub fn take(&mut self, key: &str, now: f64) -> Result<(), f64> {
+        if self.rate <= 0.0 {
+            return Ok(());
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        let b = match self.buckets.get_mut(key) {
+            Some(b) => b,
+            None => self.buckets.entry(key.to_owned()).or_insert((burst, now)),
+        };
+        b.0 = (b.0 + (now - b.1) * rate).min(burst);
+        b.1 = now;
+        if b.0 >= 1.0 {
+            b.0 -= 1.0;
+            Ok(())
+        } else {
+            Err((1.0 - b.0) / rate)
+        }
+    }
+
+    /// Forgets buckets that have refilled completely: they carry no information.
+    pub fn prune(&mut self, now: f64) {
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets
+            .retain(|_, b| rate > 0.0 && b.0 + (now - b.1) * rate < burst);
+    }
+}
+
+/// Ingest counters exported at `/metrics`.
+#[derive(Debug, Default)]
+pub struct IngestMetrics {
+    pub batches: Family<[(&'static str, &'static str); 1], Counter>,
+    pub rejected: Family<[(&'static str, &'static str); 1], Counter>,
+    pub hints: Counter,
+    pub expired_nodes: Counter,
+}
+
+#[derive(Debug)]
+pub struct Shared {
+    registry: Mutex<Registry>,
+    limiter: Mutex<RateLimiter>,
+    pub policy: MergePolicy,
+    started: Instant,
+    changes: watch::Sender<u64>,
+    generation: AtomicU64,
+    pub metrics: IngestMetrics,
+    ready: AtomicBool,
+}
+
+/// Outcome of offering a batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Ingest {
+    Applied(Applied),
+    /// Too many batches from this node; retry after this many seconds.
+    RateLimited(f64),
+}
+
+impl Shared {
+    pub fn new(policy: MergePolicy, node_rate: f64, node_burst: f64) -> Arc<Self> {
+        let (changes, _) = watch::channel(0);
+        Arc::new(Shared {
+            registry: Mutex::new(Registry::new(policy)),
+            limiter: Mutex::new(RateLimiter::new(node_rate, node_burst)),
+            policy,
+            started: Instant::now(),
+            changes,
+            generation: AtomicU64::new(0),
+            metrics: IngestMetrics::default(),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// Seconds since start, the registry's clock.
+    pub fn now(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.changes.send_replace(g);
+    }
+
+    /// Signal that fires after every change to any workload view.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    pub fn ingest(&self, batch: HintBatch) -> Ingest {
+        let now = self.now();
+        if let Err(wait) = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(&batch.node, now)
+        {
+            self.metrics
+                .rejected
+                .get_or_create(&[("reason", "rate_limited")])
+                .inc();
+            return Ingest::RateLimited(wait);
+        }
+        let applied = self.registry().apply(batch, now);
+        match applied {
+            Applied::Accepted { hints } => {
+                self.metrics
+                    .batches
+                    .get_or_create(&[("result", "accepted")])
+                    .inc();
+                self.metrics.hints.inc_by(hints as u64);
+                self.bump();
+            }
+            Applied::Duplicate { .. } => {
+                self.metrics
+                    .batches
+                    .get_or_create(&[("result", "duplicate")])
+                    .inc();
+            }
+        }
+        Ingest::Applied(applied)
+    }
+
+    /// Drops silent nodes; run periodically.
+    pub fn expire(&self) -> usize {
+        let now = self.now();
+        let n = self.registry().expire(now, self.policy.node_ttl_s);
+        self.limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .prune(now);
+        if n > 0 {
+            self.metrics.expired_nodes.inc_by(n as u64);
+            self.bump();
+        }
+        n
+    }
+
+    pub fn workload(&self, id: &str) -> Option<WorkloadView> {
+        self.registry().workload(id)
+    }
+
+    pub fn workloads(&self) -> Vec<WorkloadView> {
+        self.registry().workloads()
+    }
+
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let now = self.now();
+        self.registry().nodes(now)
+    }
+
+    pub fn counts(&self) -> (usize, usize) {
+        let r = self.registry();
+        (r.node_count(), r.workload_count())
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_limits_and_refills() {
+        let mut l = RateLimiter::new(2.0, 3.0);
+        for _ in 0..3 {
+            assert!(l.take("a", 0.0).is_ok());
+        }
+        let wait = l.take("a", 0.0).unwrap_err();
+        assert!((wait - 0.5).abs() < 1e-9);
+        assert!(l.take("b", 0.0).is_ok(), "keys are independent");
+        assert!(l.take("a", 0.5).is_ok());
+        l.prune(100.0);
+        assert!(l.buckets.is_empty());
+        let mut off = RateLimiter::new(0.0, 1.0);
+        for _ in 0..100 {
+            assert!(off.take("a", 0.0).is_ok());
+        }
+    }
+}
