@@ -1,6 +1,8 @@
-//! How headroom is installed: the systemd units (`systemd-analyze verify` and `security`), the
-//! sysusers/tmpfiles entries applied to a scratch root, the example configuration, and the
-//! agent's sd_notify protocol (READY, WATCHDOG, STOPPING) seen on a real notify socket.
+//! How headroom is installed and looked at: the systemd units (`systemd-analyze verify` and
+//! `security`), the sysusers/tmpfiles entries applied to a scratch root, the example
+//! configuration, the agent's sd_notify protocol (READY, WATCHDOG, STOPPING) on a real notify
+//! socket, the agent as `nobody` without capabilities, the Kubernetes manifests, the Grafana
+//! dashboard in a real Prometheus, and the status page in headless Chromium.
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
