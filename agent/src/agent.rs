@@ -290,6 +290,15 @@ fn self_usage() -> Option<(f64, f64)> {
     Some((rss, cpu))
 }
 
+/// Returns freed heap memory to the kernel (glibc keeps it otherwise).
+pub fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory held by the allocator.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn thread_cpu_seconds() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -790,6 +799,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                     actuator,
                 );
                 let forecasts = restore_forecasts(&config, &dir);
+                // Loading eBPF parses the kernel's BTF (tens of MiB, freed at once) and restoring
+                // state reads whole files; hand that memory back instead of keeping it resident.
+                release_free_memory();
                 sampling_loop(&config, &shared, &dir, samplers, forecasts, policy, stop_rx);
             })?
     };
