@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::forecast::{self, Forecasts};
+use crate::forecast::Forecasts;
 use crate::history::{History, SeriesKey};
 use crate::report::metrics::{counters, gauges};
 use crate::sample::cgroup::CgroupSampler;
@@ -643,11 +643,7 @@ pub fn sampling_loop(
                 h.record(k, t_ms, *v);
             }
             for row in &snapshot.forecasts {
-                let key = SeriesKey {
-                    name: forecast::upper_series_name(&row.key.name),
-                    labels: row.key.labels.clone(),
-                };
-                h.record(&key, t_ms, row.upper);
+                h.record(&row.upper_key, t_ms, row.upper);
             }
             h.drop_stale(t_ms, stale_ms);
         }

@@ -5,6 +5,7 @@
 //! which series get one, their lifetime and their persistence.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use headroom_models::{ForecastConfig, Forecaster, SeriesForecaster};
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,10 @@ use crate::history::SeriesKey;
 /// The newest forecast of one series.
 #[derive(Debug, Clone, Serialize)]
 pub struct ForecastRow {
-    pub key: SeriesKey,
+    pub key: Arc<SeriesKey>,
+    /// The history series this forecast's upper bound is recorded in.
+    #[serde(skip)]
+    pub upper_key: Arc<SeriesKey>,
     pub point: f64,
     pub upper: f64,
     pub model: &'static str,
@@ -33,8 +37,28 @@ pub fn upper_series_name(name: &str) -> String {
 pub struct Forecasts {
     settings: ForecastSettings,
     model: ForecastConfig,
-    series: HashMap<SeriesKey, SeriesForecaster>,
+    series: HashMap<SeriesKey, Tracked>,
     warned_full: bool,
+}
+
+/// A forecaster and the keys its rows carry, shared rather than rebuilt every sample.
+struct Tracked {
+    forecaster: SeriesForecaster,
+    key: Arc<SeriesKey>,
+    upper_key: Arc<SeriesKey>,
+}
+
+impl Tracked {
+    fn new(key: &SeriesKey, forecaster: SeriesForecaster) -> Tracked {
+        Tracked {
+            forecaster,
+            key: Arc::new(key.clone()),
+            upper_key: Arc::new(SeriesKey {
+                name: upper_series_name(&key.name),
+                labels: key.labels.clone(),
+            }),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -93,19 +117,21 @@ impl Forecasts {
                 }
                 match SeriesForecaster::new(self.model.clone()) {
                     Ok(f) => {
-                        self.series.insert(key.clone(), f);
+                        self.series.insert(key.clone(), Tracked::new(key, f));
                     }
                     Err(_) => continue,
                 }
             }
-            let Some(f) = self.series.get_mut(key) else {
+            let Some(t) = self.series.get_mut(key) else {
                 continue;
             };
+            let f = &mut t.forecaster;
             f.observe(*v);
             if let Some(fc) = f.forecast() {
                 let err = f.recent_errors().into_iter().next();
                 out.push(ForecastRow {
-                    key: key.clone(),
+                    key: t.key.clone(),
+                    upper_key: t.upper_key.clone(),
                     point: fc.point,
                     upper: fc.upper,
                     model: fc.model,
@@ -133,10 +159,10 @@ impl Forecasts {
             model: &'a ForecastConfig,
             series: S,
         }
-        struct Each<'a>(&'a HashMap<SeriesKey, SeriesForecaster>);
+        struct Each<'a>(&'a HashMap<SeriesKey, Tracked>);
         impl Serialize for Each<'_> {
             fn serialize<Ser: serde::Serializer>(&self, s: Ser) -> Result<Ser::Ok, Ser::Error> {
-                s.collect_seq(self.0.iter())
+                s.collect_seq(self.0.iter().map(|(k, t)| (k, &t.forecaster)))
             }
         }
         let saved = SavedRef {
@@ -168,7 +194,13 @@ impl Forecasts {
             ));
         }
         let n = saved.series.len().min(self.settings.max_series);
-        self.series.extend(saved.series.into_iter().take(n));
+        self.series.extend(
+            saved
+                .series
+                .into_iter()
+                .take(n)
+                .map(|(k, f)| (k.clone(), Tracked::new(&k, f))),
+        );
         Ok(n)
     }
 }
@@ -201,7 +233,7 @@ mod tests {
             ]);
         }
         assert_eq!(f.len(), 2);
-        let a = rows.iter().find(|r| r.key == key("/a")).unwrap();
+        let a = rows.iter().find(|r| *r.key == key("/a")).unwrap();
         assert!(
             a.upper >= a.point && a.upper >= 1.0 && a.upper < 3.0,
             "{a:?}"

@@ -449,7 +449,7 @@ pub fn build_hints(config: &Config, snapshot: &Snapshot, history: &History) -> V
         target_violation: config.forecast.target_violation,
     };
     let forecasts: HashMap<&SeriesKey, &ForecastRow> =
-        snapshot.forecasts.iter().map(|r| (&r.key, r)).collect();
+        snapshot.forecasts.iter().map(|r| (&*r.key, r)).collect();
     let mut groups: BTreeMap<(WorkloadRef, Resource), Acc> = BTreeMap::new();
     for item in items(cfg, snapshot) {
         let d = demand(&item, &forecasts, history, &ctx);
@@ -622,7 +622,11 @@ mod tests {
             ebpf: Default::default(),
             cgroup_ids: Default::default(),
             forecasts: vec![ForecastRow {
-                key: key_a,
+                upper_key: std::sync::Arc::new(SeriesKey {
+                    name: crate::forecast::upper_series_name(&key_a.name),
+                    labels: key_a.labels.clone(),
+                }),
+                key: std::sync::Arc::new(key_a),
                 point: 0.5,
                 upper: 0.8,
                 model: "ets",
