@@ -122,6 +122,8 @@ fn node_config(
         .collect();
     c.policy.mode = PolicyMode::Enforce;
     c.policy.manage = vec!["/demo/*".into()];
+    // memory.max follows memory.high, so a hard limit never stops a raise.
+    c.policy.allow_memory_max = true;
     // A demo minute is an hour of trace: act on the same scale.
     c.policy.cooldown_s = 5.0;
     c.policy.scale_in_window_s = 30.0;
@@ -283,9 +285,8 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
     stop.store(true, Ordering::Relaxed);
     let _ = kernel_thread.join();
     let _ = agg_stop.send(());
-    let served = runtime.block_on(async {
-        tokio::time::timeout(Duration::from_secs(3), agg_task).await
-    });
+    let served =
+        runtime.block_on(async { tokio::time::timeout(Duration::from_secs(3), agg_task).await });
     if let Ok(Ok(Err(e))) = served {
         tracing::warn!(error = %e, "aggregator stopped with an error");
     }
@@ -297,12 +298,7 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
     outcome
 }
 
-fn print_banner(
-    args: &DemoArgs,
-    agg: &str,
-    grpc: SocketAddr,
-    nodes: &[crate::agent::Running],
-) {
+fn print_banner(args: &DemoArgs, agg: &str, grpc: SocketAddr, nodes: &[crate::agent::Running]) {
     let mut out = String::new();
     let source = match &args.traces {
         Some(d) => format!("the traces in {}", d.display()),

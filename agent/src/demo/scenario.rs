@@ -104,15 +104,12 @@ pub fn builtin() -> Result<Vec<NodeSpec>, TraceError> {
             name: "demo-node-1".into(),
             cpus: 8,
             memory_bytes: (64.0 * GIB) as u64,
-            containers: vec![
-                llm("/demo/llm-chat-7f9c4", "llm-chat", &conv, 0.0),
-                {
-                    let mut c = llm("/demo/llm-code-2b1d8", "llm-code", &code, 0.0);
-                    c.memory = demand(&code, 0.0, 2.0 * GIB, 1.0 * GIB);
-                    c.start_memory_high_bytes = (4.0 * GIB) as u64;
-                    c
-                },
-            ],
+            containers: vec![llm("/demo/llm-chat-7f9c4", "llm-chat", &conv, 0.0), {
+                let mut c = llm("/demo/llm-code-2b1d8", "llm-code", &code, 0.0);
+                c.memory = demand(&code, 0.0, 2.0 * GIB, 1.0 * GIB);
+                c.start_memory_high_bytes = (4.0 * GIB) as u64;
+                c
+            }],
         },
         NodeSpec {
             name: "demo-node-2".into(),

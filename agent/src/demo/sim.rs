@@ -104,6 +104,8 @@ struct Counters {
     /// Last limits read back, kept when a read races the actuator's write.
     quota: Option<f64>,
     high: Option<f64>,
+    max: Option<f64>,
+    oom_kills: u64,
 }
 
 /// The simulated kernel of one node.
@@ -181,14 +183,22 @@ impl SimNode {
                 &d.join("memory.high"),
                 &format!("{}\n", c.start_memory_high_bytes / 4096 * 4096),
             )?;
-            write_new(&d.join("memory.max"), "max\n")?;
+            // A hard limit above the soft one, so the capacity reported is the container's own.
+            write_new(
+                &d.join("memory.max"),
+                &format!("{}\n", c.start_memory_high_bytes / 4096 * 5 / 4 * 4096),
+            )?;
             write_new(&d.join("cgroup.procs"), "")?;
         }
         let boot = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let mut node = SimNode {
-            counters: spec.containers.iter().map(|_| Counters::default()).collect(),
+            counters: spec
+                .containers
+                .iter()
+                .map(|_| Counters::default())
+                .collect(),
             cpu_ticks: vec![(0.0, 0.0); spec.cpus],
             spec,
             proc_root,
@@ -218,6 +228,9 @@ impl SimNode {
             if let Ok(h) = read_bytes_limit(&d.join("memory.high")) {
                 c.high = h;
             }
+            if let Ok(m) = read_bytes_limit(&d.join("memory.max")) {
+                c.max = m;
+            }
             let spec = &self.spec.containers[i];
             let want = spec.cpu.at(t).min(cpus);
             let limit = c.quota.unwrap_or(cpus).min(cpus);
@@ -232,7 +245,12 @@ impl SimNode {
                 c.throttled_usec += (want - limit) * dt * 1e6;
             }
             let wanted_mem = spec.memory.at(t);
-            let high = c.high.unwrap_or(f64::INFINITY);
+            let max = c.max.unwrap_or(f64::INFINITY);
+            if wanted_mem > max {
+                // The kernel kills the biggest task; the replica restarts with the same demand.
+                c.oom_kills += 1;
+            }
+            let high = c.high.unwrap_or(f64::INFINITY).min(max);
             // Above memory.high the kernel reclaims and stalls the container instead.
             let resident = wanted_mem.min(high);
             if wanted_mem > high {
@@ -262,8 +280,8 @@ impl SimNode {
             overwrite(
                 &d.join("memory.events"),
                 &format!(
-                    "low 0\nhigh {}\nmax 0\noom 0\noom_kill 0\n",
-                    c.memory_high_events
+                    "low 0\nhigh {}\nmax {}\noom {}\noom_kill {}\n",
+                    c.memory_high_events, c.oom_kills, c.oom_kills, c.oom_kills
                 ),
             )?;
             let stall = c.memory_stall_usec as u64;
@@ -290,7 +308,10 @@ impl SimNode {
             .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
         let mut stat = format!("cpu  {} 0 0 {} 0 0 0 0 0 0\n", tu as u64, ti as u64);
         for (n, (u, i)) in self.cpu_ticks.iter().enumerate() {
-            stat.push_str(&format!("cpu{n} {} 0 0 {} 0 0 0 0 0 0\n", *u as u64, *i as u64));
+            stat.push_str(&format!(
+                "cpu{n} {} 0 0 {} 0 0 0 0 0 0\n",
+                *u as u64, *i as u64
+            ));
         }
         stat.push_str(&format!(
             "ctxt 1\nbtime {}\nprocesses 1\nprocs_running {}\nprocs_blocked 0\n",
