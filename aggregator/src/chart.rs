@@ -147,8 +147,16 @@ impl Line {
 pub struct Mark {
     pub t: f64,
     pub text: String,
-    /// Drawn solid when true, faint when false (e.g. a decision not applied).
-    pub strong: bool,
+    /// CSS class: `mark` (replica changes), `decision` or `decision applied` (policy decisions).
+    pub class: &'static str,
+}
+
+/// A value known only as of now, drawn as a horizontal line across the chart.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Level {
+    pub value: f64,
+    pub class: &'static str,
+    pub text: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +165,7 @@ pub struct Chart {
     pub unit: Unit,
     /// Drawn in order: later lines on top.
     pub lines: Vec<Line>,
+    pub level: Option<Level>,
     pub marks: Vec<Mark>,
 }
 
@@ -169,7 +178,12 @@ const BOTTOM: f64 = 20.0;
 
 /// Writes the chart as one `<svg>` spanning `[from, to]` seconds (`to` is labelled "now").
 pub fn svg(out: &mut String, c: &Chart, from: f64, to: f64) {
-    let ymax = c.lines.iter().map(Line::max).fold(0.0, f64::max);
+    let ymax = c
+        .lines
+        .iter()
+        .map(Line::max)
+        .chain(c.level.as_ref().map(|l| l.value))
+        .fold(0.0, f64::max);
     let ymax = if ymax > 0.0 { ymax * 1.1 } else { 1.0 };
     let span = (to - from).max(1e-3);
     let x = |t: f64| LEFT + ((t - from) / span).clamp(0.0, 1.0) * (W - LEFT - RIGHT);
@@ -237,12 +251,22 @@ pub fn svg(out: &mut String, c: &Chart, from: f64, to: f64) {
             out.push_str("\"/>");
         }
     }
-    for m in &c.marks {
-        let xx = x(m.t);
-        let class = if m.strong { "mark strong" } else { "mark" };
+    if let Some(l) = &c.level {
+        let yy = y(l.value);
         let _ = write!(
             out,
-            r#"<line class="{class}" x1="{xx:.1}" x2="{xx:.1}" y1="{TOP}" y2="{}"><title>{}</title></line>"#,
+            r#"<line class="{}" x1="{LEFT}" x2="{}" y1="{yy:.1}" y2="{yy:.1}"><title>{}</title></line>"#,
+            l.class,
+            W - RIGHT,
+            esc(&l.text)
+        );
+    }
+    for m in &c.marks {
+        let xx = x(m.t);
+        let _ = write!(
+            out,
+            r#"<line class="{}" x1="{xx:.1}" x2="{xx:.1}" y1="{TOP}" y2="{}"><title>{}</title></line>"#,
+            m.class,
             H - BOTTOM,
             esc(&m.text)
         );
@@ -260,7 +284,8 @@ svg .grid{stroke:#eee}svg .axis{font-size:10px;fill:#777}\
 polyline{fill:none;stroke-width:1.5}.demand{stroke:#1f77b4}\
 .forecast{stroke:#ff7f0e;stroke-dasharray:5 3}.capacity{stroke:#2ca02c;stroke-width:2}\
 .desired{stroke:#9467bd;stroke-dasharray:2 2}.nodes{stroke:#8c564b;stroke-width:1}\
-.mark{stroke:#d62728;stroke-width:1;opacity:.5}.mark.strong{opacity:1;stroke-width:1.5}\
+.capacity-now{stroke:#2ca02c;stroke-dasharray:2 3}.mark{stroke:#d62728;stroke-width:1.5}\
+.decision{stroke:#d62728;stroke-width:1;opacity:.5}.decision.applied{opacity:1;stroke-width:1.5}\
 .key span{margin-right:1.2em}\
 .key i{display:inline-block;width:1.6em;height:0;border-top:2px solid;vertical-align:middle;margin-right:.3em}\
 table{border-collapse:collapse;font-size:.9em}td,th{padding:.15em .8em .15em 0;text-align:left}";
@@ -306,10 +331,15 @@ mod tests {
                 [(0.0, Some(1.0)), (1.0, Some(2.0)), (10.0, Some(1.0))],
                 2.0,
             )],
+            level: Some(Level {
+                value: 3.0,
+                class: "capacity-now",
+                text: "3 cores now".into(),
+            }),
             marks: vec![Mark {
                 t: 1.0,
                 text: "desired 1 → 2 <now>".into(),
-                strong: true,
+                class: "mark",
             }],
         };
         let mut s = String::new();
@@ -318,6 +348,9 @@ mod tests {
         assert!(s.contains(r#"data-points="2""#) && s.contains(r#"data-points="1""#));
         assert!(s.contains("aria-label=\"&lt;cpu&gt; &amp; &quot;more&quot;\""));
         assert!(s.contains("<title>desired 1 → 2 &lt;now&gt;</title>"));
+        assert!(s.contains(r#"<line class="capacity-now""#));
+        // The level sets the scale: 3 cores × 1.1 at the top.
+        assert!(s.contains(">3.30 cores</text>"), "{s}");
         assert!(!s.contains("<now>"));
         assert_eq!(Unit::Bytes.format(3.0 * 1024.0 * 1024.0), "3.00 MiB");
     }

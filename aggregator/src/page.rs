@@ -199,7 +199,7 @@ fn marks(ring: &Ring) -> Vec<Mark> {
         .map(|c| Mark {
             t: c.t,
             text: format!("desired replicas {} → {}", c.from, c.to),
-            strong: true,
+            class: "mark",
         })
         .collect()
 }
@@ -243,6 +243,7 @@ fn ring_section(out: &mut String, id: &str, ring: &Ring, from: f64, now: f64) {
             series("capacity", &|p| Some(p.current as f64)),
             series("desired", &|p| Some(p.desired as f64)),
         ],
+        level: None,
         marks: marks(ring),
     };
     let caption = last
@@ -265,6 +266,7 @@ fn ring_section(out: &mut String, id: &str, ring: &Ring, from: f64, now: f64) {
                 series("forecast", &field(1)),
                 series("demand", &field(0)),
             ],
+            level: None,
             marks: marks(ring),
         };
         let caption = last
@@ -441,7 +443,7 @@ mod tests {
         assert_eq!(points(&html, "capacity"), 20, "replicas and cpu capacity");
         assert_eq!(points(&html, "nodes"), 10);
         assert_eq!(
-            html.matches("class=\"mark strong\"").count(),
+            html.matches("class=\"mark\"").count(),
             2,
             "one change, two charts"
         );
