@@ -109,7 +109,7 @@ fn node_config(
     c.ebpf.enabled = false;
     c.aggregator.endpoints = vec![aggregator.to_string()];
     c.aggregator.token_file = Some(token_file.to_path_buf());
-    c.aggregator.window_s = 120;
+    c.aggregator.window_s = 60;
     c.aggregator.workloads = spec
         .containers
         .iter()
