@@ -460,6 +460,11 @@ impl Registry {
         ))
     }
 
+    /// Ids of every workload, unordered, without building views.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.workloads.keys().map(String::as_str)
+    }
+
     /// All workloads, sorted by id.
     pub fn workloads(&self) -> Vec<WorkloadView> {
         let mut ids: Vec<&String> = self.workloads.keys().collect();

@@ -85,10 +85,28 @@ impl Timeline {
         self.last.is_none_or(|l| now - l >= STEP_S || now < l)
     }
 
+    /// Of the workloads `ids`, those to record: the ones already followed and, while there is
+    /// room, new ones (the first seen, up to [`MAX_WORKLOADS`]); the rest are counted.
+    pub fn followed<'a>(&mut self, ids: impl Iterator<Item = &'a str>) -> Vec<String> {
+        let mut room = MAX_WORKLOADS.saturating_sub(self.rings.len());
+        self.untracked = 0;
+        let mut out = Vec::new();
+        for id in ids {
+            if self.rings.contains_key(id) {
+                out.push(id.to_owned());
+            } else if room > 0 {
+                room -= 1;
+                out.push(id.to_owned());
+            } else {
+                self.untracked += 1;
+            }
+        }
+        out
+    }
+
     /// Adds one point per view; forgets workloads whose newest point has left the window.
     pub fn record(&mut self, now: f64, views: &[WorkloadView]) {
         self.last = Some(now);
-        self.untracked = 0;
         for v in views {
             if !self.rings.contains_key(&v.id) && self.rings.len() >= MAX_WORKLOADS {
                 self.untracked += 1;
@@ -500,9 +518,19 @@ mod tests {
         let many: Vec<_> = (0..MAX_WORKLOADS + 5)
             .map(|i| view(&format!("w{i}"), 1, 1, 1, 1.0))
             .collect();
+        let ids: Vec<String> = many.iter().map(|v| v.id.clone()).collect();
+        let wanted = t.followed(ids.iter().map(String::as_str));
+        assert_eq!(wanted.len(), MAX_WORKLOADS - 1, "room left beside b");
+        assert_eq!(t.untracked, 6);
         t.record(later + STEP_S, &many);
         assert_eq!(t.len(), MAX_WORKLOADS);
-        assert_eq!(t.untracked, 6);
+        assert_eq!(t.untracked, 12, "record() refuses the overflow too");
+        let wanted = t.followed(ids.iter().map(String::as_str));
+        assert_eq!(
+            wanted.len(),
+            MAX_WORKLOADS - 1,
+            "followed ones stay followed"
+        );
         assert_eq!(Options::from_query("workloads=5").max_workloads, 5);
     }
 }

@@ -185,7 +185,13 @@ impl Shared {
             .map_or(0.0, |d| d.as_secs_f64());
         let mut t = self.timeline.lock().unwrap_or_else(|p| p.into_inner());
         if t.due(now) {
-            let views = self.workloads();
+            // Views only of the workloads the timeline follows: with many thousands of
+            // workloads, building them all would hold the registry for milliseconds.
+            let views: Vec<WorkloadView> = {
+                let r = self.registry();
+                let ids = t.followed(r.ids());
+                ids.iter().filter_map(|id| r.workload(id)).collect()
+            };
             t.record(now, &views);
         }
     }
