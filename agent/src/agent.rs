@@ -312,7 +312,7 @@ fn thread_cpu_seconds() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
@@ -553,6 +553,16 @@ pub fn history_points(s: &Snapshot) -> Vec<(SeriesKey, f64)> {
     out
 }
 
+/// An empty history sized by the configuration.
+pub fn new_history(config: &Config) -> History {
+    History::new(
+        (config.sample_interval_s * 1000.0).round() as u64,
+        config.fine_capacity(),
+        config.history.coarse_step_s,
+        config.coarse_capacity(),
+    )
+}
+
 /// Loads saved history into `history`; a bad file is moved aside and logged, never fatal.
 pub fn restore_history(dir: &StateDir, history: &mut History) {
     match dir.load(state::HISTORY) {
@@ -614,6 +624,30 @@ pub fn save_history(dir: &StateDir, shared: &Shared) {
     }
 }
 
+/// Feeds one pass to the forecasters (their rows land in `snapshot.forecasts`) and records it,
+/// with the forecasts' upper bounds, in the history at `t_ms`.
+pub fn record_pass(
+    shared: &Shared,
+    forecasts: Option<&mut Forecasts>,
+    snapshot: &mut Snapshot,
+    t_ms: u64,
+    stale_ms: u64,
+) {
+    let points = history_points(snapshot);
+    if let Some(f) = forecasts {
+        snapshot.forecasts = f.observe(&points);
+    }
+    if let Ok(mut h) = shared.history.lock() {
+        for (k, v) in &points {
+            h.record(k, t_ms, *v);
+        }
+        for row in &snapshot.forecasts {
+            h.record(&row.upper_key, t_ms, row.upper);
+        }
+        h.drop_stale(t_ms, stale_ms);
+    }
+}
+
 /// Hints of one reporting pass, on their way to the aggregator client.
 pub type HintSender = tokio::sync::mpsc::UnboundedSender<Vec<headroom_aggregator::Hint>>;
 
@@ -638,21 +672,9 @@ pub fn sampling_loop(
         let cpu0 = thread_cpu_seconds();
         let t0 = Instant::now();
         let mut snapshot = samplers.sample(shared);
-        let points = history_points(&snapshot);
-        if let Some(f) = forecasts.as_mut() {
-            snapshot.forecasts = f.observe(&points);
-        }
         let containers = snapshot.containers.len();
         let t_ms = unix_ms(snapshot.at);
-        if let Ok(mut h) = shared.history.lock() {
-            for (k, v) in &points {
-                h.record(k, t_ms, *v);
-            }
-            for row in &snapshot.forecasts {
-                h.record(&row.upper_key, t_ms, row.upper);
-            }
-            h.drop_stale(t_ms, stale_ms);
-        }
+        record_pass(shared, forecasts.as_mut(), &mut snapshot, t_ms, stale_ms);
         pass += 1;
         if let Some(tx) = shared.hint_tx.get() {
             if pass.is_multiple_of(u64::from(config.aggregator.report_every)) {
@@ -785,12 +807,7 @@ pub fn start(
     samplers: impl FnOnce(&Config) -> Samplers + Send + 'static,
 ) -> anyhow::Result<Running> {
     let dir = StateDir::open(&config.state_dir)?;
-    let mut history = History::new(
-        (config.sample_interval_s * 1000.0).round() as u64,
-        config.fine_capacity(),
-        config.history.coarse_step_s,
-        config.coarse_capacity(),
-    );
+    let mut history = new_history(&config);
     restore_history(&dir, &mut history);
     // Values a crashed run changed go back before anything else happens.
     let actuator = match crate::act::Actuator::open(dir.clone()) {

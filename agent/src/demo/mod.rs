@@ -38,6 +38,11 @@ pub struct DemoArgs {
     /// traces.
     #[arg(long, value_name = "DIR")]
     pub traces: Option<PathBuf>,
+    /// Seconds of history each node starts with: the trace before the start is fed through the
+    /// nodes' samplers and forecasters at once (no decisions, no hints), as if they had been
+    /// running; 0 starts empty.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    pub warmup: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +58,8 @@ pub enum DemoError {
 const SAMPLE_INTERVAL_S: f64 = 1.0;
 /// How often the simulated kernels advance.
 const TICK: Duration = Duration::from_millis(100);
+/// Longest warm-up: what the agents' fine history tier holds.
+const MAX_WARMUP_S: u32 = 600;
 
 fn validate(args: &DemoArgs) -> Result<(), DemoError> {
     if !(args.speed.is_finite() && args.speed > 0.0 && args.speed <= 100_000.0) {
@@ -66,6 +73,12 @@ fn validate(args: &DemoArgs) -> Result<(), DemoError> {
     {
         return Err(DemoError::Usage(format!(
             "--duration {d}: must be a positive number of seconds"
+        )));
+    }
+    if args.warmup > MAX_WARMUP_S {
+        return Err(DemoError::Usage(format!(
+            "--warmup {}: at most {MAX_WARMUP_S} seconds (the history's fine tier)",
+            args.warmup
         )));
     }
     if args.listen_base > u16::MAX - 4 {
@@ -136,6 +149,55 @@ fn node_config(
     Ok(c)
 }
 
+/// Runs `steps` sampling passes per node, as fast as they go, over the trace before the start:
+/// the simulated kernel advances one sample interval of trace per pass, the node's real samplers
+/// read it, and the passes go through the real forecasters into the history, stamped one interval
+/// apart ending now. The result is saved in each node's state folder, where the agent restores it
+/// at start as it would after a restart. The policy and the hint sender do not see these passes.
+fn warm_up(
+    kernels: &mut [sim::SimNode],
+    configs: &[Config],
+    steps: usize,
+    speed: f64,
+) -> anyhow::Result<()> {
+    let now_t = Arc::new(std::sync::atomic::AtomicU64::new(0f64.to_bits()));
+    let mut nodes = Vec::new();
+    for (k, c) in kernels.iter().zip(configs) {
+        let t = now_t.clone();
+        let time: sim::TraceTime = Arc::new(move || f64::from_bits(t.load(Ordering::Relaxed)));
+        let samplers = crate::agent::Samplers::new(c).with_gpu(Box::new(k.gpus(time)));
+        let shared = crate::agent::Shared::new(c, crate::agent::new_history(c), c.hostname.clone());
+        let forecasts = crate::forecast::Forecasts::new(&c.forecast, c.sample_interval_s)
+            .map_err(|e| anyhow::anyhow!("forecast settings: {e}"))?;
+        nodes.push((samplers, shared, forecasts, Instant::now()));
+    }
+    let step_ms = (SAMPLE_INTERVAL_S * 1000.0) as u64;
+    let end_ms = crate::agent::unix_ms(std::time::SystemTime::now());
+    let stale_ms = configs
+        .first()
+        .map_or(30_000, |c| c.history.stale_after_s * 1000);
+    for i in 0..steps {
+        let t = i as f64 * SAMPLE_INTERVAL_S * speed;
+        now_t.store(t.to_bits(), Ordering::Relaxed);
+        // A few milliseconds per pass keep the rates the samplers compute smooth.
+        std::thread::sleep(Duration::from_millis(2));
+        let t_ms = end_ms.saturating_sub((steps - i) as u64 * step_ms);
+        for (k, (samplers, shared, forecasts, last)) in kernels.iter_mut().zip(&mut nodes) {
+            let dt = last.elapsed().as_secs_f64();
+            *last = Instant::now();
+            k.tick_with(t, dt, SAMPLE_INTERVAL_S)?;
+            let mut snapshot = samplers.sample(shared);
+            crate::agent::record_pass(shared, Some(forecasts), &mut snapshot, t_ms, stale_ms);
+        }
+    }
+    for ((_, shared, forecasts, _), c) in nodes.iter().zip(configs) {
+        let dir = crate::state::StateDir::open(&c.state_dir)?;
+        crate::agent::save_history(&dir, shared);
+        crate::agent::save_forecasts(&dir, forecasts);
+    }
+    Ok(())
+}
+
 /// Removes the scratch folder when the demo ends, however it ends.
 struct Scratch(PathBuf);
 
@@ -197,36 +259,54 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
     }));
     let agg_url = format!("http://{agg_http}");
 
-    let clock = sim::Clock {
-        start: Instant::now(),
-        speed: args.speed,
-        offset_s: 0.0,
-    };
     let mut kernels = Vec::new();
-    let mut nodes = Vec::new();
-    let mut failed = None;
+    let mut configs = Vec::new();
     for (i, spec) in specs.into_iter().enumerate() {
         let dir = scratch.0.join(&spec.name);
         let kernel = sim::SimNode::create(&dir, spec.clone())
             .map_err(|e| anyhow::anyhow!("simulated node {}: {e}", spec.name))?;
-        let cfg = node_config(
+        configs.push(node_config(
             &spec,
             &kernel,
             &dir,
             port(args.listen_base, 2 + i as u16),
             &agg_url,
             &token_file,
-        )?;
-        let gpus = kernel.gpus(clock);
+        )?);
         kernels.push(kernel);
+    }
+    let steps = (f64::from(args.warmup) / SAMPLE_INTERVAL_S).round() as usize;
+    if steps > 0 {
+        let t0 = Instant::now();
+        match warm_up(&mut kernels, &configs, steps, args.speed) {
+            Ok(()) => tracing::info!(
+                samples = steps,
+                trace_seconds = steps as f64 * SAMPLE_INTERVAL_S * args.speed,
+                wall_ms = t0.elapsed().as_millis() as u64,
+                "warm-up: history and forecasters filled from the trace before the start"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "warm-up failed; the nodes start with empty history")
+            }
+        }
+    }
+    let clock = sim::Clock {
+        start: Instant::now(),
+        speed: args.speed,
+        offset_s: steps as f64 * SAMPLE_INTERVAL_S * args.speed,
+    };
+    let mut nodes = Vec::new();
+    let mut failed = None;
+    for (kernel, cfg) in kernels.iter().zip(configs) {
+        let gpus = kernel.gpus(clock.source());
+        let name = cfg.hostname.clone();
         match crate::agent::start(cfg, &runtime, move |c| {
             crate::agent::Samplers::new(c).with_gpu(Box::new(gpus))
         }) {
             Ok(r) => nodes.push(r),
             Err(e) => {
                 failed = Some(DemoError::Usage(format!(
-                    "demo node {}: {e:#} (try another --listen-base)",
-                    spec.name
+                    "demo node {name}: {e:#} (try another --listen-base)"
                 )));
                 break;
             }
@@ -308,10 +388,19 @@ fn print_banner(args: &DemoArgs, agg: &str, grpc: SocketAddr, nodes: &[crate::ag
         "headroom demo: an aggregator and {} simulated nodes replaying {source},\n\
          {} trace seconds per wall second. Each node runs the real agent (history, forecasts,\n\
          policy in enforce mode on simulated containers, hints to the aggregator); only the\n\
-         kernel files and GPUs under its samplers are simulated.\n\n",
+         kernel files and GPUs under its samplers are simulated.\n",
         nodes.len(),
         args.speed
     ));
+    if args.warmup > 0 {
+        out.push_str(&format!(
+            "Warm-up: each node starts with {} s of history, made by feeding the {} trace seconds\n\
+             before the start through its samplers and forecasters at once (no decisions or hints).\n",
+            args.warmup,
+            f64::from(args.warmup) * args.speed
+        ));
+    }
+    out.push('\n');
     out.push_str(&format!("  aggregator status page   {agg}/\n"));
     out.push_str(&format!(
         "  aggregator JSON API      {agg}/v1/workloads  {agg}/v1/nodes\n"
@@ -341,6 +430,7 @@ mod tests {
             listen_base: 18470,
             duration: None,
             traces: None,
+            warmup: 300,
         }
     }
 
@@ -362,6 +452,10 @@ mod tests {
             },
             DemoArgs {
                 listen_base: 65534,
+                ..args()
+            },
+            DemoArgs {
+                warmup: 601,
                 ..args()
             },
         ] {

@@ -33,7 +33,14 @@ impl Clock {
     pub fn trace_s(&self) -> f64 {
         self.offset_s + self.start.elapsed().as_secs_f64() * self.speed
     }
+
+    pub fn source(self) -> TraceTime {
+        Arc::new(move || self.trace_s())
+    }
 }
+
+/// Where a replay reads the current trace time.
+pub type TraceTime = Arc<dyn Fn() -> f64 + Send + Sync>;
 
 /// A demand that follows a trace: `base + peak × value / p99`, read `offset_s` into the trace.
 #[derive(Debug, Clone)]
@@ -216,6 +223,14 @@ impl SimNode {
 
     /// Advances the node by `dt` wall seconds at trace time `t`.
     pub fn tick(&mut self, t: f64, dt: f64) -> io::Result<()> {
+        self.tick_with(t, dt, dt)
+    }
+
+    /// As [`SimNode::tick`], counting CFS periods and procfs ticks over `dt_counts` seconds
+    /// instead. The samplers take CPU time and stall time as rates over wall time, but periods
+    /// and ticks only as proportions, so a warm-up running many samples per wall second stays
+    /// exact with `dt` its real wall time and `dt_counts` the sample interval it stands for.
+    pub fn tick_with(&mut self, t: f64, dt: f64, dt_counts: f64) -> io::Result<()> {
         let cpus = self.spec.cpus as f64;
         let mut used_cores = SYSTEM_CORES;
         let mut used_memory = SYSTEM_MEMORY as f64;
@@ -237,12 +252,12 @@ impl SimNode {
             let used = want.min(limit);
             used_cores += used;
             c.usage_usec += used * dt * 1e6;
-            let periods = dt * 1e6 / PERIOD_US as f64;
+            let periods = dt_counts * 1e6 / PERIOD_US as f64;
             c.periods += periods;
             if want > limit * 0.999 {
                 // Every period ran out of quota before the work did.
                 c.throttled += periods;
-                c.throttled_usec += (want - limit) * dt * 1e6;
+                c.throttled_usec += (want - limit) * dt_counts * 1e6;
             }
             let wanted_mem = spec.memory.at(t);
             let max = c.max.unwrap_or(f64::INFINITY);
@@ -295,8 +310,8 @@ impl SimNode {
         }
         let busy = (used_cores / cpus).min(1.0);
         for (u, i) in &mut self.cpu_ticks {
-            *u += busy * dt * 100.0;
-            *i += (1.0 - busy) * dt * 100.0;
+            *u += busy * dt_counts * 100.0;
+            *i += (1.0 - busy) * dt_counts * 100.0;
         }
         self.write_proc(used_cores, used_memory as u64)
     }
@@ -352,8 +367,8 @@ impl SimNode {
         )
     }
 
-    /// The GPUs of this node, for the sampling loop.
-    pub fn gpus(&self, clock: Clock) -> ReplayGpus {
+    /// The GPUs of this node, for the sampling loop; `time` says the trace time of each sample.
+    pub fn gpus(&self, time: TraceTime) -> ReplayGpus {
         let gpus = self
             .spec
             .containers
@@ -361,7 +376,7 @@ impl SimNode {
             .filter_map(|c| c.gpu.clone().map(|g| (c.cgroup.clone(), g)))
             .collect();
         ReplayGpus {
-            clock,
+            time,
             node: self.spec.name.clone(),
             gpus,
         }
@@ -370,7 +385,7 @@ impl SimNode {
 
 /// GPU snapshots from traces: one GPU per container that has one, used by that container alone.
 pub struct ReplayGpus {
-    clock: Clock,
+    time: TraceTime,
     node: String,
     gpus: Vec<(String, GpuSpec)>,
 }
@@ -380,7 +395,7 @@ impl GpuSource for ReplayGpus {
         if self.gpus.is_empty() {
             return GpuSnapshot::empty(now, NvmlStatus::Disabled);
         }
-        let t = self.clock.trace_s();
+        let t = (self.time)();
         let mut snap = GpuSnapshot::empty(
             now,
             NvmlStatus::Up {
