@@ -120,6 +120,11 @@ pub struct ForecastSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct EbpfConfig {
     pub enabled: bool,
+    /// Executable that loads the probes in a short-lived child process (`<exe> ebpf-loader`),
+    /// so the agent never holds the memory CO-RE loading takes. Set by the `headroom` binary
+    /// (not a configuration key); unset, the probes load in-process.
+    #[serde(skip)]
+    pub loader: Option<PathBuf>,
 }
 
 /// Where scale hints go and how they are built.
@@ -368,7 +373,10 @@ impl Default for ForecastSettings {
 
 impl Default for EbpfConfig {
     fn default() -> Self {
-        EbpfConfig { enabled: true }
+        EbpfConfig {
+            enabled: true,
+            loader: None,
+        }
     }
 }
 
