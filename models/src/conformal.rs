@@ -83,7 +83,7 @@ impl ScoreWindow {
         let mut by_age: Vec<(u8, f32)> = (0..self.sorted.len())
             .map(|i| (self.age(i), self.sorted[i]))
             .collect();
-        by_age.sort_by(|a, b| b.0.cmp(&a.0));
+        by_age.sort_by_key(|a| std::cmp::Reverse(a.0));
         by_age.into_iter().map(|(_, s)| s).collect()
     }
 
