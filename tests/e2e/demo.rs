@@ -66,7 +66,15 @@ impl Demo {
 }
 
 impl Drop for Demo {
+    /// SIGTERM first, so a failed test does not leave the demo's scratch folder behind.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill sends a signal to the child this test started.
+            unsafe {
+                libc::kill(self.child.id() as i32, libc::SIGTERM);
+            }
+            let _ = wait_for(Duration::from_secs(10), || self.child.try_wait().ok()?);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
