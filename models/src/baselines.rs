@@ -43,11 +43,16 @@ impl Default for Reactive {
     }
 }
 
+/// Steps in [`window_max`]'s window.
+pub fn window_steps(step_seconds: f64) -> usize {
+    ((300.0 / step_seconds).round() as usize).max(5)
+}
+
 /// Moving-window maximum: the highest demand over the last five minutes, which is what HPA's
 /// scale-down stabilisation window (`behavior.scaleDown.stabilizationWindowSeconds`, default
 /// 300 s) keeps; at least 5 samples so coarse series still get a window.
 pub fn window_max(h: &History, step_seconds: f64) -> Option<f64> {
-    let w = ((300.0 / step_seconds).round() as usize).max(5);
+    let w = window_steps(step_seconds);
     let mut m: Option<f64> = None;
     for age in 0..w {
         match h.raw.back(age) {

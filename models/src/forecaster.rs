@@ -240,7 +240,7 @@ impl SeriesForecaster {
             })
             .collect();
         Ok(Self {
-            history: History::new(cfg.step_seconds),
+            history: History::new(cfg.step_seconds, u64::from(cfg.lead_steps)),
             ridge_id: Ridge::new(Transform::Identity),
             ridge_sqrt: Ridge::new(Transform::SignedSqrt),
             reactive: Reactive::new(),
@@ -285,7 +285,9 @@ impl SeriesForecaster {
     /// Steps between scheduled refits: while the history is young the training window grows
     /// fast, so refit whenever it has grown by a quarter, up to `refit_every`.
     fn refit_interval(&self) -> u32 {
-        let grown = (self.history.raw.len() / 4) as u32;
+        // Counted against the full capacity whatever the ring's own, so the cadence is the same
+        // for every step size.
+        let grown = (self.history.count.min(crate::history::RAW_CAPACITY as u64) / 4) as u32;
         grown.clamp(1, self.cfg.refit_every)
     }
 
