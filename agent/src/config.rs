@@ -108,6 +108,9 @@ pub struct ForecastSettings {
     pub enabled: bool,
     /// Seconds a scale-up takes: forecasts cover demand this far ahead.
     pub lead_time_s: f64,
+    /// Seconds per forecaster step: each step feeds the forecasters the peak of its samples
+    /// (never less than one sample interval). The history keeps every sample regardless.
+    pub step_s: f64,
     /// Accepted share of steps with demand above the forecast upper bound.
     pub target_violation: f64,
     /// Upper bound on series with a forecaster (each holds at most 64 KiB of state).
@@ -120,6 +123,11 @@ pub struct ForecastSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct EbpfConfig {
     pub enabled: bool,
+    /// Executable that loads the probes in a short-lived child process (`<exe> ebpf-loader`),
+    /// so the agent never holds the memory CO-RE loading takes. Set by the `headroom` binary
+    /// (not a configuration key); unset, the probes load in-process.
+    #[serde(skip)]
+    pub loader: Option<PathBuf>,
 }
 
 /// Where scale hints go and how they are built.
@@ -346,6 +354,7 @@ impl Default for ForecastSettings {
         ForecastSettings {
             enabled: true,
             lead_time_s: 60.0,
+            step_s: 10.0,
             target_violation: 0.05,
             max_series: 2000,
             series: [
@@ -368,7 +377,10 @@ impl Default for ForecastSettings {
 
 impl Default for EbpfConfig {
     fn default() -> Self {
-        EbpfConfig { enabled: true }
+        EbpfConfig {
+            enabled: true,
+            loader: None,
+        }
     }
 }
 
@@ -513,10 +525,16 @@ impl Config {
                 &format!("{} must be a positive number of seconds", f.lead_time_s),
             );
         }
-        if f.lead_time_s / self.sample_interval_s > 1024.0 {
+        if !(f.step_s.is_finite() && f.step_s > 0.0 && f.step_s <= 3600.0) {
+            return invalid(
+                "forecast.step_s",
+                &format!("{} must be a number of seconds in (0, 3600]", f.step_s),
+            );
+        }
+        if f.lead_time_s / f.step_s.max(self.sample_interval_s) > 1024.0 {
             return invalid(
                 "forecast.lead_time_s",
-                &format!("{} s is more than 1024 sample intervals", f.lead_time_s),
+                &format!("{} s is more than 1024 forecast steps", f.lead_time_s),
             );
         }
         if !(f.target_violation > 0.0 && f.target_violation <= 0.5) {

@@ -37,21 +37,32 @@ pub fn upper_series_name(name: &str) -> String {
 pub struct Forecasts {
     settings: ForecastSettings,
     model: ForecastConfig,
+    /// Samples folded into one forecaster step.
+    samples_per_step: u32,
     series: HashMap<SeriesKey, Tracked>,
     warned_full: bool,
 }
 
-/// A forecaster and the keys its rows carry, shared rather than rebuilt every sample.
+/// A forecaster, the peak of the current step's samples, and the keys its rows carry (shared
+/// rather than rebuilt every sample).
 struct Tracked {
     forecaster: SeriesForecaster,
+    step_peak: f64,
+    step_samples: u32,
+    /// Whether the forecaster has seen a step yet; a new series gets its first sample at once so
+    /// it has a forecast from the start.
+    fed: bool,
     key: Arc<SeriesKey>,
     upper_key: Arc<SeriesKey>,
 }
 
 impl Tracked {
-    fn new(key: &SeriesKey, forecaster: SeriesForecaster) -> Tracked {
+    fn new(key: &SeriesKey, forecaster: SeriesForecaster, fed: bool) -> Tracked {
         Tracked {
             forecaster,
+            step_peak: f64::NEG_INFINITY,
+            step_samples: 0,
+            fed,
             key: Arc::new(key.clone()),
             upper_key: Arc::new(SeriesKey {
                 name: upper_series_name(&key.name),
@@ -70,13 +81,16 @@ struct Saved {
 impl Forecasts {
     /// `None` when forecasting is disabled; an error names the bad setting.
     pub fn new(settings: &ForecastSettings, sample_interval_s: f64) -> Result<Forecasts, String> {
-        let lead_steps = ((settings.lead_time_s / sample_interval_s).round() as u32).max(1);
-        let model = ForecastConfig::new(lead_steps, settings.target_violation, sample_interval_s);
+        let samples_per_step = (settings.step_s / sample_interval_s).round().max(1.0) as u32;
+        let step_s = f64::from(samples_per_step) * sample_interval_s;
+        let lead_steps = ((settings.lead_time_s / step_s).round() as u32).max(1);
+        let model = ForecastConfig::new(lead_steps, settings.target_violation, step_s);
         // Validates the combination once, here, rather than on the first series.
         SeriesForecaster::new(model.clone()).map_err(|e| e.to_string())?;
         Ok(Forecasts {
             settings: settings.clone(),
             model,
+            samples_per_step,
             series: HashMap::new(),
             warned_full: false,
         })
@@ -117,7 +131,7 @@ impl Forecasts {
                 }
                 match SeriesForecaster::new(self.model.clone()) {
                     Ok(f) => {
-                        self.series.insert(key.clone(), Tracked::new(key, f));
+                        self.series.insert(key.clone(), Tracked::new(key, f, false));
                     }
                     Err(_) => continue,
                 }
@@ -125,8 +139,15 @@ impl Forecasts {
             let Some(t) = self.series.get_mut(key) else {
                 continue;
             };
-            let f = &mut t.forecaster;
-            f.observe(*v);
+            t.step_peak = t.step_peak.max(*v);
+            t.step_samples += 1;
+            if !t.fed || t.step_samples >= self.samples_per_step {
+                t.forecaster.observe(t.step_peak);
+                t.fed = true;
+                t.step_peak = f64::NEG_INFINITY;
+                t.step_samples = 0;
+            }
+            let f = &t.forecaster;
             if let Some(fc) = f.forecast() {
                 let err = f.recent_errors().into_iter().next();
                 out.push(ForecastRow {
@@ -199,7 +220,7 @@ impl Forecasts {
                 .series
                 .into_iter()
                 .take(n)
-                .map(|(k, f)| (k.clone(), Tracked::new(&k, f))),
+                .map(|(k, f)| (k.clone(), Tracked::new(&k, f, true))),
         );
         Ok(n)
     }
@@ -209,8 +230,12 @@ impl Forecasts {
 mod tests {
     use super::*;
 
+    /// Defaults with one forecaster step per sample.
     fn settings() -> ForecastSettings {
-        ForecastSettings::default()
+        ForecastSettings {
+            step_s: 1.0,
+            ..ForecastSettings::default()
+        }
     }
 
     fn key(cg: &str) -> SeriesKey {
@@ -257,5 +282,32 @@ mod tests {
         let mut other = Forecasts::new(&settings(), 2.0).unwrap();
         assert!(other.restore(&bytes).unwrap_err().contains("lead"));
         assert!(g.restore(b"{not json").is_err());
+    }
+
+    #[test]
+    fn a_step_feeds_the_peak_of_its_samples() {
+        let mut f = Forecasts::new(&ForecastSettings::default(), 1.0).unwrap();
+        assert_eq!(f.model.step_seconds, 10.0);
+        assert_eq!(f.model.lead_steps, 6);
+        // The first sample is fed at once, then one step per ten samples.
+        let rows = f.observe(&[(key("/a"), 1.0)]);
+        assert_eq!(rows.len(), 1, "a forecast from the first sample");
+        for i in 0..30 {
+            let v = if i % 10 == 3 { 9.0 } else { 1.0 };
+            f.observe(&[(key("/a"), v)]);
+        }
+        let t = &f.series[&key("/a")];
+        assert_eq!(t.forecaster.observed(), 4);
+        // Three steps of peak 9 after a first value of 1: the bound covers the peaks.
+        let fc = t.forecaster.forecast().unwrap();
+        assert!(fc.upper >= 9.0, "{fc:?}");
+    }
+
+    #[test]
+    fn the_step_is_never_shorter_than_a_sample() {
+        let f = Forecasts::new(&ForecastSettings::default(), 30.0).unwrap();
+        assert_eq!(f.samples_per_step, 1);
+        assert_eq!(f.model.step_seconds, 30.0);
+        assert_eq!(f.model.lead_steps, 2);
     }
 }

@@ -27,6 +27,10 @@ enum Command {
     Aggregator(headroom_aggregator::AggregatorArgs),
     /// Replay a recorded series through the forecasters and emit their capacities.
     Backtest(headroom::backtest::BacktestArgs),
+    /// Load and attach the eBPF probes, hand them to the agent that started this process (over
+    /// the socket on stdin), and exit. The agent runs this itself; not for people.
+    #[command(name = "ebpf-loader", hide = true)]
+    EbpfLoader,
 }
 
 #[derive(Args)]
@@ -152,8 +156,15 @@ fn main() -> ExitCode {
                 }
             }
         },
+        Command::EbpfLoader => match headroom_ebpf::loader::serve() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("headroom ebpf-loader: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Agent(args) => {
-            let config = match args.config() {
+            let mut config = match args.config() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("headroom: {e}");
@@ -165,6 +176,8 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             init_logging(config.log_format);
+            // The running binary itself, even if its file was replaced since it started.
+            config.ebpf.loader = Some(PathBuf::from("/proc/self/exe"));
             if args.restore {
                 return match headroom::agent::restore_only(&config) {
                     Ok(()) => ExitCode::SUCCESS,

@@ -7,10 +7,12 @@
 
 pub mod cgroup;
 pub mod hist;
+pub mod loader;
 pub mod probes;
 
 pub use cgroup::cgroup_id_of;
 pub use hist::Histogram;
+pub use loader::{LoaderError, load_in_child};
 pub use probes::{
     Attach, AttachAttempt, DEFAULT_CHAIN, Options, Probes, ProgramStatus, REQUEST_LATENCY,
     RUNQUEUE_DELAY, ReadError, Reading, RequestKey,

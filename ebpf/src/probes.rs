@@ -4,19 +4,21 @@
 //! the kernel refuses is recorded in [`ProgramStatus`] and logged once.
 
 use std::collections::HashMap as StdHashMap;
+use std::ffi::CString;
 use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-use aya::maps::{Array, HashMap, MapData};
-use aya::programs::{BtfTracePoint, FEntry, FExit, RawTracePoint};
+use aya::maps::{Array, HashMap, Map, MapData};
+use aya::programs::{BtfTracePoint, FEntry, FExit, Program, RawTracePoint};
 use aya::{Btf, Ebpf, EbpfLoader, Pod};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::hist::{Histogram, NBUCKETS};
 
 /// The compiled probes, rebuilt by `ebpf/build.sh`: the first keeps tp_btf state in socket/task
 /// local storage (cheapest per event); the second uses hash maps only, for kernels that lack
 /// those map types (the whole object fails to load there, maps being created up front).
-static OBJECTS: [(&str, &[u8]); 2] = [
+pub(crate) static OBJECTS: [(&str, &[u8]); 2] = [
     (
         "local_storage",
         aya::include_bytes_aligned!("../bpf/headroom.bpf.o"),
@@ -28,7 +30,7 @@ static OBJECTS: [(&str, &[u8]); 2] = [
 ];
 
 /// A way of attaching a probe, in the order the default chain tries them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Attach {
     /// BTF-typed tracepoint (`BPF_PROG_TYPE_TRACING`, `tp_btf`); the sock tracepoints need >= 6.3.
@@ -179,7 +181,7 @@ fn hooks(group: &str, how: Attach) -> Option<&'static [Hook]> {
 }
 
 /// Which probe groups to load and which ways of attaching to try, in order.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Options {
     pub request_latency: bool,
     pub runqueue_delay: bool,
@@ -200,7 +202,7 @@ impl Default for Options {
 }
 
 /// What happened when one way of attaching was tried for one group.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachAttempt {
     pub attach: Attach,
     /// `"attached"`, `"not applicable"`, or `"refused: <reason>"`.
@@ -226,8 +228,6 @@ impl ProgramStatus {
 /// Errors reading the probes' maps.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("eBPF map {map} is missing from the loaded object")]
-    MissingMap { map: &'static str },
     #[error("eBPF map {map}: {source}")]
     Map {
         map: &'static str,
@@ -281,11 +281,24 @@ pub struct Reading {
     pub dropped: (u64, u64),
 }
 
-/// The loaded probes. Dropping it releases every program, link and map.
+/// What stays of a loaded object once its programs are attached: the three maps user space
+/// reads and the links that keep the programs attached (a link holds its program, and a program
+/// its maps). aya's parsed object and the kernel BTF are dropped right after loading, so they
+/// cost nothing while the agent runs.
+pub(crate) struct Kernel {
+    pub(crate) req_hist: Map,
+    pub(crate) runq_hist: Map,
+    pub(crate) dropped: Map,
+    pub(crate) links: Vec<OwnedFd>,
+    /// (name in the object, kernel program id) of every attached program.
+    pub(crate) programs: Vec<(String, u32)>,
+}
+
+/// The loaded probes. Dropping it detaches every link, which releases the programs and maps.
 pub struct Probes {
-    ebpf: Option<Ebpf>,
-    object: Option<&'static str>,
-    status: Vec<ProgramStatus>,
+    pub(crate) kernel: Option<Kernel>,
+    pub(crate) object: Option<&'static str>,
+    pub(crate) status: Vec<ProgramStatus>,
 }
 
 impl fmt::Debug for Probes {
@@ -325,7 +338,7 @@ fn error_text(err: &dyn std::error::Error) -> String {
     text
 }
 
-fn attach_hook(ebpf: &mut Ebpf, hook: Hook, btf: Option<&Btf>) -> Result<(), String> {
+fn attach_hook(ebpf: &mut Ebpf, hook: Hook, btf: Option<&Btf>) -> Result<OwnedFd, String> {
     let name = hook.prog();
     let program = ebpf
         .program_mut(name)
@@ -333,32 +346,77 @@ fn attach_hook(ebpf: &mut Ebpf, hook: Hook, btf: Option<&Btf>) -> Result<(), Str
     let need_btf =
         || btf.ok_or_else(|| "kernel BTF (/sys/kernel/btf/vmlinux) unavailable".to_string());
     let fail = |what: &str, e: &dyn std::error::Error| format!("{what} {name}: {}", error_text(e));
-    match hook {
+    // aya loads (CO-RE relocations, attach BTF ids); the link is created here rather than by
+    // aya's attach() so that it is a plain fd: it can outlive aya's object and cross a process.
+    let tracepoint = match hook {
         Hook::TpBtf { tracepoint, .. } => {
             let p: &mut BtfTracePoint = program.try_into().map_err(|e| fail("type of", &e))?;
             p.load(tracepoint, need_btf()?)
                 .map_err(|e| fail("load", &e))?;
-            p.attach().map_err(|e| fail("attach", &e))?;
+            None
         }
         Hook::FEntry { function, .. } => {
             let p: &mut FEntry = program.try_into().map_err(|e| fail("type of", &e))?;
             p.load(function, need_btf()?)
                 .map_err(|e| fail("load", &e))?;
-            p.attach().map_err(|e| fail("attach", &e))?;
+            None
         }
         Hook::FExit { function, .. } => {
             let p: &mut FExit = program.try_into().map_err(|e| fail("type of", &e))?;
             p.load(function, need_btf()?)
                 .map_err(|e| fail("load", &e))?;
-            p.attach().map_err(|e| fail("attach", &e))?;
+            None
         }
         Hook::Raw { tracepoint, .. } => {
             let p: &mut RawTracePoint = program.try_into().map_err(|e| fail("type of", &e))?;
             p.load().map_err(|e| fail("load", &e))?;
-            p.attach(tracepoint).map_err(|e| fail("attach", &e))?;
+            Some(tracepoint)
         }
+    };
+    let program: &Program = ebpf
+        .program(name)
+        .ok_or_else(|| format!("program {name} is missing from the object"))?;
+    let prog_fd = program.fd().map_err(|e| fail("fd of", &e))?;
+    raw_tracepoint_open(tracepoint, prog_fd.as_fd()).map_err(|e| format!("attach {name}: {e}"))
+}
+
+/// `BPF_RAW_TRACEPOINT_OPEN`: attaches a raw tracepoint program to `tracepoint`, or a tracing
+/// program (tp_btf, fentry, fexit) to the target it was loaded for when `tracepoint` is `None`.
+/// The returned fd is the attachment; closing it detaches.
+fn raw_tracepoint_open(tracepoint: Option<&str>, prog: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+    #[repr(C)]
+    struct RawTracepointAttr {
+        name: u64,
+        prog_fd: u32,
+        _pad: u32,
+        cookie: u64,
     }
-    Ok(())
+    let name = tracepoint
+        .map(CString::new)
+        .transpose()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let attr = RawTracepointAttr {
+        name: name.as_ref().map_or(0, |n| n.as_ptr() as u64),
+        prog_fd: prog.as_raw_fd() as u32,
+        _pad: 0,
+        cookie: 0,
+    };
+    // SAFETY: `attr` is a valid bpf_attr prefix for this command and outlives the call; `name`
+    // outlives it too. On success the kernel returns a new fd that nothing else owns.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_RAW_TRACEPOINT_OPEN,
+            &attr as *const RawTracepointAttr,
+            std::mem::size_of::<RawTracepointAttr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a successful BPF_RAW_TRACEPOINT_OPEN returns a fresh fd owned by the caller.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) })
 }
 
 /// Unloads (and so detaches) every program of `hooks`; used to undo a half-attached group.
@@ -382,6 +440,7 @@ fn attach_group(
     group: &'static str,
     chain: &[Attach],
     btf: Option<&Btf>,
+    links: &mut Vec<OwnedFd>,
 ) -> ProgramStatus {
     let mut attempts = Vec::new();
     for &how in chain {
@@ -392,16 +451,18 @@ fn attach_group(
             });
             continue;
         };
-        let outcome = group_hooks
-            .iter()
-            .try_for_each(|&h| attach_hook(ebpf, h, btf));
+        let mut group_links = Vec::with_capacity(group_hooks.len());
+        let outcome = group_hooks.iter().try_for_each(|&h| {
+            group_links.push(attach_hook(ebpf, h, btf)?);
+            Ok::<(), String>(())
+        });
         match outcome {
             Ok(()) => {
                 attempts.push(AttachAttempt {
                     attach: how,
                     result: "attached".into(),
                 });
-                tracing::info!(program = group, attach = %how, "eBPF program attached");
+                links.append(&mut group_links);
                 return ProgramStatus {
                     program: group,
                     attached: Some(how),
@@ -409,8 +470,8 @@ fn attach_group(
                 };
             }
             Err(reason) => {
+                drop(group_links);
                 release(ebpf, group_hooks);
-                tracing::warn!(program = group, attach = %how, %reason, "eBPF program type refused; trying the next in the chain");
                 attempts.push(AttachAttempt {
                     attach: how,
                     result: format!("refused: {reason}"),
@@ -418,10 +479,6 @@ fn attach_group(
             }
         }
     }
-    tracing::warn!(
-        program = group,
-        "eBPF program not attached by any way in the chain; running without it"
-    );
     ProgramStatus {
         program: group,
         attached: None,
@@ -429,31 +486,82 @@ fn attach_group(
     }
 }
 
-impl Probes {
-    /// Loads the object and attaches the requested groups. Never fails: whatever the kernel
-    /// refuses is logged once and reported by [`Probes::status`].
-    pub fn load(opts: &Options) -> Probes {
-        let groups: Vec<&'static str> = [
-            (opts.request_latency, REQUEST_LATENCY),
-            (opts.runqueue_delay, RUNQUEUE_DELAY),
-        ]
+/// Logs the outcome once, wherever the loading ran (here or in a loader process).
+pub(crate) fn log_outcome(object: Option<&str>, status: &[ProgramStatus]) {
+    if let Some(object) = object {
+        tracing::info!(object, "eBPF object loaded");
+    }
+    for st in status {
+        for attempt in &st.attempts {
+            if let Some(reason) = attempt.result.strip_prefix("refused: ") {
+                tracing::warn!(program = st.program, attach = %attempt.attach, %reason, "eBPF program type refused; trying the next in the chain");
+            }
+        }
+        match st.attached {
+            Some(how) => {
+                tracing::info!(program = st.program, attach = %how, "eBPF program attached")
+            }
+            None => tracing::warn!(
+                program = st.program,
+                "eBPF program not attached by any way in the chain; running without it"
+            ),
+        }
+    }
+}
+
+/// The requested groups, by name.
+fn groups(opts: &Options) -> Vec<&'static str> {
+    [
+        (opts.request_latency, REQUEST_LATENCY),
+        (opts.runqueue_delay, RUNQUEUE_DELAY),
+    ]
+    .into_iter()
+    .filter_map(|(on, g)| on.then_some(g))
+    .collect()
+}
+
+/// Every group refused for one reason that stopped all of them (no object could load).
+fn all_refused(opts: &Options, reason: &str) -> Vec<ProgramStatus> {
+    groups(opts)
         .into_iter()
-        .filter_map(|(on, g)| on.then_some(g))
-        .collect();
+        .map(|g| ProgramStatus {
+            program: g,
+            attached: None,
+            attempts: opts
+                .chain
+                .iter()
+                .map(|&how| AttachAttempt {
+                    attach: how,
+                    result: format!("refused: {reason}"),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+impl Probes {
+    /// Loads the object in this process and attaches the requested groups. Never fails:
+    /// whatever the kernel refuses is logged once and reported by [`Probes::status`]. Parsing
+    /// the kernel BTF for CO-RE costs tens of MiB for a moment; [`crate::loader`] does the same
+    /// in a short-lived process so a long-running caller never holds that peak.
+    pub fn load(opts: &Options) -> Probes {
+        let probes = Probes::load_quietly(opts);
+        log_outcome(probes.object, &probes.status);
+        probes
+    }
+
+    /// [`Probes::load`] without logging: a loader process hands the outcome to its parent,
+    /// which logs it.
+    pub(crate) fn load_quietly(opts: &Options) -> Probes {
+        let groups = groups(opts);
         if groups.is_empty() {
             return Probes {
-                ebpf: None,
+                kernel: None,
                 object: None,
                 status: Vec::new(),
             };
         }
-        let btf = match Btf::from_sys_fs() {
-            Ok(btf) => Some(btf),
-            Err(e) => {
-                tracing::warn!(error = %error_text(&e), "kernel BTF unavailable; only programs without BTF can load");
-                None
-            }
-        };
+        let btf = Btf::from_sys_fs().ok();
         let mut failures = Vec::new();
         let mut loaded = None;
         for (name, bytes) in OBJECTS.iter().skip(usize::from(opts.compat_only)) {
@@ -468,47 +576,52 @@ impl Probes {
                     loaded = Some((*name, ebpf));
                     break;
                 }
-                Err(e) => {
-                    let reason = format!("object {name}: {}", error_text(&e));
-                    tracing::warn!(%reason, "loading eBPF object refused; trying the next");
-                    failures.push(reason);
-                }
+                Err(e) => failures.push(format!("object {name}: {}", error_text(&e))),
             }
         }
         let Some((object, mut ebpf)) = loaded else {
             let reason = format!(
-                "refused: loading the object (maps, CO-RE relocations): {}",
+                "loading the object (maps, CO-RE relocations): {}",
                 failures.join("; ")
             );
-            tracing::warn!(%reason, "eBPF unavailable; the agent runs without request latency and run-queue delay");
-            let status = groups
-                .iter()
-                .map(|&g| ProgramStatus {
-                    program: g,
-                    attached: None,
-                    attempts: opts
-                        .chain
-                        .iter()
-                        .map(|&how| AttachAttempt {
-                            attach: how,
-                            result: reason.clone(),
-                        })
-                        .collect(),
-                })
-                .collect();
             return Probes {
-                ebpf: None,
+                kernel: None,
                 object: None,
-                status,
+                status: all_refused(opts, &reason),
             };
         };
-        tracing::info!(object, "eBPF object loaded");
-        let status = groups
+        let mut links = Vec::new();
+        let status: Vec<ProgramStatus> = groups
             .iter()
-            .map(|&g| attach_group(&mut ebpf, g, &opts.chain, btf.as_ref()))
+            .map(|&g| attach_group(&mut ebpf, g, &opts.chain, btf.as_ref(), &mut links))
             .collect();
+        drop(btf);
+        let programs = ebpf
+            .programs()
+            .filter_map(|(name, p)| p.info().ok().map(|i| (name.to_string(), i.id())))
+            .collect();
+        let maps = (
+            ebpf.take_map("req_hist"),
+            ebpf.take_map("runq_hist"),
+            ebpf.take_map("dropped"),
+        );
+        let (Some(req_hist), Some(runq_hist), Some(dropped)) = maps else {
+            return Probes {
+                kernel: None,
+                object: None,
+                status: all_refused(opts, "the object lacks its histogram maps"),
+            };
+        };
+        // Programs not attached are unloaded with the object; attached ones live in their links.
+        drop(ebpf);
         Probes {
-            ebpf: Some(ebpf),
+            kernel: Some(Kernel {
+                req_hist,
+                runq_hist,
+                dropped,
+                links,
+                programs,
+            }),
             object: Some(object),
             status,
         }
@@ -524,15 +637,12 @@ impl Probes {
         &self.status
     }
 
-    /// Kernel ids of the programs currently loaded (for `bpftool prog show id N`, and to check
-    /// release on drop).
+    /// Kernel ids of the programs attached (for `bpftool prog show id N`, and to check release
+    /// on drop).
     pub fn program_ids(&self) -> Vec<u32> {
-        let Some(ebpf) = &self.ebpf else {
-            return Vec::new();
-        };
-        ebpf.programs()
-            .filter_map(|(_, p)| p.info().ok())
-            .map(|info| info.id())
+        self.kernel
+            .iter()
+            .flat_map(|k| k.programs.iter().map(|(_, id)| *id))
             .collect()
     }
 
@@ -544,19 +654,14 @@ impl Probes {
         requests: &[RequestKey],
         runqueue: &[u64],
     ) -> Result<usize, ReadError> {
-        let Some(ebpf) = &mut self.ebpf else {
+        let Some(kernel) = &mut self.kernel else {
             return Ok(0);
         };
+        let err = |map: &'static str| move |source| ReadError::Map { map, source };
         let mut deleted = 0;
         if !requests.is_empty() {
-            let map = ebpf
-                .map_mut("req_hist")
-                .ok_or(ReadError::MissingMap { map: "req_hist" })?;
-            let mut req: HashMap<&mut MapData, RawReqKey, RawHist> = HashMap::try_from(map)
-                .map_err(|source| ReadError::Map {
-                    map: "req_hist",
-                    source,
-                })?;
+            let mut req: HashMap<&mut MapData, RawReqKey, RawHist> =
+                HashMap::try_from(&mut kernel.req_hist).map_err(err("req_hist"))?;
             for k in requests {
                 let raw = RawReqKey {
                     cgroup_id: k.cgroup_id,
@@ -567,14 +672,8 @@ impl Probes {
             }
         }
         if !runqueue.is_empty() {
-            let map = ebpf
-                .map_mut("runq_hist")
-                .ok_or(ReadError::MissingMap { map: "runq_hist" })?;
             let mut runq: HashMap<&mut MapData, u64, RawHist> =
-                HashMap::try_from(map).map_err(|source| ReadError::Map {
-                    map: "runq_hist",
-                    source,
-                })?;
+                HashMap::try_from(&mut kernel.runq_hist).map_err(err("runq_hist"))?;
             for id in runqueue {
                 deleted += usize::from(runq.remove(id).is_ok());
             }
@@ -582,33 +681,32 @@ impl Probes {
         Ok(deleted)
     }
 
-    /// Kernel run-time accounting per loaded program: (name, total run time, runs). The kernel
+    /// Kernel run-time accounting per attached program: (name, total run time, runs). The kernel
     /// counts only while `kernel.bpf_stats_enabled` is 1 (it costs a clock read per run), so
     /// benchmarks switch it on for a measuring run; otherwise both stay 0.
     pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
-        let Some(ebpf) = &self.ebpf else {
+        let Some(kernel) = &self.kernel else {
             return Vec::new();
         };
-        ebpf.programs()
-            .filter_map(|(name, p)| {
-                p.info()
-                    .ok()
-                    .map(|i| (name.to_string(), i.run_time(), i.run_count()))
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter_map(|info| {
+                let (name, _) = kernel.programs.iter().find(|(_, id)| *id == info.id())?;
+                Some((name.clone(), info.run_time(), info.run_count()))
             })
             .collect()
     }
 
     /// Reads every histogram. Cheap enough for each sampling tick: one map walk per key in use.
     pub fn read(&self) -> Result<Reading, ReadError> {
-        let Some(ebpf) = &self.ebpf else {
+        let Some(kernel) = &self.kernel else {
             return Ok(Reading::default());
         };
-        let map = |name: &'static str| ebpf.map(name).ok_or(ReadError::MissingMap { map: name });
         let err = |map: &'static str| move |source| ReadError::Map { map, source };
 
         let mut reading = Reading::default();
         let req: HashMap<&MapData, RawReqKey, RawHist> =
-            HashMap::try_from(map("req_hist")?).map_err(err("req_hist"))?;
+            HashMap::try_from(&kernel.req_hist).map_err(err("req_hist"))?;
         for entry in req.iter() {
             let (k, v) = entry.map_err(err("req_hist"))?;
             reading.request_latency.insert(
@@ -620,13 +718,13 @@ impl Probes {
             );
         }
         let runq: HashMap<&MapData, u64, RawHist> =
-            HashMap::try_from(map("runq_hist")?).map_err(err("runq_hist"))?;
+            HashMap::try_from(&kernel.runq_hist).map_err(err("runq_hist"))?;
         for entry in runq.iter() {
             let (k, v) = entry.map_err(err("runq_hist"))?;
             reading.runqueue_delay.insert(k, Histogram::from(&v));
         }
         let dropped: Array<&MapData, u64> =
-            Array::try_from(map("dropped")?).map_err(err("dropped"))?;
+            Array::try_from(&kernel.dropped).map_err(err("dropped"))?;
         reading.dropped = (
             dropped.get(&0, 0).map_err(err("dropped"))?,
             dropped.get(&1, 0).map_err(err("dropped"))?,

@@ -924,7 +924,12 @@ fn dropping_the_probes_releases_programs() {
         "{ours:?} not all in {loaded:?}"
     );
     drop(probes);
-    // The kernel frees programs after an RCU grace period, so give it a moment.
+    assert_released(&ours);
+}
+
+/// Waits until none of `ours` is loaded any more (the kernel frees programs after an RCU grace
+/// period) and fails if one still is after 10 s.
+fn assert_released(ours: &[u32]) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut loaded = loaded_program_ids();
     while ours.iter().any(|id| loaded.contains(id)) && Instant::now() < deadline {
@@ -935,6 +940,55 @@ fn dropping_the_probes_releases_programs() {
         ours.iter().all(|id| !loaded.contains(id)),
         "{ours:?} still loaded after drop"
     );
+}
+
+#[test]
+fn probes_from_the_agents_loader_process_measure_and_release() {
+    if !can_run("probes_from_the_agents_loader_process_measure_and_release") {
+        return;
+    }
+    let mut command = std::process::Command::new(headroom_tests::agent_binary());
+    command.arg("ebpf-loader");
+    let probes =
+        headroom_ebpf::load_in_child(command, &Options::default(), Duration::from_secs(60))
+            .expect("the agent's loader process hands the probes over");
+    assert!(
+        probes
+            .status()
+            .iter()
+            .all(|s| s.attached == Some(Attach::TpBtf)),
+        "{:?}",
+        probes.status()
+    );
+    let ours = probes.program_ids();
+    assert_eq!(ours.len(), 6, "{ours:?}");
+    let loaded = loaded_program_ids();
+    assert!(
+        ours.iter().all(|id| loaded.contains(id)),
+        "{ours:?} not all in {loaded:?}: the loader's exit must not detach them"
+    );
+    // The programs run for this process now: a thread that sleeps and wakes adds run-queue
+    // samples to this test's cgroup, read through the maps the loader handed over.
+    let before: u64 = probes
+        .read()
+        .expect("read maps")
+        .runqueue_delay
+        .values()
+        .map(|h| h.count)
+        .sum();
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let after: u64 = probes
+        .read()
+        .expect("read maps")
+        .runqueue_delay
+        .values()
+        .map(|h| h.count)
+        .sum();
+    assert!(after > before, "no run-queue samples: {before} -> {after}");
+    drop(probes);
+    assert_released(&ours);
 }
 
 #[test]

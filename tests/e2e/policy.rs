@@ -179,7 +179,7 @@ fn memory_high_is_raised_before_the_oom_killer_and_scale_in_waits() {
         tmp.path(),
         "sample_interval_s = 0.25\n[policy]\nmode = \"enforce\"\nallow_memory_max = true\n\
          cooldown_s = 0.5\nscale_in_window_s = 6.0\nstrategies = [\"rule\", \"predictive\", \"event\"]\n\
-         lead_time_s = 2.0\nforecast_window = 12\n[forecast]\nlead_time_s = 2.0\n",
+         lead_time_s = 2.0\nforecast_window = 12\n[forecast]\nlead_time_s = 2.0\nstep_s = 0.25\n",
     );
     let agent = Agent::start(&[
         "--config",
@@ -438,7 +438,7 @@ fn predictive_throttles_less_than_reactive_at_no_more_quota_than_static() {
             "sample_interval_s = {step_s}\n[policy]\nmode = \"enforce\"\nstrategies = [{strategies}]\n{extra}\
              cooldown_s = {}\nscale_in_window_s = {}\nrollback_window_s = {}\nmax_step_ratio = 0.3\n\
              lead_time_s = {}\nforecast_window = 60\ncpu_ceiling_cores = {}\n\
-             [forecast]\nlead_time_s = {}\n",
+             [forecast]\nlead_time_s = {}\nstep_s = {step_s}\n",
             3.0 * step_s,
             10.0 * step_s,
             10.0 * step_s,

@@ -117,6 +117,26 @@ impl std::fmt::Debug for EbpfSampler {
     }
 }
 
+/// Loads through the configured loader process when there is one, in-process otherwise (and
+/// when the loader process itself fails; what the kernel refuses is not such a failure).
+fn load(cfg: &EbpfConfig, opts: &Options) -> Probes {
+    let Some(exe) = cfg.loader.as_ref().filter(|_| cfg.enabled) else {
+        return Probes::load(opts);
+    };
+    let mut command = std::process::Command::new(exe);
+    command.arg("ebpf-loader");
+    match headroom_ebpf::load_in_child(command, opts, LOADER_TIMEOUT) {
+        Ok(probes) => probes,
+        Err(e) => {
+            tracing::warn!(error = %e, "eBPF loader process failed; loading in this process instead");
+            Probes::load(opts)
+        }
+    }
+}
+
+/// Loading and verifying takes about a second; a loader stuck far longer than that is killed.
+const LOADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl EbpfSampler {
     /// Never fails: programs the kernel refuses are logged once (by the probes crate) and
     /// reported down in [`EbpfSampler::status`].
@@ -133,7 +153,7 @@ impl EbpfSampler {
         }
         EbpfSampler {
             enabled: cfg.enabled,
-            probes: Probes::load(&opts),
+            probes: load(cfg, &opts),
             prev: None,
             prev_req: HashMap::new(),
             prev_runq: HashMap::new(),
@@ -551,7 +571,10 @@ mod tests {
 
     #[test]
     fn disabled_sampler_reports_programs_down_and_samples_nothing() {
-        let mut s = EbpfSampler::new(&EbpfConfig { enabled: false });
+        let mut s = EbpfSampler::new(&EbpfConfig {
+            enabled: false,
+            loader: None,
+        });
         let snap = s.sample();
         assert!(snap.requests.is_empty() && snap.runqueue.is_empty());
         assert!(snap.status.programs.is_empty());
