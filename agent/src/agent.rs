@@ -17,7 +17,7 @@ use crate::history::{History, SeriesKey};
 use crate::report::metrics::{counters, gauges};
 use crate::sample::cgroup::CgroupSampler;
 use crate::sample::ebpf::{EbpfSampler, cgroup_id_of};
-use crate::sample::gpu::{self, GpuSampler};
+use crate::sample::gpu::{self, GpuSampler, GpuSource};
 use crate::sample::node::NodeSampler;
 use crate::sample::{Snapshot, unix_seconds};
 use crate::state::{self, StateDir, StateError};
@@ -312,7 +312,7 @@ fn thread_cpu_seconds() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
@@ -324,12 +324,18 @@ pub struct Samplers {
     cgroups: Option<CgroupSampler>,
     /// Dropped with the sampling thread, which detaches and unloads the probes.
     ebpf: EbpfSampler,
-    gpu: GpuSampler,
+    gpu: Box<dyn GpuSource>,
 }
 
 impl Samplers {
     pub fn cgroups(&self) -> Option<&CgroupSampler> {
         self.cgroups.as_ref()
+    }
+
+    /// Takes GPU snapshots from `source` instead of NVML (`headroom demo` replays a trace).
+    pub fn with_gpu(mut self, source: Box<dyn GpuSource>) -> Samplers {
+        self.gpu = source;
+        self
     }
 }
 
@@ -370,7 +376,7 @@ impl Samplers {
             node: NodeSampler::new(&config.cgroup.proc_root),
             cgroups,
             ebpf: EbpfSampler::new(&config.ebpf),
-            gpu,
+            gpu: Box::new(gpu),
         }
     }
 
@@ -547,6 +553,16 @@ pub fn history_points(s: &Snapshot) -> Vec<(SeriesKey, f64)> {
     out
 }
 
+/// An empty history sized by the configuration.
+pub fn new_history(config: &Config) -> History {
+    History::new(
+        (config.sample_interval_s * 1000.0).round() as u64,
+        config.fine_capacity(),
+        config.history.coarse_step_s,
+        config.coarse_capacity(),
+    )
+}
+
 /// Loads saved history into `history`; a bad file is moved aside and logged, never fatal.
 pub fn restore_history(dir: &StateDir, history: &mut History) {
     match dir.load(state::HISTORY) {
@@ -608,6 +624,30 @@ pub fn save_history(dir: &StateDir, shared: &Shared) {
     }
 }
 
+/// Feeds one pass to the forecasters (their rows land in `snapshot.forecasts`) and records it,
+/// with the forecasts' upper bounds, in the history at `t_ms`.
+pub fn record_pass(
+    shared: &Shared,
+    forecasts: Option<&mut Forecasts>,
+    snapshot: &mut Snapshot,
+    t_ms: u64,
+    stale_ms: u64,
+) {
+    let points = history_points(snapshot);
+    if let Some(f) = forecasts {
+        snapshot.forecasts = f.observe(&points);
+    }
+    if let Ok(mut h) = shared.history.lock() {
+        for (k, v) in &points {
+            h.record(k, t_ms, *v);
+        }
+        for row in &snapshot.forecasts {
+            h.record(&row.upper_key, t_ms, row.upper);
+        }
+        h.drop_stale(t_ms, stale_ms);
+    }
+}
+
 /// Hints of one reporting pass, on their way to the aggregator client.
 pub type HintSender = tokio::sync::mpsc::UnboundedSender<Vec<headroom_aggregator::Hint>>;
 
@@ -632,21 +672,9 @@ pub fn sampling_loop(
         let cpu0 = thread_cpu_seconds();
         let t0 = Instant::now();
         let mut snapshot = samplers.sample(shared);
-        let points = history_points(&snapshot);
-        if let Some(f) = forecasts.as_mut() {
-            snapshot.forecasts = f.observe(&points);
-        }
         let containers = snapshot.containers.len();
         let t_ms = unix_ms(snapshot.at);
-        if let Ok(mut h) = shared.history.lock() {
-            for (k, v) in &points {
-                h.record(k, t_ms, *v);
-            }
-            for row in &snapshot.forecasts {
-                h.record(&row.upper_key, t_ms, row.upper);
-            }
-            h.drop_stale(t_ms, stale_ms);
-        }
+        record_pass(shared, forecasts.as_mut(), &mut snapshot, t_ms, stale_ms);
         pass += 1;
         if let Some(tx) = shared.hint_tx.get() {
             if pass.is_multiple_of(u64::from(config.aggregator.report_every)) {
@@ -743,13 +771,43 @@ pub fn restore_only(config: &Config) -> anyhow::Result<()> {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("headroom-io")
+        .build()?;
+    let running = start(config, &runtime, Samplers::new)?;
+    crate::caps::report(&running.config);
+    let signal = runtime.block_on(wait_for_signal());
+    tracing::info!(signal, "shutting down");
+    running.stop(&runtime);
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    tracing::info!("stopped; state saved");
+    Ok(())
+}
+
+/// A started agent: its HTTP server on `runtime`, its sampling thread, its hint sender.
+pub struct Running {
+    pub config: Config,
+    pub shared: Arc<Shared>,
+    /// Where the HTTP server listens (the port chosen when the configuration said 0).
+    pub listen: std::net::SocketAddr,
+    dir: StateDir,
+    stop_tx: std::sync::mpsc::Sender<()>,
+    sampler: std::thread::JoinHandle<()>,
+    shutdown_tx: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// Restores state, binds the HTTP server and starts sampling. `samplers` builds the samplers
+/// on the sampling thread (a node's real ones; `headroom demo` swaps in replayed GPUs).
+pub fn start(
+    config: Config,
+    runtime: &tokio::runtime::Runtime,
+    samplers: impl FnOnce(&Config) -> Samplers + Send + 'static,
+) -> anyhow::Result<Running> {
     let dir = StateDir::open(&config.state_dir)?;
-    let mut history = History::new(
-        (config.sample_interval_s * 1000.0).round() as u64,
-        config.fine_capacity(),
-        config.history.coarse_step_s,
-        config.coarse_capacity(),
-    );
+    let mut history = new_history(&config);
     restore_history(&dir, &mut history);
     // Values a crashed run changed go back before anything else happens.
     let actuator = match crate::act::Actuator::open(dir.clone()) {
@@ -763,16 +821,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let shared = Arc::new(Shared::new(&config, history, hostname(&config)));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("headroom-io")
-        .build()?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(config.listen))
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    tracing::info!(listen = %config.listen, state_dir = %config.state_dir.display(), "headroom agent starting");
-    crate::caps::report(&config);
+    let listen = listener
+        .local_addr()
+        .map_err(|e| anyhow::anyhow!("listener on {}: {e}", config.listen))?;
+    tracing::info!(listen = %listen, state_dir = %config.state_dir.display(), "headroom agent starting");
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let server = runtime.spawn(crate::serve::serve(
         listener,
@@ -780,7 +835,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         shutdown_rx,
     ));
 
-    start_hint_client(&config, &shared, &runtime)?;
+    start_hint_client(&config, &shared, runtime)?;
 
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
     let sampler = {
@@ -788,7 +843,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("headroom-sample".into())
             .spawn(move || {
-                let samplers = Samplers::new(&config);
+                let samplers = samplers(&config);
                 let policy = crate::act::driver::Driver::new(
                     &config.policy,
                     config.sample_interval_s,
@@ -801,21 +856,33 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 sampling_loop(&config, &shared, &dir, samplers, forecasts, policy, stop_rx);
             })?
     };
+    Ok(Running {
+        config,
+        shared,
+        listen,
+        dir,
+        stop_tx,
+        sampler,
+        shutdown_tx,
+        server,
+    })
+}
 
-    let signal = runtime.block_on(wait_for_signal());
-    tracing::info!(signal, "shutting down");
-    let _ = stop_tx.send(());
-    if sampler.join().is_err() {
-        tracing::error!("sampling thread panicked; saving history only");
-        save_history(&dir, &shared);
+impl Running {
+    /// Stops sampling (restoring every cgroup value the policy changed and saving state), then
+    /// the HTTP server.
+    pub fn stop(self, runtime: &tokio::runtime::Runtime) {
+        let _ = self.stop_tx.send(());
+        if self.sampler.join().is_err() {
+            tracing::error!("sampling thread panicked; saving history only");
+            save_history(&self.dir, &self.shared);
+        }
+        let _ = self.shutdown_tx.send(true);
+        let server = self.server;
+        runtime.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
+        });
     }
-    let _ = shutdown_tx.send(true);
-    runtime.block_on(async {
-        let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
-    });
-    runtime.shutdown_timeout(Duration::from_millis(200));
-    tracing::info!("stopped; state saved");
-    Ok(())
 }
 
 /// Starts the hint client when aggregators are configured and tells the sampling thread, through
@@ -875,7 +942,8 @@ fn start_hint_client(
     Ok(())
 }
 
-async fn wait_for_signal() -> &'static str {
+/// Waits for SIGTERM or SIGINT; returns which.
+pub async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,

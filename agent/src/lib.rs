@@ -12,6 +12,7 @@ pub mod agent;
 pub mod backtest;
 pub mod caps;
 pub mod config;
+pub mod demo;
 pub mod forecast;
 pub mod history;
 pub mod notify;

@@ -27,6 +27,8 @@ enum Command {
     Aggregator(headroom_aggregator::AggregatorArgs),
     /// Replay a recorded series through the forecasters and emit their capacities.
     Backtest(headroom::backtest::BacktestArgs),
+    /// Start an aggregator and three simulated nodes replaying real traces; print the URLs.
+    Demo(headroom::demo::DemoArgs),
     /// Load and attach the eBPF probes, hand them to the agent that started this process (over
     /// the socket on stdin), and exit. The agent runs this itself; not for people.
     #[command(name = "ebpf-loader", hide = true)]
@@ -120,8 +122,13 @@ impl AgentArgs {
 }
 
 fn init_logging(format: LogFormat) {
+    init_logging_with(format, "info");
+}
+
+/// `default` applies unless `HEADROOM_LOG` says otherwise.
+fn init_logging_with(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HEADROOM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -145,6 +152,22 @@ fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => {
+            // Three agents' routine lines would bury the URLs; warnings and the demo's own
+            // lines still show.
+            init_logging_with(LogFormat::Text, "warn,headroom::demo=info");
+            match headroom::demo::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(headroom::demo::DemoError::Usage(e)) => {
+                    eprintln!("headroom: {e}");
+                    ExitCode::from(2)
+                }
+                Err(e) => {
+                    eprintln!("headroom: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Backtest(args) => match headroom::backtest::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

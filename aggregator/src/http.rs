@@ -292,7 +292,7 @@ impl HttpServer {
         let method = req.method().clone();
         let allowed: &str = match path.as_str() {
             "/v1/hints" => "POST",
-            "/v1/workloads" | "/v1/nodes" | "/openapi.json" | "/metrics" | "/healthz"
+            "/" | "/v1/workloads" | "/v1/nodes" | "/openapi.json" | "/metrics" | "/healthz"
             | "/readyz" => "GET",
             p if p.starts_with("/v1/workloads/") => "GET",
             _ => {
@@ -321,6 +321,15 @@ impl HttpServer {
             return r;
         }
         match path.as_str() {
+            "/" => {
+                let page = self.shared.page(req.uri().query().unwrap_or(""));
+                let mut r = Response::new(Full::new(Bytes::from(page)));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                r
+            }
             "/v1/hints" => self.post_hints(req).await,
             "/v1/workloads" => json(
                 StatusCode::OK,

@@ -8,11 +8,13 @@
 //! so it never writes to disk, never needs a shared store between replicas, and a restart loses
 //! nothing the next interval does not bring back.
 
+pub mod chart;
 pub mod client;
 pub mod http;
 pub mod keda;
 pub mod merge;
 pub mod metrics;
+pub mod page;
 pub mod schema;
 pub mod state;
 

@@ -46,7 +46,10 @@ pub fn quantile_at(quantiles: &[crate::schema::Quantile], q: f64) -> f64 {
         let (a, b) = (w[0], w[1]);
         if q <= b.q {
             let t = (q - a.q) / (b.q - a.q);
-            return a.value + t * (b.value - a.value);
+            // Clamped: `a + 1.0 * (b - a)` can round one ulp past `b`, and a value past the next
+            // quantile makes the sequence decrease (the aggregator then refuses the batch).
+            let (lo, hi) = (a.value.min(b.value), a.value.max(b.value));
+            return (a.value + t * (b.value - a.value)).clamp(lo, hi);
         }
     }
     quantiles.last().map_or(0.0, |l| l.value)
@@ -460,6 +463,11 @@ impl Registry {
         ))
     }
 
+    /// Ids of every workload, unordered, without building views.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.workloads.keys().map(String::as_str)
+    }
+
     /// All workloads, sorted by id.
     pub fn workloads(&self) -> Vec<WorkloadView> {
         let mut ids: Vec<&String> = self.workloads.keys().collect();
@@ -518,6 +526,19 @@ mod tests {
         assert_eq!(quantile_at(&qs, 0.99), 20.0);
         assert_eq!(quantile_at(&qs, 0.1), 10.0);
         assert_eq!(quantile_at(&[], 0.5), 0.0);
+        // At a given level the value is exactly the one given: 0.70148... + 1.0 * (4.77375... -
+        // 0.70148...) rounds one ulp above 4.77375..., which put q=0.95 above q=0.99.
+        let (a, b) = (0.7014887154027867, 4.773750119720533);
+        let qs = [
+            Quantile { q: 0.5, value: a },
+            Quantile { q: 0.95, value: b },
+        ];
+        let at: Vec<f64> = [0.5, 0.9, 0.95, 0.99]
+            .iter()
+            .map(|&q| quantile_at(&qs, q))
+            .collect();
+        assert_eq!(at[2], b);
+        assert!(at.windows(2).all(|w| w[0] <= w[1]), "{at:?}");
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub struct Shared {
     generation: AtomicU64,
     pub metrics: IngestMetrics,
     ready: AtomicBool,
+    /// Recent merged views for the status page, sampled by [`Shared::expire`].
+    pub timeline: Mutex<crate::page::Timeline>,
 }
 
 /// Outcome of offering a batch.
@@ -103,6 +105,7 @@ impl Shared {
             generation: AtomicU64::new(0),
             metrics: IngestMetrics::default(),
             ready: AtomicBool::new(false),
+            timeline: Mutex::new(crate::page::Timeline::default()),
         })
     }
 
@@ -160,8 +163,9 @@ impl Shared {
         Ingest::Applied(applied)
     }
 
-    /// Drops silent nodes; run periodically.
+    /// Drops silent nodes and adds a timeline point when one is due; run periodically.
     pub fn expire(&self) -> usize {
+        self.sample_timeline();
         let now = self.now();
         let n = self.registry().expire(now, self.policy.node_ttl_s);
         self.limiter
@@ -173,6 +177,44 @@ impl Shared {
             self.bump();
         }
         n
+    }
+
+    fn sample_timeline(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let mut t = self.timeline.lock().unwrap_or_else(|p| p.into_inner());
+        if t.due(now) {
+            // Views only of the workloads the timeline follows: with many thousands of
+            // workloads, building them all would hold the registry for milliseconds.
+            let views: Vec<WorkloadView> = {
+                let r = self.registry();
+                let ids = t.followed(r.ids());
+                ids.iter().filter_map(|id| r.workload(id)).collect()
+            };
+            t.record(now, &views);
+        }
+    }
+
+    /// The status page at `/`.
+    pub fn page(&self, query: &str) -> String {
+        let nodes = self.nodes();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let header = crate::page::Header {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_seconds: self.now(),
+            risk: self.policy.risk,
+        };
+        let t = self.timeline.lock().unwrap_or_else(|p| p.into_inner());
+        crate::page::render(
+            &header,
+            &t,
+            &nodes,
+            &crate::page::Options::from_query(query),
+            now,
+        )
     }
 
     pub fn workload(&self, id: &str) -> Option<WorkloadView> {

@@ -43,19 +43,35 @@ impl<T> TryFrom<RingRepr<T>> for Ring<T> {
                 r.head
             ));
         }
+        // Every ring here holds a few thousand values; a larger capacity is a damaged file, and
+        // reserving it could exhaust memory.
+        if r.cap > MAX_RING_CAPACITY {
+            return Err(format!(
+                "ring capacity {} is above the largest in use ({MAX_RING_CAPACITY})",
+                r.cap
+            ));
+        }
+        let mut buf = r.buf;
+        buf.reserve_exact(r.cap - buf.len());
         Ok(Ring {
-            buf: r.buf,
+            buf,
             cap: r.cap,
             head: r.head,
         })
     }
 }
 
+/// Largest ring capacity a restored state may declare.
+const MAX_RING_CAPACITY: usize = 1 << 16;
+
 impl<T: Copy> Ring<T> {
+    /// Allocated whole up front: a series' memory is then flat from its first sample instead of
+    /// creeping up over the hours the ring takes to fill.
     pub fn new(cap: usize) -> Self {
+        let cap = cap.max(1);
         Self {
-            buf: Vec::with_capacity(cap.min(64)),
-            cap: cap.max(1),
+            buf: Vec::with_capacity(cap),
+            cap,
             head: 0,
         }
     }
@@ -295,6 +311,19 @@ mod tests {
         assert_eq!(r.back(0), Some(5.0));
         assert_eq!(r.back(2), Some(3.0));
         assert_eq!(r.back(3), None);
+    }
+
+    #[test]
+    fn a_restored_ring_is_checked_and_sized_once() {
+        let r: Ring<f32> = serde_json::from_str(r#"{"buf":[1.0,2.0],"cap":2048,"head":0}"#)
+            .expect("a partial ring restores");
+        assert_eq!(r.buf.capacity(), 2048);
+        let huge = serde_json::from_str::<Ring<f32>>(r#"{"buf":[],"cap":1000000000000,"head":0}"#)
+            .unwrap_err();
+        assert!(huge.to_string().contains("above the largest"), "{huge}");
+        let bad =
+            serde_json::from_str::<Ring<f32>>(r#"{"buf":[1.0],"cap":4,"head":2}"#).unwrap_err();
+        assert!(bad.to_string().contains("inconsistent ring"), "{bad}");
     }
 
     #[test]

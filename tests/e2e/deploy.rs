@@ -366,52 +366,6 @@ fn wait_in_cgroup(pid: u32, rel: &str) {
     .unwrap_or_else(|| panic!("pid {pid} never entered {rel}"));
 }
 
-/// Chromium's flags for a closed network and a root user (no sandbox), with its own profile.
-fn chromium(profile: &Path) -> Command {
-    let mut c = Command::new("chromium");
-    c.args([
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        "--window-size=1280,1600",
-    ])
-    .arg(format!("--user-data-dir={}", profile.display()));
-    c
-}
-
-/// Where screenshots are kept for CI to collect: `target/screenshots/`.
-fn screenshot_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"));
-    let d = target.join("screenshots");
-    std::fs::create_dir_all(&d).expect("create target/screenshots");
-    d
-}
-
-/// `data-points` of every polyline of `class` inside the section whose heading is `title`.
-fn plotted_points(dom: &str, title: &str, class: &str) -> Vec<usize> {
-    let Some(start) = dom.find(&format!("<h3>{title}</h3>")) else {
-        return Vec::new();
-    };
-    let section = &dom[start..];
-    let section = &section[..section.find("</section>").unwrap_or(section.len())];
-    let needle = format!("class=\"{class}\" data-points=\"");
-    section
-        .match_indices(&needle)
-        .filter_map(|(i, _)| {
-            let rest = &section[i + needle.len()..];
-            rest[..rest.find('"')?].parse().ok()
-        })
-        .collect()
-}
-
 #[test]
 fn status_page_plots_real_containers_in_chromium() {
     let test = "status_page_plots_real_containers_in_chromium";

@@ -6,10 +6,13 @@
 //! It reads the history and the newest snapshot only; it never samples, and it draws whatever
 //! series exist: a forecast or capacity series that is absent is simply not drawn. The newest
 //! fine points come from the fine tier; older ones from the coarse tier's per-bucket maxima, so
-//! a short peak stays visible at any zoom.
+//! a short peak stays visible at any zoom. The SVG itself is drawn by
+//! `headroom_aggregator::chart`, which the aggregator's page shares.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+
+use headroom_aggregator::chart::{self, STYLE, Unit, esc, short};
 
 use crate::history::{History, SeriesKey, SeriesView};
 use crate::sample::Snapshot;
@@ -109,68 +112,6 @@ impl Options {
             }
         }
         o
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Unit {
-    Cores,
-    Bytes,
-    Ratio,
-    Seconds,
-    PerSecond,
-    Plain,
-}
-
-impl Unit {
-    fn of(name: &str) -> Unit {
-        if name.ends_with("_cores") {
-            Unit::Cores
-        } else if name.ends_with("_bytes") {
-            Unit::Bytes
-        } else if name.ends_with("_ratio") {
-            Unit::Ratio
-        } else if name.ends_with("_seconds") {
-            Unit::Seconds
-        } else if name.ends_with("_per_second") {
-            Unit::PerSecond
-        } else {
-            Unit::Plain
-        }
-    }
-
-    fn format(self, v: f64) -> String {
-        match self {
-            Unit::Cores => format!("{} cores", short(v)),
-            Unit::Bytes => {
-                let mut v = v;
-                let mut i = 0;
-                const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-                while v.abs() >= 1024.0 && i < U.len() - 1 {
-                    v /= 1024.0;
-                    i += 1;
-                }
-                format!("{} {}", short(v), U[i])
-            }
-            Unit::Ratio => format!("{} %", short(v * 100.0)),
-            Unit::Seconds if v.abs() < 1.0 => format!("{} ms", short(v * 1e3)),
-            Unit::Seconds => format!("{} s", short(v)),
-            Unit::PerSecond => format!("{}/s", short(v)),
-            Unit::Plain => short(v),
-        }
-    }
-}
-
-fn short(v: f64) -> String {
-    let a = v.abs();
-    if a == 0.0 {
-        "0".into()
-    } else if a >= 100.0 {
-        format!("{v:.0}")
-    } else if a >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
     }
 }
 
@@ -278,6 +219,7 @@ impl Line {
     fn points(&self) -> usize {
         self.runs.iter().map(Vec::len).sum()
     }
+    #[cfg(test)]
     fn max(&self) -> f64 {
         self.runs.iter().flatten().map(|p| p.1).fold(0.0, f64::max)
     }
@@ -565,7 +507,7 @@ fn build(
             }
             panels.push(Panel {
                 title,
-                unit: Unit::of(&key.name),
+                unit: Unit::of_metric(&key.name),
                 demand,
                 forecast,
                 capacity,
@@ -632,150 +574,53 @@ fn build(
     (out, hidden, from_ms)
 }
 
-fn esc(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            c => o.push(c),
-        }
-    }
-    o
-}
-
-const W: f64 = 600.0;
-const H: f64 = 150.0;
-const LEFT: f64 = 64.0;
-const RIGHT: f64 = 8.0;
-const TOP: f64 = 8.0;
-const BOTTOM: f64 = 20.0;
-
+/// Draws a panel with the shared chart code: capacity under the forecast under the demand,
+/// the capacity known only from the newest sample as a level, decisions as marks.
 fn svg(out: &mut String, p: &Panel, from_ms: u64, to_ms: u64) {
-    let ymax = [
-        p.demand.max(),
-        p.forecast.as_ref().map_or(0.0, Line::max),
-        p.capacity.as_ref().map_or(0.0, Line::max),
-        p.capacity_now.unwrap_or(0.0),
-    ]
-    .into_iter()
-    .fold(0.0, f64::max);
-    let ymax = if ymax > 0.0 { ymax * 1.1 } else { 1.0 };
-    let span = to_ms.saturating_sub(from_ms).max(1) as f64;
-    let x = |t: u64| LEFT + (t.saturating_sub(from_ms) as f64 / span) * (W - LEFT - RIGHT);
-    let y = |v: f64| TOP + (1.0 - (v / ymax).clamp(0.0, 1.0)) * (H - TOP - BOTTOM);
-    let _ = write!(
-        out,
-        r#"<svg class="plot" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" aria-label="{}">"#,
-        esc(&p.title)
-    );
-    for i in 0..=3 {
-        let v = ymax * i as f64 / 3.0;
-        let yy = y(v);
-        let _ = write!(
-            out,
-            r#"<line class="grid" x1="{LEFT}" x2="{}" y1="{yy:.1}" y2="{yy:.1}"/><text class="axis" x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
-            W - RIGHT,
-            LEFT - 4.0,
-            yy + 3.0,
-            esc(&p.unit.format(v))
-        );
-    }
-    let hours = span / 3_600_000.0;
-    for i in 0..=4 {
-        let t = from_ms + (span * i as f64 / 4.0) as u64;
-        let ago = hours * (4 - i) as f64 / 4.0;
-        let label = if i == 4 {
-            "now".to_string()
-        } else if ago >= 1.0 {
-            format!("-{}h", short(ago))
-        } else {
-            format!("-{}m", short(ago * 60.0))
-        };
-        let _ = write!(
-            out,
-            r#"<text class="axis" x="{:.1}" y="{}" text-anchor="middle">{label}</text>"#,
-            x(t).clamp(LEFT + 10.0, W - RIGHT - 10.0),
-            H - 4.0
-        );
-    }
-    let mut poly = |class: &str, line: &Line| {
-        for run in &line.runs {
-            let _ = write!(
-                out,
-                r#"<polyline class="{class}" data-points="{}" points=""#,
-                run.len()
-            );
-            if run.len() == 1 {
-                // A lone point still gets a visible segment.
-                let (t, v) = run[0];
-                let _ = write!(
-                    out,
-                    "{:.1},{:.1} {:.1},{:.1}",
-                    x(t) - 1.5,
-                    y(v),
-                    x(t) + 1.5,
-                    y(v)
-                );
-            } else {
-                for (i, &(t, v)) in run.iter().enumerate() {
-                    let sep = if i == 0 { "" } else { " " };
-                    let _ = write!(out, "{sep}{:.1},{:.1}", x(t), y(v));
-                }
-            }
-            out.push_str("\"/>");
-        }
+    let secs = |l: &Line, class: &'static str| chart::Line {
+        class,
+        runs: l
+            .runs
+            .iter()
+            .map(|r| r.iter().map(|&(t, v)| (t as f64 / 1e3, v)).collect())
+            .collect(),
     };
+    let mut lines = Vec::with_capacity(3);
     if let Some(c) = &p.capacity {
-        poly("capacity", c);
+        lines.push(secs(c, "capacity"));
     }
     if let Some(f) = &p.forecast {
-        poly("forecast", f);
+        lines.push(secs(f, "forecast"));
     }
-    poly("demand", &p.demand);
-    if p.capacity.is_none()
-        && let Some(c) = p.capacity_now
-    {
-        let yy = y(c);
-        let _ = write!(
-            out,
-            r#"<line class="capacity-now" x1="{LEFT}" x2="{}" y1="{yy:.1}" y2="{yy:.1}"><title>{} now</title></line>"#,
-            W - RIGHT,
-            esc(&p.unit.format(c))
-        );
-    }
-    for m in &p.marks {
-        let xx = x(m.t_ms);
-        let class = if m.applied {
-            "decision applied"
-        } else {
-            "decision"
-        };
-        let _ = write!(
-            out,
-            r#"<line class="{class}" x1="{xx:.1}" x2="{xx:.1}" y1="{TOP}" y2="{}"><title>{}</title></line>"#,
-            H - BOTTOM,
-            esc(&m.text)
-        );
-    }
-    out.push_str("</svg>");
+    lines.push(secs(&p.demand, "demand"));
+    let c = chart::Chart {
+        title: p.title.clone(),
+        unit: p.unit,
+        lines,
+        level: match (&p.capacity, p.capacity_now) {
+            (None, Some(v)) => Some(chart::Level {
+                value: v,
+                class: "capacity-now",
+                text: format!("{} now", p.unit.format(v)),
+            }),
+            _ => None,
+        },
+        marks: p
+            .marks
+            .iter()
+            .map(|m| chart::Mark {
+                t: m.t_ms as f64 / 1e3,
+                text: m.text.clone(),
+                class: if m.applied {
+                    "decision applied"
+                } else {
+                    "decision"
+                },
+            })
+            .collect(),
+    };
+    chart::svg(out, &c, from_ms as f64 / 1e3, to_ms as f64 / 1e3);
 }
-
-const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}\
-h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .1em}\
-.sub{color:#666;font-size:.85em;word-break:break-all}.panels{display:flex;flex-wrap:wrap;gap:1em}\
-figure{margin:.4em 0;background:#fff;border:1px solid #ddd;padding:.3em}\
-figcaption{font-size:.9em;margin-bottom:.2em}.now{color:#666}\
-svg .grid{stroke:#eee}svg .axis{font-size:10px;fill:#777}\
-polyline{fill:none;stroke-width:1.5}.demand{stroke:#1f77b4}\
-.forecast{stroke:#ff7f0e;stroke-dasharray:5 3}.capacity{stroke:#2ca02c;stroke-width:2}\
-.capacity-now{stroke:#2ca02c;stroke-dasharray:2 3}.decision{stroke:#d62728;stroke-width:1;opacity:.5}\
-.decision.applied{opacity:1;stroke-width:1.5}.key span{margin-right:1.2em}\
-.key i{display:inline-block;width:1.6em;height:0;border-top:2px solid;vertical-align:middle;margin-right:.3em}\
-table{border-collapse:collapse;font-size:.9em}td,th{padding:.15em .8em .15em 0;text-align:left}";
 
 /// Facts for the page header.
 #[derive(Debug, Clone, Default)]

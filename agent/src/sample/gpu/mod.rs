@@ -76,6 +76,18 @@ struct Shared {
     tracker: CallTracker,
 }
 
+/// Where the sampling loop gets GPU snapshots: NVML on a node ([`GpuSampler`]), a replayed trace
+/// in `headroom demo`. Everything downstream of the snapshot is the same either way.
+pub trait GpuSource: Send {
+    fn sample(&mut self, now: SystemTime) -> GpuSnapshot;
+}
+
+impl GpuSource for GpuSampler {
+    fn sample(&mut self, now: SystemTime) -> GpuSnapshot {
+        GpuSampler::sample(self, now)
+    }
+}
+
 /// The agent's GPU sampler. Created once; never fails.
 pub struct GpuSampler {
     cfg: GpuConfig,
