@@ -712,6 +712,9 @@ pub fn sampling_loop(
             if let Some(f) = &forecasts {
                 save_forecasts(dir, f);
             }
+            // Saving builds the whole history image; give those pages back rather than let
+            // the heap keep its high-water mark.
+            release_free_memory();
             last_save = Instant::now();
         }
         next += interval;

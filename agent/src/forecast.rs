@@ -52,23 +52,46 @@ struct Tracked {
     /// Whether the forecaster has seen a step yet; a new series gets its first sample at once so
     /// it has a forecast from the start.
     fed: bool,
+    /// The forecast made at the newest step.
+    row: Option<ForecastRow>,
     key: Arc<SeriesKey>,
     upper_key: Arc<SeriesKey>,
 }
 
 impl Tracked {
+    /// `fed`: the forecaster comes with history (restored), so it answers from the first sample.
     fn new(key: &SeriesKey, forecaster: SeriesForecaster, fed: bool) -> Tracked {
-        Tracked {
+        let mut t = Tracked {
             forecaster,
             step_peak: f64::NEG_INFINITY,
             step_samples: 0,
             fed,
+            row: None,
             key: Arc::new(key.clone()),
             upper_key: Arc::new(SeriesKey {
                 name: upper_series_name(&key.name),
                 labels: key.labels.clone(),
             }),
+        };
+        if fed {
+            t.refresh_row();
         }
+        t
+    }
+
+    fn refresh_row(&mut self) {
+        self.row = self.forecaster.forecast().map(|fc| {
+            let err = self.forecaster.recent_errors().into_iter().next();
+            ForecastRow {
+                key: self.key.clone(),
+                upper_key: self.upper_key.clone(),
+                point: fc.point,
+                upper: fc.upper,
+                model: fc.model,
+                recent_violation_ratio: err.as_ref().map_or(f64::NAN, |e| e.violation_rate),
+                recent_slack_ratio: err.as_ref().map_or(f64::NAN, |e| e.relative_slack),
+            }
+        });
     }
 }
 
@@ -146,19 +169,11 @@ impl Forecasts {
                 t.fed = true;
                 t.step_peak = f64::NEG_INFINITY;
                 t.step_samples = 0;
+                t.refresh_row();
             }
-            let f = &t.forecaster;
-            if let Some(fc) = f.forecast() {
-                let err = f.recent_errors().into_iter().next();
-                out.push(ForecastRow {
-                    key: t.key.clone(),
-                    upper_key: t.upper_key.clone(),
-                    point: fc.point,
-                    upper: fc.upper,
-                    model: fc.model,
-                    recent_violation_ratio: err.as_ref().map_or(f64::NAN, |e| e.violation_rate),
-                    recent_slack_ratio: err.as_ref().map_or(f64::NAN, |e| e.relative_slack),
-                });
+            // Between steps the newest forecast stands.
+            if let Some(row) = &t.row {
+                out.push(row.clone());
             }
         }
         self.series.retain(|k, _| seen.contains_key(k));

@@ -140,16 +140,20 @@ fn init_logging_with(format: LogFormat, default: &str) {
 
 /// Few malloc arenas: the agent's threads allocate little, and every extra arena holds on to
 /// freed memory of its own (several MiB of RSS on a node whose containers churn).
-fn limit_malloc_arenas() {
+fn tune_malloc() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets an allocator parameter; called before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        // A fixed threshold (glibc otherwise raises it after each large free): big, short-lived
+        // buffers (a scrape's exposition, the history image saved every minute) are mapped and
+        // unmapped whole instead of lifting the heap's high-water mark for good.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
+    tune_malloc();
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => {
