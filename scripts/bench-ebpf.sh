@@ -3,9 +3,13 @@
 # on loopback.
 #
 # Overhead: RUNS pairs of wrk runs against nginx serving a static page over keep-alive, alternating
-# without and with the probes (order flips every pair so drift hits both sides). "With" means the
-# real agent (release build) running with its probes attached and nginx's cgroup included. Prints
-# requests/s and p99 of every run and the with/without throughput ratio (target >= 0.97).
+# without and with the probes (order flips every pair so drift hits both sides). Both sides run the
+# real agent (release build) with nginx's cgroup included, started the same way and idle during
+# the run alike; "without" has `[ebpf] enabled = false`, so the probes are the only difference.
+# Prints requests/s and p99 of every run and the with/without throughput ratio (target >= 0.97).
+# Probes that another process keeps attached to the same tracepoints (another headroom agent on
+# this machine) would run in the "without" runs too: the script lists them and refuses to start
+# unless ALLOW_FOREIGN_PROBES=1.
 # Accuracy: for every run with the agent, the p50/p99 and count the agent reports for nginx's
 # container and port next to wrk --latency's for the same run. The agent samples once per
 # DURATION + 3 s and the run is placed inside one sampling window, so its history p50/p99
@@ -23,7 +27,11 @@
 # run-time accounting per program (ns per run, runs per second, share of one CPU); it is kept
 # out of the alternating runs because the accounting itself costs two clock reads per run.
 #
-# Needs root, nginx, wrk, cargo. Env: RUNS (10), DURATION (5s), CONNECTIONS (32), THREADS (1).
+# Noise: on a small shared machine other load moves throughput far more than the probes do; every
+# run's load average is printed, and the per-pair ratios' spread (min..max) next to their median.
+#
+# Needs root, nginx, wrk, cargo (bpftool, if present, for the foreign-probe check). Env: RUNS (10),
+# DURATION (5s), CONNECTIONS (32), THREADS (1), ALLOW_FOREIGN_PROBES (0).
 # Writes everything under bench-out/ebpf/ (raw wrk output, summary.txt).
 set -euo pipefail
 
@@ -55,6 +63,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Other processes' programs on the tracepoints the probes use (names as in ebpf/bpf/headroom.bpf.c).
+foreign_probes() {
+    command -v bpftool >/dev/null || return 0
+    bpftool prog show 2>/dev/null | grep -E '^[0-9]+: (tracing|raw_tracepoint) +name (tp|fe|raw)_(sock|sched)_' || true
+}
+foreign="$(foreign_probes)"
+if [ -n "$foreign" ]; then
+    echo "bench-ebpf: probes of another process are attached, so runs 'without' would not be without:" >&2
+    echo "$foreign" >&2
+    [ "${ALLOW_FOREIGN_PROBES:-0}" = 1 ] || exit 1
+fi
+
 (cd "$repo" && cargo build --release -p headroom -p headroom-ebpf --bin headroom --example hold >&2)
 hold="$repo/target/release/examples/hold"
 agent="$repo/target/release/headroom"
@@ -63,12 +83,18 @@ window_s=$(( ${DURATION%s} + 3 ))
 
 status_field() { curl -sf "http://127.0.0.1:$agent_port/v1/status" | python3 -c "import json,sys; print(json.load(sys.stdin).get('$1'))"; }
 
-# Starts the agent, runs wrk inside one of its sampling windows, and prints
-# "p50 p99 count" as the agent reports them for nginx's container and port.
+# Starts the agent (with its probes when $1 is "on", with eBPF disabled otherwise), runs wrk inside
+# one of its sampling windows, and prints "p50 p99 count" as the agent reports them for nginx's
+# container and port ("- - -" without probes).
 run_with_agent() {
-    local f="$1" log="$2" state
+    local mode="$1" f="$2" log="$3" state
     state="$(mktemp -d /tmp/headroom-bench-state.XXXXXX)"
-    "$agent" agent --listen "127.0.0.1:$agent_port" --state-dir "$state" \
+    local config=()
+    if [ "$mode" = off ]; then
+        printf '[ebpf]\nenabled = false\n' > "$state/config.toml"
+        config=(--config "$state/config.toml")
+    fi
+    "$agent" agent "${config[@]}" --listen "127.0.0.1:$agent_port" --state-dir "$state" \
         --sample-interval "$window_s" --include-cgroup "/$(basename "$cg")" 2>"$log" &
     agent_pid=$!
     for _ in $(seq 100); do [ "$(status_field ready 2>/dev/null)" = True ] && break; sleep 0.1; done
@@ -80,6 +106,11 @@ run_with_agent() {
     curl -sf "http://127.0.0.1:$agent_port/v1/history?name=container_request_latency_p99_seconds&port=$port" > "$state/p99.json"
     curl -sf "http://127.0.0.1:$agent_port/metrics" > "$state/metrics.txt"
     kill "$agent_pid"; wait "$agent_pid" || true; agent_pid=
+    if [ "$mode" = off ]; then
+        echo "- - -"
+        rm -rf "$state"
+        return
+    fi
     python3 - "$state" "$port" <<'PY'
 import json, re, sys
 state, port = sys.argv[1], sys.argv[2]
@@ -139,23 +170,21 @@ run_wrk() {
 
 summary="$out/summary.txt"
 : > "$summary"
-printf '%-4s %-8s %12s %10s %10s %9s %8s | %11s %11s %9s\n' run probes req/s wrk_p50 wrk_p99 wrk_n us/req agent_p50 agent_p99 agent_n | tee -a "$summary"
+printf '%-4s %-8s %12s %10s %10s %9s %8s | %11s %11s %9s %6s\n' run probes req/s wrk_p50 wrk_p99 wrk_n us/req agent_p50 agent_p99 agent_n load1 | tee -a "$summary"
 for i in $(seq 1 "$RUNS"); do
     if [ $((i % 2)) -eq 1 ]; then order="off on"; else order="on off"; fi
     for mode in $order; do
         f="$out/wrk-$i-$mode.txt"
-        if [ "$mode" = on ]; then
-            run_with_agent "$f" "$out/agent-$i.log" > "$out/agent-$i.result"
-            read -r p50 p99 count < "$out/agent-$i.result"
-        else
-            run_wrk "$f"
-            p50=-; p99=-; count=-
-        fi
+        run_with_agent "$mode" "$f" "$out/agent-$i-$mode.log" > "$out/agent-$i-$mode.result"
+        read -r p50 p99 count < "$out/agent-$i-$mode.result"
         us_req=$(awk -v c="$(cat "$f.cpu_usec")" -v n="$(wrk_n "$f")" 'BEGIN { printf "%.3f", c / n }')
-        printf '%-4s %-8s %12s %10s %10s %9s %8s | %11s %11s %9s\n' "$i" "$mode" "$(wrk_rps "$f")" \
-            "$(wrk_pct "$f" 50)" "$(wrk_pct "$f" 99)" "$(wrk_n "$f")" "$us_req" "$p50" "$p99" "$count" | tee -a "$summary"
+        printf '%-4s %-8s %12s %10s %10s %9s %8s | %11s %11s %9s %6s\n' "$i" "$mode" "$(wrk_rps "$f")" \
+            "$(wrk_pct "$f" 50)" "$(wrk_pct "$f" 99)" "$(wrk_n "$f")" "$us_req" "$p50" "$p99" "$count" \
+            "$(cut -d' ' -f1 /proc/loadavg)" | tee -a "$summary"
     done
 done
+foreign="$(foreign_probes)"
+[ -z "$foreign" ] || printf 'WARNING: probes of another process were attached by the end of the runs:\n%s\n' "$foreign" | tee -a "$summary"
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 col() { awk -v m="$1" -v c="$2" '$2 == m { print $c }' "$summary"; }
@@ -169,11 +198,15 @@ awk '
 awk '$2 == "on" { n++; if ($6 == $11) same++; d = $11 - $6; if (d < 0) d = -d; if (d > worst) worst = d }
     END { printf "agent request count equal to wrk'"'"'s completed requests in %d of %d runs (largest difference %d; up to one per connection is still in flight when wrk stops)\n", same, n, worst }' "$summary" | tee -a "$summary"
 # Each pair ran back to back, so its ratio is the least exposed to drift in other load.
-awk '$2 == "off" { off[$1] = $3 } $2 == "on" { on[$1] = $3 } END { for (r in on) if (r in off) print on[r] / off[r] }' "$summary" |
-    median | awk '{ printf "median of per-pair throughput ratios (with/without): %.4f\n", $1 }' | tee -a "$summary"
+pair_ratios() { awk -v c="$1" -v inv="$2" '$2 == "off" { off[$1] = $c } $2 == "on" { on[$1] = $c }
+    END { for (r in on) if (r in off) print (inv ? off[r] / on[r] : on[r] / off[r]) }' "$summary" | sort -g; }
+pair_ratios 3 0 | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+    printf "median of per-pair throughput ratios (with/without): %.4f (spread %.4f..%.4f over %d pairs)\n", m, v[1], v[NR], NR }' | tee -a "$summary"
 awk -v a="$(col off 7 | median)" -v b="$(col on 7 | median)" 'BEGIN {
     printf "median nginx CPU per request without probes %.3f us, with %.3f us: CPU-bound throughput ratio %.4f (target >= 0.97)\n", a, b, a / b
 }' | tee -a "$summary"
+pair_ratios 7 1 | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+    printf "median of per-pair nginx CPU ratios (without/with): %.4f (spread %.4f..%.4f over %d pairs)\n", m, v[1], v[NR], NR }' | tee -a "$summary"
 med_off=$(col off 3 | median); med_on=$(col on 3 | median)
 awk -v a="$med_off" -v b="$med_on" -v pa="$(col off 5 | median)" -v pb="$(col on 5 | median)" -v l="$(cut -d' ' -f1-3 /proc/loadavg)" 'BEGIN {
     printf "median req/s without probes %.0f, with %.0f: ratio %.4f; median wrk p99 %.6f s vs %.6f s (load average %s)\n", a, b, b/a, pa, pb, l

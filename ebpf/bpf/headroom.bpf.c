@@ -172,8 +172,14 @@ static __always_inline void record(void *map, const void *key, u64 ns, u32 which
 static __always_inline struct sock_req *sock_slot(struct sock *sk, bool btf, bool create)
 {
 #ifndef HEADROOM_COMPAT
-	if (btf)
+	if (btf) {
+		/* Nearly every socket these tracepoints see was never tracked (the clients' own, those
+		 * accepted before the probes loaded, UDP): it has no local storage at all, which one
+		 * load tells without the helper call. */
+		if (!create && bpf_core_field_exists(sk->sk_bpf_storage) && !sk->sk_bpf_storage)
+			return 0;
 		return bpf_sk_storage_get(&sk_req, sk, 0, create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+	}
 #endif
 	u64 key = (u64)sk;
 	if (create) {
@@ -298,21 +304,33 @@ int BPF_PROG(raw_sock_send, struct sock *sk, int ret, int flags)
 
 /* ---- run-queue delay ---------------------------------------------------------------------- */
 
-static __always_inline void stamp_runnable(struct task_struct *p, bool btf)
+/* Kernel threads (and the idle task) live in the root cgroup, which the agent never reports;
+ * skipping them spares a local-storage lookup, a clock read and a histogram update on some of the
+ * busiest scheduler events (kworkers, ksoftirqd, RCU). */
+static __always_inline bool untracked_task(struct task_struct *p, bool btf)
+{
+	return KREAD(btf, p, pid) == 0 || (KREAD(btf, p, flags) & PF_KTHREAD);
+}
+
+static __always_inline void stamp_runnable(struct task_struct *p, u64 now, bool btf)
 {
 #ifndef HEADROOM_COMPAT
 	if (btf) {
 		u64 *ts = bpf_task_storage_get(&task_runq, p, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
 		if (ts)
-			*ts = bpf_ktime_get_ns();
+			*ts = now;
 		return;
 	}
 #endif
 	u32 pid = BPF_CORE_READ(p, pid);
-	if (pid == 0)
-		return;
-	u64 now = bpf_ktime_get_ns();
 	bpf_map_update_elem(&runq_start, &pid, &now, BPF_ANY);
+}
+
+static __always_inline void on_wakeup(struct task_struct *p, bool btf)
+{
+	if (untracked_task(p, btf))
+		return;
+	stamp_runnable(p, bpf_ktime_get_ns(), btf);
 }
 
 /* When `p` became runnable, consumed (so each wait is counted once); 0 when unknown. */
@@ -330,8 +348,6 @@ static __always_inline u64 take_stamp(struct task_struct *p, bool btf)
 	}
 #endif
 	u32 pid = BPF_CORE_READ(p, pid);
-	if (pid == 0)
-		return 0;
 	u64 *tsp = bpf_map_lookup_elem(&runq_start, &pid);
 	if (!tsp)
 		return 0;
@@ -343,16 +359,20 @@ static __always_inline u64 take_stamp(struct task_struct *p, bool btf)
 static __always_inline void on_switch(struct task_struct *prev, struct task_struct *next, bool btf)
 {
 	/* A task switched out while still runnable (preempted or throttled) waits on the run queue
-	 * from now on, exactly like a freshly woken one. The idle task (pid 0) is never counted. */
-	if (KREAD(btf, prev, __state) == 0 && KREAD(btf, prev, pid) != 0)
-		stamp_runnable(prev, btf);
+	 * from now on, exactly like a freshly woken one. One clock read serves both ends. */
+	u64 now = 0;
+	if (KREAD(btf, prev, __state) == 0 && !untracked_task(prev, btf)) {
+		now = bpf_ktime_get_ns();
+		stamp_runnable(prev, now, btf);
+	}
 
-	if (KREAD(btf, next, pid) == 0)
+	if (untracked_task(next, btf))
 		return;
 	u64 start = take_stamp(next, btf);
 	if (start == 0)
 		return;
-	u64 now = bpf_ktime_get_ns();
+	if (now == 0)
+		now = bpf_ktime_get_ns();
 	if (now <= start)
 		return;
 	u64 cg = btf ? next->cgroups->dfl_cgrp->kn->id : BPF_CORE_READ(next, cgroups, dfl_cgrp, kn, id);
@@ -362,14 +382,14 @@ static __always_inline void on_switch(struct task_struct *prev, struct task_stru
 SEC("tp_btf/sched_wakeup")
 int BPF_PROG(tp_sched_wakeup, struct task_struct *p)
 {
-	stamp_runnable(p, true);
+	on_wakeup(p, true);
 	return 0;
 }
 
 SEC("tp_btf/sched_wakeup_new")
 int BPF_PROG(tp_sched_wakeup_new, struct task_struct *p)
 {
-	stamp_runnable(p, true);
+	on_wakeup(p, true);
 	return 0;
 }
 
@@ -383,14 +403,14 @@ int BPF_PROG(tp_sched_switch, bool preempt, struct task_struct *prev, struct tas
 SEC("raw_tracepoint/sched_wakeup")
 int BPF_PROG(raw_sched_wakeup, struct task_struct *p)
 {
-	stamp_runnable(p, false);
+	on_wakeup(p, false);
 	return 0;
 }
 
 SEC("raw_tracepoint/sched_wakeup_new")
 int BPF_PROG(raw_sched_wakeup_new, struct task_struct *p)
 {
-	stamp_runnable(p, false);
+	on_wakeup(p, false);
 	return 0;
 }
 

@@ -63,8 +63,12 @@ struct css_set {
 	struct cgroup *dfl_cgrp;
 } __attribute__((preserve_access_index));
 
+/* task_struct.flags bit of kernel threads (include/linux/sched.h, unchanged since 2.6). */
+#define PF_KTHREAD 0x00200000
+
 struct task_struct {
 	unsigned int __state;
+	unsigned int flags;
 	int pid;
 	struct css_set *cgroups;
 } __attribute__((preserve_access_index));
@@ -74,8 +78,11 @@ struct sock_common {
 	volatile unsigned char skc_state;
 } __attribute__((preserve_access_index));
 
+struct bpf_local_storage;
+
 struct sock {
 	struct sock_common __sk_common;
+	struct bpf_local_storage *sk_bpf_storage;
 } __attribute__((preserve_access_index));
 
 struct socket {
