@@ -126,10 +126,14 @@ pub struct EbpfConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AggregatorConfig {
-    /// Aggregator base URLs (`http://host:port`); every batch goes to each. Empty: no hints.
+    /// Aggregator base URLs (`http://host:port` or `https://host:port`); every batch goes to
+    /// each. Empty: no hints.
     pub endpoints: Vec<String>,
     /// File holding the bearer token; re-read on every attempt.
     pub token_file: Option<PathBuf>,
+    /// PEM bundle of the CAs trusted for `https://` endpoints (replacing the compiled-in Mozilla
+    /// roots); unset trusts those roots.
+    pub ca_file: Option<PathBuf>,
     /// Where batches wait while an aggregator is unreachable; unset means `<state_dir>/hints`.
     pub spool_dir: Option<PathBuf>,
     /// Batches kept per endpoint while it is unreachable; the oldest are dropped beyond this.
@@ -285,6 +289,7 @@ impl Default for AggregatorConfig {
         AggregatorConfig {
             endpoints: Vec::new(),
             token_file: None,
+            ca_file: None,
             spool_dir: None,
             spool_max_batches: 1000,
             report_every: 1,
@@ -530,12 +535,10 @@ impl Config {
         }
         let a = &self.aggregator;
         for e in &a.endpoints {
-            if !e.starts_with("http://") {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
                 return invalid(
                     "aggregator.endpoints",
-                    &format!(
-                        "`{e}` must be an http:// URL (terminate TLS in front of the aggregator)"
-                    ),
+                    &format!("`{e}` must be an http:// or https:// URL"),
                 );
             }
         }
