@@ -662,6 +662,27 @@ mod tests {
     }
 
     #[test]
+    fn aggregator_endpoints_may_use_tls() {
+        let c = Config::from_toml(
+            "[aggregator]\nendpoints = [\"https://agg:9470\", \"http://agg2:9470\"]\nca_file = \"/etc/headroom/ca.pem\"\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.aggregator.ca_file.as_deref(),
+            Some(Path::new("/etc/headroom/ca.pem"))
+        );
+        let mut bad = c;
+        bad.aggregator.endpoints = vec!["ftp://agg:21".into()];
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("aggregator.endpoints") && e.contains("ftp://agg:21"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn partial_file_keeps_other_defaults() {
         let c =
             Config::from_toml("[cgroup]\ninclude = [\"/batch/*\"]\n", Path::new("a.toml")).unwrap();
