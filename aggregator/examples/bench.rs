@@ -138,6 +138,8 @@ struct PhaseResult {
     hints_per_s: f64,
     /// Cores used by processes other than this benchmark during the window.
     others: f64,
+    /// Of those, the share that ran on the aggregator's core.
+    core_others: f64,
     /// Per thread name: cores used, and mean run-queue wait per time slice (us).
     threads: std::collections::BTreeMap<String, (f64, f64)>,
     refused: u64,
@@ -387,12 +389,13 @@ fn main() {
         let cores = |name: &str| r.threads.get(name).map_or(0.0, |t| t.0);
         let (_, wait_us) = r.threads.get("headroom-grpc").copied().unwrap_or_default();
         println!(
-            "cpu: aggregator ingest thread {:.2} cores, scaler thread {:.2} (run-queue wait {wait_us:.0} us per wake-up); load generator {:.2}; probe {:.2}; other processes on the host {:.2} cores",
+            "cpu: aggregator ingest thread {:.2} cores, scaler thread {:.2} (run-queue wait {wait_us:.0} us per wake-up); load generator {:.2}; probe {:.2}; other processes on the host {:.2} cores, {:.2} of them on the aggregator's core",
             cores("agg-ingest"),
             cores("headroom-grpc"),
             cores("load-gen"),
             cores("bench"),
-            r.others
+            r.others,
+            r.core_others
         );
         r.fleet.sort();
         r.pool.sort();
@@ -478,34 +481,43 @@ fn schedstats() -> std::collections::BTreeMap<String, (u64, u64, u64)> {
 struct CpuSample {
     at: Instant,
     busy_ticks: u64,
+    /// Busy time of the aggregator's core alone.
+    core_busy_ticks: u64,
     own_ticks: u64,
 }
 
+/// Busy ticks of the `/proc/stat` line starting with `label` (`cpu` or `cpuN`).
+fn stat_busy(stat: &str, label: &str) -> u64 {
+    let v: Vec<u64> = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(label))
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: busy is everything but idle and iowait.
+    v.iter().take(8).sum::<u64>() - v.get(3).unwrap_or(&0) - v.get(4).unwrap_or(&0)
+}
+
 impl CpuSample {
-    fn now() -> Self {
+    fn now(core: usize) -> Self {
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        let v: Vec<u64> = stat
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        // user nice system idle iowait irq softirq steal: busy is everything but idle and iowait.
-        let busy_ticks =
-            v.iter().take(8).sum::<u64>() - v.get(3).unwrap_or(&0) - v.get(4).unwrap_or(&0);
+        let busy_ticks = stat_busy(&stat, "cpu");
+        let core_busy_ticks = stat_busy(&stat, &format!("cpu{core}"));
         let own = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
         let after_comm = own.rsplit_once(')').map_or("", |(_, r)| r);
         let f: Vec<u64> = after_comm
             .split_whitespace()
             .filter_map(|x| x.parse().ok())
             .collect();
-        // Fields 14 and 15 (utime, stime) are the 12th and 13th after the command name.
+        // utime and stime (fields 14 and 15) are the 11th and 12th numbers after the command
+        // name (field 3, the state, is a letter).
         let own_ticks = f.get(10).unwrap_or(&0) + f.get(11).unwrap_or(&0);
         CpuSample {
             at: Instant::now(),
             busy_ticks,
+            core_busy_ticks,
             own_ticks,
         }
     }
@@ -516,6 +528,13 @@ impl CpuSample {
         let busy = self.busy_ticks.saturating_sub(start.busy_ticks) as f64;
         let own = self.own_ticks.saturating_sub(start.own_ticks) as f64;
         ((busy - own) / hz / secs).max(0.0)
+    }
+
+    /// Cores' worth of the aggregator's core that went to anything but `own_cores`.
+    fn core_others_since(&self, start: &CpuSample, own_cores: f64) -> f64 {
+        let secs = self.at.duration_since(start.at).as_secs_f64().max(1e-3);
+        let busy = self.core_busy_ticks.saturating_sub(start.core_busy_ticks) as f64 / 100.0;
+        (busy / secs - own_cores).max(0.0)
     }
 }
 
@@ -550,9 +569,10 @@ async fn phase(o: &Opts, load: &Load, grpc: &mut Grpc, step_load: &AtomicU64) ->
     let deadline = t0 + Duration::from_secs_f64(o.seconds);
     let (mut fleet, mut pool, mut steps) = (Vec::new(), Vec::new(), Vec::new());
     let mut ingest: Option<(f64, u64)> = None;
-    let cpu0 = CpuSample::now();
+    let cpu0 = CpuSample::now(o.server_cpu);
     let sched0 = schedstats();
     let mut others = 0.0;
+    let mut core_others = 0.0;
     let mut threads = std::collections::BTreeMap::new();
     let mut k = 0usize;
     let mut next_step = Instant::now() + Duration::from_millis(300);
@@ -566,7 +586,8 @@ async fn phase(o: &Opts, load: &Load, grpc: &mut Grpc, step_load: &AtomicU64) ->
                 hints as f64 / secs,
                 load.failed.load(Ordering::Relaxed) - failed0,
             ));
-            others = CpuSample::now().others_since(&cpu0);
+            let cpu1 = CpuSample::now(o.server_cpu);
+            others = cpu1.others_since(&cpu0);
             for (name, (run, wait, n)) in schedstats() {
                 if let Some((r0, w0, n0)) = sched0.get(&name) {
                     let wakeups = n.saturating_sub(*n0).max(1) as f64;
@@ -579,6 +600,11 @@ async fn phase(o: &Opts, load: &Load, grpc: &mut Grpc, step_load: &AtomicU64) ->
                     );
                 }
             }
+            let own: f64 = ["agg-ingest", "headroom-grpc"]
+                .iter()
+                .filter_map(|t| threads.get(*t).map(|c: &(f64, f64)| c.0))
+                .sum();
+            core_others = cpu1.core_others_since(&cpu0, own);
         }
         if now >= deadline && (steps.len() >= o.steps || now >= deadline + Duration::from_secs(20))
         {
@@ -625,6 +651,7 @@ async fn phase(o: &Opts, load: &Load, grpc: &mut Grpc, step_load: &AtomicU64) ->
     PhaseResult {
         hints_per_s,
         others,
+        core_others,
         threads,
         refused,
         fleet,
