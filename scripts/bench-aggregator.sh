@@ -10,6 +10,7 @@
 # thread, and the CPU other processes on the host took meanwhile (high values spoil the tail).
 # Extra arguments go to the bench: --nodes N --workloads N --seconds S --connections N
 #   --server-cpu N --steps N --runs N --paced-hints-per-s N --no-saturation
+#   --scaler-rt-priority N (the aggregator's opt-in SCHED_FIFO scaler thread; needs root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -q -p headroom-aggregator --example bench

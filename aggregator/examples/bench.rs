@@ -175,6 +175,7 @@ fn main() {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server_cpu = o.server_cpu;
+    let scaler_rt_priority: u8 = arg("--scaler-rt-priority", 0);
     let server = std::thread::Builder::new()
         .name("agg-ingest".into())
         .spawn(move || {
@@ -193,6 +194,7 @@ fn main() {
                     node_rate: 20.0,
                     node_burst: 600.0,
                     tls: None,
+                    scaler_rt_priority,
                 };
                 let agg = Aggregator::bind(cfg).await.unwrap();
                 addr_tx
@@ -208,8 +210,13 @@ fn main() {
         .unwrap();
     let (http_addr, grpc_addr, pinned) = addr_rx.recv().unwrap();
     println!(
-        "aggregator: one current-thread runtime on cpu {} (pinned: {pinned}); load generator on cpu {client_cpu}; {cpus} cpus online",
-        o.server_cpu
+        "aggregator: ingest runtime and scaler thread on cpu {} (pinned: {pinned}; scaler {}); load generator and probe on cpu {client_cpu}; {cpus} cpus online",
+        o.server_cpu,
+        if scaler_rt_priority > 0 {
+            format!("asks for SCHED_FIFO priority {scaler_rt_priority}")
+        } else {
+            "a normal thread with a 0.1 ms slice".to_string()
+        }
     );
     println!(
         "load: {} simulated nodes, {HINTS_PER_BATCH} hints per batch ({} pooled workloads + 1 fleet-wide), {} connections, {} s per phase",

@@ -90,6 +90,14 @@ pub struct AggregatorArgs {
         requires = "tls_cert"
     )]
     pub tls_key: Option<PathBuf>,
+    /// Run the KEDA scaler thread under SCHED_FIFO at this priority (1-99; 0: off). Needs
+    /// CAP_SYS_NICE; keeps GetMetrics fast when other processes share the aggregator's cores.
+    #[arg(
+        long,
+        env = "HEADROOM_AGGREGATOR_SCALER_RT_PRIORITY",
+        default_value_t = 0
+    )]
+    pub scaler_rt_priority: u8,
 }
 
 /// Certificate and key files of the HTTPS listener.
@@ -111,6 +119,8 @@ pub struct AggregatorConfig {
     pub node_burst: f64,
     /// Serve the HTTP API over TLS with these files; plain HTTP when unset.
     pub tls: Option<TlsFiles>,
+    /// SCHED_FIFO priority of the scaler thread; 0 leaves it a normal thread (see `sched`).
+    pub scaler_rt_priority: u8,
 }
 
 /// A setting that cannot work; names the flag.
@@ -180,6 +190,9 @@ impl AggregatorArgs {
         if !(self.node_burst.is_finite() && self.node_burst >= 1.0) {
             return Err(bad("node-burst", "must be >= 1"));
         }
+        if self.scaler_rt_priority > 99 {
+            return Err(bad("scaler-rt-priority", "must be 0 (off) to 99"));
+        }
         Ok(AggregatorConfig {
             listen: self.listen,
             grpc_listen: self.grpc_listen,
@@ -197,6 +210,7 @@ impl AggregatorArgs {
                 (None, None) => None,
                 _ => return Err(bad("tls-cert", "--tls-cert and --tls-key go together")),
             },
+            scaler_rt_priority: self.scaler_rt_priority,
         })
     }
 }
@@ -204,6 +218,7 @@ impl AggregatorArgs {
 /// An aggregator whose listeners are bound but not yet serving.
 pub struct Aggregator {
     shared: Arc<state::Shared>,
+    scaler_rt_priority: u8,
     http: Arc<http::HttpServer>,
     http_tls: Option<tokio_rustls::TlsAcceptor>,
     http_listener: TcpListener,
@@ -238,6 +253,7 @@ impl Aggregator {
             shared,
             http,
             http_tls,
+            scaler_rt_priority: cfg.scaler_rt_priority,
         })
     }
 
@@ -295,9 +311,17 @@ impl Aggregator {
         let grpc_std = self.grpc_listener.into_std()?;
         let grpc_shared = self.shared.clone();
         let grpc_stop = wait(stop_rx.clone());
+        let rt_priority = self.scaler_rt_priority;
         let grpc_task = std::thread::Builder::new()
             .name("headroom-grpc".into())
             .spawn(move || -> anyhow::Result<()> {
+                if rt_priority > 0 {
+                    match sched::request_realtime(rt_priority) {
+                        Ok(()) => tracing::info!(priority = rt_priority, "scaler thread runs under SCHED_FIFO"),
+                        Err(e) => tracing::warn!(error = %e, priority = rt_priority, "--scaler-rt-priority: cannot use SCHED_FIFO (needs CAP_SYS_NICE); using a short time slice instead"),
+                    }
+                }
+                if rt_priority == 0 || !sched::is_realtime() {
                 match sched::request_short_slice(SCALER_SLICE) {
                     Ok(sched::SliceOutcome::Applied(s)) => {
                         tracing::debug!(slice_us = s.as_micros() as u64, "scaler thread runs with a short time slice");
@@ -308,6 +332,7 @@ impl Aggregator {
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot shorten the scaler thread's time slice; GetMetrics may queue behind ingest for up to a scheduler tick");
                     }
+                }
                 }
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()

@@ -8,9 +8,15 @@
 //! normal-policy thread, no privilege needed) preempts a longer-sliced thread when it wakes, while
 //! its share of the CPU stays what its nice value says.
 //!
-//! This module only ever changes the calling thread; it never raises priority, never changes the
-//! scheduling policy and never needs a capability. On kernels that lack the feature nothing
-//! happens.
+//! A short slice does not help against *other processes* on the same core: fair sharing between
+//! them still lets a waking scaler wait for another process's slice. Where the operator allows
+//! it (`--scaler-rt-priority`, needs `CAP_SYS_NICE`), the scaler thread instead runs under
+//! `SCHED_FIFO`, which preempts every normal thread at once; its work per call is tiny and the
+//! kernel's real-time throttling still caps it below a whole core.
+//!
+//! This module only ever changes the calling thread, and never on its own initiative: the short
+//! slice needs no privilege and on kernels that lack it nothing happens; real-time priority is
+//! used only when asked for, and threads the caller spawns later do not inherit it.
 
 use std::time::Duration;
 
@@ -65,6 +71,45 @@ pub fn request_short_slice(slice: Duration) -> std::io::Result<SliceOutcome> {
     )))
 }
 
+/// Puts the calling thread under `SCHED_FIFO` at `priority` (1–99), with reset-on-fork so that
+/// threads it spawns start as normal threads. Fails with `PermissionDenied` without
+/// `CAP_SYS_NICE` (or a real-time budget in the thread's cgroup).
+#[cfg(target_os = "linux")]
+pub fn request_realtime(priority: u8) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: libc::c_int::from(priority),
+    };
+    // SAFETY: pid 0 names the calling thread; `param` outlives the call.
+    let rc = unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the calling thread runs under a real-time policy.
+#[cfg(target_os = "linux")]
+pub fn is_realtime() -> bool {
+    // SAFETY: plain getter on the calling thread.
+    let p = unsafe { libc::sched_getscheduler(0) } & !libc::SCHED_RESET_ON_FORK;
+    p == libc::SCHED_FIFO || p == libc::SCHED_RR
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn is_realtime() -> bool {
+    false
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn request_realtime(_priority: u8) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "real-time scheduling is only used on Linux",
+    ))
+}
+
 #[cfg(not(target_os = "linux"))]
 pub fn request_short_slice(_slice: Duration) -> std::io::Result<SliceOutcome> {
     Ok(SliceOutcome::Unsupported)
@@ -73,6 +118,39 @@ pub fn request_short_slice(_slice: Duration) -> std::io::Result<SliceOutcome> {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn realtime_priority_applies_to_the_calling_thread_only() {
+        let (outcome, policy, child) = std::thread::spawn(|| {
+            let outcome = request_realtime(1);
+            // SAFETY: plain getters on the calling thread.
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            let child = std::thread::spawn(|| unsafe { libc::sched_getscheduler(0) })
+                .join()
+                .unwrap();
+            (outcome, policy, child)
+        })
+        .join()
+        .unwrap();
+        // SAFETY: as above.
+        let here = unsafe { libc::sched_getscheduler(0) };
+        assert_eq!(here, libc::SCHED_OTHER, "the test thread is untouched");
+        match outcome {
+            Ok(()) => {
+                assert_eq!(policy & !libc::SCHED_RESET_ON_FORK, libc::SCHED_FIFO);
+                assert_eq!(
+                    child,
+                    libc::SCHED_OTHER,
+                    "spawned threads start as normal threads"
+                );
+            }
+            Err(e) => {
+                // Without CAP_SYS_NICE (or a real-time budget in the cgroup): refused, nothing changed.
+                assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+                assert_eq!(policy, libc::SCHED_OTHER);
+            }
+        }
+    }
 
     #[test]
     fn a_thread_gets_the_slice_it_asks_for_or_a_clear_unsupported() {

@@ -52,6 +52,7 @@ pub fn config(listen: SocketAddr) -> AggregatorConfig {
         node_rate: 0.0,
         node_burst: 1.0,
         tls: None,
+        scaler_rt_priority: 0,
     }
 }
 
