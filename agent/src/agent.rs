@@ -922,6 +922,7 @@ fn start_hint_client(
             .unwrap_or_else(|| config.state_dir.join("hints")),
     );
     cc.token_file = a.token_file.clone();
+    cc.ca_file = a.ca_file.clone();
     cc.spool_max_batches = a.spool_max_batches;
     cc.interval = Duration::from_secs_f64(config.sample_interval_s * f64::from(a.report_every));
     let client = {

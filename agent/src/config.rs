@@ -134,10 +134,14 @@ pub struct EbpfConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AggregatorConfig {
-    /// Aggregator base URLs (`http://host:port`); every batch goes to each. Empty: no hints.
+    /// Aggregator base URLs (`http://host:port` or `https://host:port`); every batch goes to
+    /// each. Empty: no hints.
     pub endpoints: Vec<String>,
     /// File holding the bearer token; re-read on every attempt.
     pub token_file: Option<PathBuf>,
+    /// PEM bundle of the CAs trusted for `https://` endpoints (replacing the compiled-in Mozilla
+    /// roots); unset trusts those roots.
+    pub ca_file: Option<PathBuf>,
     /// Where batches wait while an aggregator is unreachable; unset means `<state_dir>/hints`.
     pub spool_dir: Option<PathBuf>,
     /// Batches kept per endpoint while it is unreachable; the oldest are dropped beyond this.
@@ -293,6 +297,7 @@ impl Default for AggregatorConfig {
         AggregatorConfig {
             endpoints: Vec::new(),
             token_file: None,
+            ca_file: None,
             spool_dir: None,
             spool_max_batches: 1000,
             report_every: 1,
@@ -548,12 +553,10 @@ impl Config {
         }
         let a = &self.aggregator;
         for e in &a.endpoints {
-            if !e.starts_with("http://") {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
                 return invalid(
                     "aggregator.endpoints",
-                    &format!(
-                        "`{e}` must be an http:// URL (terminate TLS in front of the aggregator)"
-                    ),
+                    &format!("`{e}` must be an http:// or https:// URL"),
                 );
             }
         }
@@ -674,6 +677,27 @@ mod tests {
         );
         let e = Config::from_toml("[policy]\nmode = \"yolo\"\n", Path::new("a.toml")).unwrap_err();
         assert!(e.to_string().contains("mode"), "{e}");
+    }
+
+    #[test]
+    fn aggregator_endpoints_may_use_tls() {
+        let c = Config::from_toml(
+            "[aggregator]\nendpoints = [\"https://agg:9470\", \"http://agg2:9470\"]\nca_file = \"/etc/headroom/ca.pem\"\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.aggregator.ca_file.as_deref(),
+            Some(Path::new("/etc/headroom/ca.pem"))
+        );
+        let mut bad = c;
+        bad.aggregator.endpoints = vec!["ftp://agg:21".into()];
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("aggregator.endpoints") && e.contains("ftp://agg:21"),
+            "{e}"
+        );
     }
 
     #[test]

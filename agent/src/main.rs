@@ -61,12 +61,15 @@ struct AgentArgs {
     /// Treat cgroups matching this glob (relative to the hierarchy root) as containers; repeatable.
     #[arg(long = "include-cgroup", value_name = "GLOB")]
     include_cgroup: Vec<String>,
-    /// Send scale hints to this aggregator (`http://host:port`); repeatable.
+    /// Send scale hints to this aggregator (`http://host:port` or `https://host:port`); repeatable.
     #[arg(long = "aggregator", value_name = "URL")]
     aggregator: Vec<String>,
     /// File holding the bearer token for the aggregators.
     #[arg(long, env = "HEADROOM_AGGREGATOR_TOKEN_FILE", value_name = "PATH")]
     aggregator_token_file: Option<PathBuf>,
+    /// PEM bundle of the CAs trusted for https:// aggregators (instead of the built-in roots).
+    #[arg(long, env = "HEADROOM_AGGREGATOR_CA_FILE", value_name = "PATH")]
+    aggregator_ca_file: Option<PathBuf>,
     /// observe: decide and report only; enforce: write decisions to managed cgroups.
     #[arg(long, env = "HEADROOM_MODE", value_enum)]
     mode: Option<headroom::config::PolicyMode>,
@@ -111,6 +114,9 @@ impl AgentArgs {
             .extend(self.aggregator.iter().cloned());
         if let Some(v) = &self.aggregator_token_file {
             c.aggregator.token_file = Some(v.clone());
+        }
+        if let Some(v) = &self.aggregator_ca_file {
+            c.aggregator.ca_file = Some(v.clone());
         }
         if let Some(m) = self.mode {
             c.policy.mode = m;

@@ -1,5 +1,5 @@
 //! The agent-side hint sender: numbers each batch, posts it to every configured aggregator
-//! endpoint over HTTP/1 (hyper), retries with exponential backoff and jitter, and while an endpoint
+//! endpoint over HTTP/1 (hyper; `https://` endpoints over rustls, see `tls`), retries with exponential backoff and jitter, and while an endpoint
 //! is unreachable keeps its batches in a bounded on-disk spool that is replayed in order when the
 //! endpoint comes back. Sequence numbers make replays idempotent at the aggregator.
 //!
@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode, header};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -28,10 +29,14 @@ use crate::schema::{Hint, HintBatch, SCHEMA_V1};
 pub struct ClientConfig {
     /// Node name stamped on every batch.
     pub node: String,
-    /// Base URLs of the aggregators, e.g. `http://aggregator:9470`; every batch goes to each.
+    /// Base URLs of the aggregators, e.g. `http://aggregator:9470` or `https://aggregator:9470`;
+    /// every batch goes to each.
     pub endpoints: Vec<String>,
     /// File holding the bearer token; re-read on every attempt so a rotated token takes effect.
     pub token_file: Option<PathBuf>,
+    /// PEM bundle of the CAs trusted for `https://` endpoints; unset trusts the Mozilla roots
+    /// compiled into the binary.
+    pub ca_file: Option<PathBuf>,
     /// Directory for spools and the sequence counter; created if missing.
     pub spool_dir: PathBuf,
     /// Batches kept per endpoint while it is unreachable; the oldest is dropped beyond this.
@@ -51,6 +56,7 @@ impl ClientConfig {
             node: node.into(),
             endpoints,
             token_file: None,
+            ca_file: None,
             spool_dir,
             spool_max_batches: 1000,
             interval: Duration::from_secs(1),
@@ -68,6 +74,8 @@ pub enum ClientError {
     Endpoint { endpoint: String, reason: String },
     #[error("no aggregator endpoint configured")]
     NoEndpoint,
+    #[error("aggregator TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("spool {path}: {source}")]
     Spool {
         path: PathBuf,
@@ -105,6 +113,8 @@ pub struct EndpointStats {
     pub spool_len: AtomicU64,
     /// Batches submitted but not yet delivered, rejected, or spooled.
     pub queued: AtomicU64,
+    /// Why the last failed attempt failed, naming the endpoint; cleared by a delivery.
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 /// A plain copy of [`EndpointStats`].
@@ -121,6 +131,18 @@ pub struct StatsSnapshot {
 }
 
 impl EndpointStats {
+    /// Why the latest attempt failed, if it did (e.g. a TLS certificate the client does not trust).
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_last_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StatsSnapshot {
@@ -303,11 +325,7 @@ impl HintClient {
         }
         std::fs::create_dir_all(&cfg.spool_dir).map_err(spool_err(&cfg.spool_dir))?;
         let sequence = Sequence::load(&cfg.spool_dir)?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(cfg.request_timeout));
-        let http: Client<HttpConnector, Full<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(connector);
+        let http = http_client(&cfg)?;
         let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
         for raw in &cfg.endpoints {
             let base = raw.trim_end_matches('/');
@@ -318,11 +336,10 @@ impl HintClient {
                         endpoint: raw.clone(),
                         reason: format!("not a URL: {e}"),
                     })?;
-            if uri.scheme_str() != Some("http") {
+            if !matches!(uri.scheme_str(), Some("http" | "https")) {
                 return Err(ClientError::Endpoint {
                     endpoint: raw.clone(),
-                    reason: "only http:// is supported; terminate TLS in a sidecar or service mesh"
-                        .into(),
+                    reason: "only http:// and https:// URLs are supported".into(),
                 });
             }
             let spool = Spool::open(
@@ -382,6 +399,15 @@ impl HintClient {
         Ok(n)
     }
 
+    /// Why the latest attempt to each endpoint failed (`None` after a delivery), in
+    /// configuration order.
+    pub fn last_errors(&self) -> Vec<(String, Option<String>)> {
+        self.endpoints
+            .iter()
+            .map(|e| (e.url.clone(), e.stats.last_error()))
+            .collect()
+    }
+
     /// Per-endpoint counters, in configuration order.
     pub fn stats(&self) -> Vec<(String, StatsSnapshot)> {
         self.endpoints
@@ -410,6 +436,40 @@ impl HintClient {
     }
 }
 
+type Http = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// One pooled HTTP/1 client for every endpoint; `https://` URLs go through rustls.
+fn http_client(cfg: &ClientConfig) -> Result<Http, ClientError> {
+    let tls = crate::tls::client_config(cfg.ca_file.as_deref())?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(cfg.request_timeout));
+    // The TLS layer needs the TCP connector to accept https:// URIs too.
+    connector.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(Client::builder(TokioExecutor::new()).build(https))
+}
+
+/// An error with its causes: hyper's own message ("client error (Connect)") says nothing of the
+/// certificate or the refused connection underneath.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    out
+}
+
 enum Outcome {
     Delivered {
         duplicate: bool,
@@ -423,7 +483,7 @@ enum Outcome {
 struct Worker {
     url: String,
     uri: hyper::Uri,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Http,
     token_file: Option<PathBuf>,
     spool: Spool,
     stats: Arc<EndpointStats>,
@@ -474,7 +534,9 @@ impl Worker {
         let resp =
             match tokio::time::timeout(self.cfg.request_timeout, self.http.request(req)).await {
                 Err(_) => return Outcome::Retry("request timed out".into(), None),
-                Ok(Err(e)) => return Outcome::Retry(format!("request failed: {e}"), None),
+                Ok(Err(e)) => {
+                    return Outcome::Retry(format!("request failed: {}", error_chain(&e)), None);
+                }
                 Ok(Ok(r)) => r,
             };
         let status = resp.status();
@@ -515,16 +577,32 @@ impl Worker {
         }
     }
 
+    fn endpoint_error(&self, reason: &str) -> String {
+        ClientError::Endpoint {
+            endpoint: self.url.clone(),
+            reason: reason.to_owned(),
+        }
+        .to_string()
+    }
+
+    fn record_failure(&self, reason: &str) {
+        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        self.stats.set_last_error(Some(self.endpoint_error(reason)));
+    }
+
     fn record_delivery(&mut self, outcome: &Outcome) {
         match outcome {
             Outcome::Delivered { duplicate: false } => {
                 self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                self.stats.set_last_error(None);
             }
             Outcome::Delivered { duplicate: true } => {
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                self.stats.set_last_error(None);
             }
             Outcome::Rejected(reason) => {
                 self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                self.stats.set_last_error(Some(self.endpoint_error(reason)));
                 tracing::warn!(endpoint = %self.url, %reason, "aggregator refused a hint batch; dropping it");
             }
             Outcome::Retry(..) => {}
@@ -578,7 +656,7 @@ impl Worker {
             let outcome = self.send(&head).await;
             match outcome {
                 Outcome::Retry(reason, hint) => {
-                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    self.record_failure(&reason);
                     let wait = self.backoff(hint);
                     self.failures_in_row = self.failures_in_row.saturating_add(1);
                     tracing::debug!(endpoint = %self.url, %reason, wait_ms = wait.as_millis() as u64, spooled = self.spool.len(), "aggregator unreachable; keeping the spool");
@@ -615,9 +693,9 @@ impl Worker {
             let outcome = self.send(&body).await;
             match outcome {
                 Outcome::Retry(reason, hint) => {
-                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                    self.record_failure(&reason);
                     if attempt + 1 == self.cfg.direct_attempts.max(1) {
-                        tracing::warn!(endpoint = %self.url, %reason, "aggregator unreachable; spooling hints until it is back");
+                        tracing::warn!(endpoint = %self.url, %reason, "cannot deliver hints; spooling them until the aggregator takes them");
                         break;
                     }
                     let wait = self.backoff(hint);
@@ -684,7 +762,7 @@ mod tests {
         let mut w = Worker {
             url: "x".into(),
             uri: "http://127.0.0.1:1/v1/hints".parse().unwrap(),
-            http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            http: http_client(&cfg).unwrap(),
             token_file: None,
             spool: Spool::open(dir.path().join("s"), 2).unwrap(),
             stats: Arc::default(),

@@ -15,8 +15,10 @@ pub mod keda;
 pub mod merge;
 pub mod metrics;
 pub mod page;
+pub mod sched;
 pub mod schema;
 pub mod state;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +29,10 @@ use tokio::net::TcpListener;
 
 pub use merge::MergePolicy;
 pub use schema::{Hint, HintBatch, SCHEMA_V1};
+
+/// Time slice the scaler thread asks for: short enough that a waking scaler preempts a busy
+/// ingest thread on the same core at once (see `sched`).
+const SCALER_SLICE: Duration = Duration::from_micros(100);
 
 /// Command-line flags of `headroom aggregator`.
 #[derive(Debug, Clone, clap::Args)]
@@ -70,6 +76,37 @@ pub struct AggregatorArgs {
     /// Burst of batches a node may post at once, e.g. when replaying its spool.
     #[arg(long, env = "HEADROOM_AGGREGATOR_NODE_BURST", default_value_t = 600.0)]
     pub node_burst: f64,
+    /// PEM certificate chain (leaf first): serve the HTTP API over HTTPS. Needs --tls-key.
+    #[arg(
+        long,
+        env = "HEADROOM_AGGREGATOR_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(
+        long,
+        env = "HEADROOM_AGGREGATOR_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Run the KEDA scaler thread under SCHED_FIFO at this priority (1-99; 0: off). Needs
+    /// CAP_SYS_NICE; keeps GetMetrics fast when other processes share the aggregator's cores.
+    #[arg(
+        long,
+        env = "HEADROOM_AGGREGATOR_SCALER_RT_PRIORITY",
+        default_value_t = 0
+    )]
+    pub scaler_rt_priority: u8,
+}
+
+/// Certificate and key files of the HTTPS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Validated settings of one aggregator.
@@ -82,6 +119,10 @@ pub struct AggregatorConfig {
     pub max_body_bytes: usize,
     pub node_rate: f64,
     pub node_burst: f64,
+    /// Serve the HTTP API over TLS with these files; plain HTTP when unset.
+    pub tls: Option<TlsFiles>,
+    /// SCHED_FIFO priority of the scaler thread; 0 leaves it a normal thread (see `sched`).
+    pub scaler_rt_priority: u8,
 }
 
 /// A setting that cannot work; names the flag.
@@ -98,6 +139,8 @@ pub enum ConfigError {
     NoToken { path: PathBuf },
     #[error("--{flag}: {reason}")]
     Invalid { flag: &'static str, reason: String },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -149,6 +192,9 @@ impl AggregatorArgs {
         if !(self.node_burst.is_finite() && self.node_burst >= 1.0) {
             return Err(bad("node-burst", "must be >= 1"));
         }
+        if self.scaler_rt_priority > 99 {
+            return Err(bad("scaler-rt-priority", "must be 0 (off) to 99"));
+        }
         Ok(AggregatorConfig {
             listen: self.listen,
             grpc_listen: self.grpc_listen,
@@ -161,6 +207,12 @@ impl AggregatorArgs {
             max_body_bytes: self.max_body_bytes,
             node_rate: self.node_rate,
             node_burst: self.node_burst,
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                (None, None) => None,
+                _ => return Err(bad("tls-cert", "--tls-cert and --tls-key go together")),
+            },
+            scaler_rt_priority: self.scaler_rt_priority,
         })
     }
 }
@@ -168,14 +220,22 @@ impl AggregatorArgs {
 /// An aggregator whose listeners are bound but not yet serving.
 pub struct Aggregator {
     shared: Arc<state::Shared>,
+    scaler_rt_priority: u8,
     http: Arc<http::HttpServer>,
+    http_tls: Option<tokio_rustls::TlsAcceptor>,
     http_listener: TcpListener,
     grpc_listener: TcpListener,
 }
 
 impl Aggregator {
-    /// Binds both listeners (port 0 picks a free port).
+    /// Loads the TLS files, if any, and binds both listeners (port 0 picks a free port).
     pub async fn bind(cfg: AggregatorConfig) -> Result<Self, ConfigError> {
+        let http_tls = match &cfg.tls {
+            Some(f) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+                tls::server_config(&f.cert, &f.key)?,
+            ))),
+            None => None,
+        };
         let shared = state::Shared::new(cfg.policy, cfg.node_rate, cfg.node_burst);
         let http = Arc::new(http::HttpServer::new(
             shared.clone(),
@@ -194,6 +254,8 @@ impl Aggregator {
             grpc_listener: bind(cfg.grpc_listen).await?,
             shared,
             http,
+            http_tls,
+            scaler_rt_priority: cfg.scaler_rt_priority,
         })
     }
 
@@ -242,16 +304,38 @@ impl Aggregator {
         let http_task = tokio::spawn(http::serve(
             self.http_listener,
             self.http.clone(),
+            self.http_tls.clone(),
             wait(stop_rx.clone()),
         ));
-        // The scaler gets its own thread and runtime: KEDA's few calls must not queue behind a
-        // flood of hint posts on the ingest runtime (the OS wakes a mostly idle thread promptly).
+        // The scaler gets its own thread and runtime, so KEDA's few calls never queue behind a
+        // flood of hint posts on the ingest runtime; with a short time slice (`sched`) the kernel
+        // also switches to it at once when it wakes on a core where ingest is running.
         let grpc_std = self.grpc_listener.into_std()?;
         let grpc_shared = self.shared.clone();
         let grpc_stop = wait(stop_rx.clone());
+        let rt_priority = self.scaler_rt_priority;
         let grpc_task = std::thread::Builder::new()
             .name("headroom-grpc".into())
             .spawn(move || -> anyhow::Result<()> {
+                if rt_priority > 0 {
+                    match sched::request_realtime(rt_priority) {
+                        Ok(()) => tracing::info!(priority = rt_priority, "scaler thread runs under SCHED_FIFO"),
+                        Err(e) => tracing::warn!(error = %e, priority = rt_priority, "--scaler-rt-priority: cannot use SCHED_FIFO (needs CAP_SYS_NICE); using a short time slice instead"),
+                    }
+                }
+                if rt_priority == 0 || !sched::is_realtime() {
+                match sched::request_short_slice(SCALER_SLICE) {
+                    Ok(sched::SliceOutcome::Applied(s)) => {
+                        tracing::debug!(slice_us = s.as_micros() as u64, "scaler thread runs with a short time slice");
+                    }
+                    Ok(sched::SliceOutcome::Unsupported) => {
+                        tracing::info!("this kernel has no per-thread time slices (Linux 6.12+); GetMetrics may queue behind ingest for up to a scheduler tick");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot shorten the scaler thread's time slice; GetMetrics may queue behind ingest for up to a scheduler tick");
+                    }
+                }
+                }
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -283,7 +367,7 @@ impl Aggregator {
             })
             .map_err(|e| anyhow::anyhow!("cannot start the gRPC thread: {e}"))?;
         self.shared.set_ready();
-        tracing::info!(%http_addr, %grpc_addr, "aggregator serving");
+        tracing::info!(%http_addr, %grpc_addr, https = self.http_tls.is_some(), "aggregator serving");
         shutdown.await;
         tracing::info!("aggregator shutting down");
         let _ = stop_tx.send(true);

@@ -3,9 +3,12 @@
 //!
 //! Everything here is pure: time comes in as an argument and nothing is read or written outside
 //! the values passed in, so the scaling arithmetic is tested with plain numbers. It must never
-//! block, log, or reach the network.
+//! block, log, or reach the network. The one thing it shares is each workload's [`Answer`], an
+//! atomic cell it rewrites after every change so that readers on other threads never wait for it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -158,9 +161,9 @@ impl Sums {
         self.n += s;
     }
 
-    fn view(&self, resource: Resource, policy: &MergePolicy) -> ResourceView {
+    /// Replicas, capacity, headroom, demand and confidence as the views report them.
+    fn figures(&self) -> (u64, f64, f64, f64, f64) {
         // Subtraction can leave rounding dust; nothing summed here is negative in truth.
-        let pos = |v: f64| if v < 0.0 { 0.0 } else { v };
         let capacity = pos(self.capacity);
         let confidence = if capacity > 0.0 {
             (self.conf_weighted / capacity).clamp(0.0, 1.0)
@@ -170,7 +173,22 @@ impl Sums {
             0.0
         };
         let replicas = self.replicas.max(0) as u64;
-        let (headroom, demand) = (pos(self.headroom), pos(self.demand));
+        (
+            replicas,
+            capacity,
+            pos(self.headroom),
+            pos(self.demand),
+            confidence,
+        )
+    }
+
+    fn desired(&self, policy: &MergePolicy) -> u64 {
+        let (replicas, capacity, headroom, demand, confidence) = self.figures();
+        desired_replicas(replicas, capacity, headroom, demand, confidence, policy)
+    }
+
+    fn view(&self, resource: Resource, policy: &MergePolicy) -> ResourceView {
+        let (replicas, capacity, headroom, demand, confidence) = self.figures();
         ResourceView {
             resource,
             unit: resource.unit(),
@@ -187,6 +205,19 @@ impl Sums {
             ),
         }
     }
+}
+
+fn pos(v: f64) -> f64 {
+    if v < 0.0 { 0.0 } else { v }
+}
+
+/// Desired replicas of a workload: the most any of its resources needs.
+fn workload_desired(sums: &BTreeMap<Resource, Sums>, policy: &MergePolicy) -> u64 {
+    sums.values()
+        .filter(|s| s.n > 0)
+        .map(|s| s.desired(policy))
+        .max()
+        .unwrap_or(0)
 }
 
 fn build_view(
@@ -277,7 +308,37 @@ pub struct NodeView {
     pub workloads: usize,
 }
 
-#[derive(Debug, Clone, Default)]
+/// The scaler's answer for one workload: its desired replicas (active when above zero). The
+/// registry rewrites it after every change to the workload, so a reader on another thread loads
+/// the current value without taking the registry's lock.
+#[derive(Debug, Default)]
+pub struct Answer {
+    desired: AtomicU64,
+}
+
+impl Answer {
+    pub fn desired_replicas(&self) -> u64 {
+        self.desired.load(Ordering::Acquire)
+    }
+
+    /// True when any demand is foreseen, as [`WorkloadView::active`].
+    pub fn active(&self) -> bool {
+        self.desired_replicas() > 0
+    }
+
+    fn set(&self, v: u64) {
+        self.desired.store(v, Ordering::Release);
+    }
+}
+
+/// A workload appearing in or leaving the registry, for whoever keeps an index of answers.
+#[derive(Debug, Clone)]
+pub enum IndexChange {
+    Added(String, Arc<Answer>),
+    Removed(String),
+}
+
+#[derive(Debug, Default)]
 struct WorkloadEntry {
     key: Option<WorkloadRef>,
     /// node -> that node's hints for this workload (one per resource).
@@ -286,6 +347,7 @@ struct WorkloadEntry {
     reasons: HashMap<String, usize>,
     /// Updates since the sums were last recomputed from the hints.
     updates: u32,
+    answer: Arc<Answer>,
 }
 
 /// Recomputing the running sums this often bounds floating-point drift from add/subtract cycles
@@ -300,15 +362,21 @@ impl WorkloadEntry {
         }
         self.updates = 0;
     }
+
+    fn publish(&self, policy: &MergePolicy) {
+        self.answer.set(workload_desired(&self.sums, policy));
+    }
 }
 
 /// Soft state: the last batch of every live node, indexed by workload, with running per-workload
 /// sums. `now` is any monotonic clock in seconds chosen by the caller.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Registry {
     policy: MergePolicy,
     nodes: HashMap<String, NodeEntry>,
     workloads: HashMap<String, WorkloadEntry>,
+    /// Workloads added or removed since the last `take_index_changes`, in order.
+    index_changes: Vec<IndexChange>,
 }
 
 impl Registry {
@@ -317,6 +385,7 @@ impl Registry {
             policy,
             nodes: HashMap::new(),
             workloads: HashMap::new(),
+            index_changes: Vec::new(),
         }
     }
 
@@ -335,13 +404,23 @@ impl Registry {
                 return Applied::Duplicate { last_seq: prev.seq };
             }
         }
-        self.remove_node(&batch.node);
+        // Workloads the node's previous batch touched stay in place while empty, so one that the
+        // new batch reports again is updated, not removed and re-created.
+        let previous = self.take_node_hints(&batch.node);
         let q = self.q();
         let count = batch.hints.len();
         let mut ids: Vec<String> = Vec::new();
         for h in batch.hints {
             let id = h.workload.id();
-            let entry = self.workloads.entry(id.clone()).or_default();
+            let entry = match self.workloads.get_mut(&id) {
+                Some(e) => e,
+                None => {
+                    let e = self.workloads.entry(id.clone()).or_default();
+                    self.index_changes
+                        .push(IndexChange::Added(id.clone(), e.answer.clone()));
+                    e
+                }
+            };
             if entry.key.is_none() {
                 entry.key = Some(h.workload.clone());
             }
@@ -369,6 +448,9 @@ impl Registry {
                 ids.push(id);
             }
         }
+        for id in previous.iter().chain(&ids) {
+            self.settle(id);
+        }
         self.nodes.insert(
             batch.node,
             NodeEntry {
@@ -383,13 +465,22 @@ impl Registry {
         Applied::Accepted { hints: count }
     }
 
+    /// Removes a node and settles the workloads it reported.
     fn remove_node(&mut self, node: &str) {
+        for id in self.take_node_hints(node) {
+            self.settle(&id);
+        }
+    }
+
+    /// Removes a node's hints from every workload it reported, leaving empty workloads in place;
+    /// returns those workloads' ids for `settle`.
+    fn take_node_hints(&mut self, node: &str) -> Vec<String> {
         let Some(prev) = self.nodes.remove(node) else {
-            return;
+            return Vec::new();
         };
         let q = self.q();
-        for id in prev.workloads {
-            let Some(w) = self.workloads.get_mut(&id) else {
+        for id in &prev.workloads {
+            let Some(w) = self.workloads.get_mut(id) else {
                 continue;
             };
             if let Some(hints) = w.nodes.remove(node) {
@@ -409,10 +500,34 @@ impl Registry {
                 }
                 w.updates += hints.len() as u32;
             }
-            if w.nodes.is_empty() {
-                self.workloads.remove(&id);
-            }
         }
+        prev.workloads
+    }
+
+    /// After a change to workload `id`: drops it if no node reports it any more, else publishes
+    /// its new answer.
+    fn settle(&mut self, id: &str) {
+        let Some(w) = self.workloads.get(id) else {
+            return;
+        };
+        if w.nodes.is_empty() {
+            // Readers still holding the cell see zero: no node, no demand.
+            w.answer.set(0);
+            self.workloads.remove(id);
+            self.index_changes.push(IndexChange::Removed(id.to_owned()));
+        } else {
+            w.publish(&self.policy);
+        }
+    }
+
+    /// Workloads added or removed since the last call, in the order it happened.
+    pub fn take_index_changes(&mut self) -> Vec<IndexChange> {
+        std::mem::take(&mut self.index_changes)
+    }
+
+    /// The published answer cell of one workload.
+    pub fn answer(&self, id: &str) -> Option<Arc<Answer>> {
+        self.workloads.get(id).map(|w| w.answer.clone())
     }
 
     /// Drops nodes silent for longer than the TTL; returns how many were dropped.
@@ -689,6 +804,46 @@ mod tests {
             })
     }
 
+    fn replay(index: &mut HashMap<String, Arc<Answer>>, changes: Vec<IndexChange>) {
+        for c in changes {
+            match c {
+                IndexChange::Added(id, cell) => {
+                    assert!(index.insert(id, cell).is_none(), "added twice");
+                }
+                IndexChange::Removed(id) => {
+                    assert!(index.remove(&id).is_some(), "removed unknown {id}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_workload_reported_again_keeps_its_answer_cell() {
+        let mut r = Registry::new(policy());
+        r.apply(
+            batch("a", 1, vec![hint("ml", "llm", Resource::Gpu, 2.0, 3.0)]),
+            0.0,
+        );
+        let changes = r.take_index_changes();
+        assert!(matches!(&changes[..], [IndexChange::Added(id, _)] if id == "ml/Deployment/llm"));
+        let cell = r.answer("ml/Deployment/llm").unwrap();
+        assert_eq!(cell.desired_replicas(), 2);
+        // The only node reports again with more demand: same cell, new value, no index churn.
+        r.apply(
+            batch("a", 2, vec![hint("ml", "llm", Resource::Gpu, 2.0, 7.0)]),
+            1.0,
+        );
+        assert!(r.take_index_changes().is_empty());
+        assert_eq!(cell.desired_replicas(), 4);
+        // It stops reporting the workload: removed, and a reader still holding the cell sees 0.
+        r.apply(batch("a", 3, vec![]), 2.0);
+        assert!(
+            matches!(&r.take_index_changes()[..], [IndexChange::Removed(id)] if id == "ml/Deployment/llm")
+        );
+        assert_eq!(cell.desired_replicas(), 0);
+        assert!(!cell.active());
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
         /// Running sums after any sequence of batches, replays and expiries equal a merge from
@@ -701,6 +856,7 @@ mod tests {
             )
         ) {
             let mut r = Registry::new(policy());
+            let mut index: HashMap<String, Arc<Answer>> = HashMap::new();
             let mut seqs = [0u64; 6];
             for (t, (node, reason, hints, expire)) in ops.into_iter().enumerate() {
                 let now = t as f64;
@@ -722,13 +878,21 @@ mod tests {
                     })
                     .collect();
                 r.apply(batch(&format!("n{node}"), seqs[node], hs), now);
+                replay(&mut index, r.take_index_changes());
             }
+            replay(&mut index, r.take_index_changes());
             let ids: Vec<String> = r.workloads.keys().cloned().collect();
-            for id in ids {
-                let fast = r.workload(&id).unwrap();
-                let slow = r.workload_from_scratch(&id).unwrap();
+            for id in &ids {
+                let fast = r.workload(id).unwrap();
+                let slow = r.workload_from_scratch(id).unwrap();
                 proptest::prop_assert!(close(&fast, &slow), "{fast:?} != {slow:?}");
+                // The published answer is the view's, and the index holds the live cell.
+                let cell = r.answer(id).unwrap();
+                proptest::prop_assert_eq!(cell.desired_replicas(), fast.desired_replicas);
+                proptest::prop_assert_eq!(cell.active(), fast.active);
+                proptest::prop_assert!(index.get(id).is_some_and(|c| Arc::ptr_eq(c, &cell)), "{id} missing from the index");
             }
+            proptest::prop_assert_eq!(index.len(), ids.len());
         }
     }
 }

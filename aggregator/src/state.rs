@@ -1,19 +1,22 @@
-//! The aggregator's shared, in-memory state: the hint registry behind a lock, the change signal
-//! that wakes KEDA push streams, per-node rate limiting, and ingest counters.
+//! The aggregator's shared, in-memory state: the hint registry behind a lock, the index of
+//! published per-workload answers the KEDA scaler reads, the change signal that wakes KEDA push
+//! streams, per-node rate limiting, and ingest counters.
 //!
 //! It owns no sockets and no files; servers (HTTP, gRPC) borrow it through an `Arc`. Locks are held
-//! only for the arithmetic of one request, never across an await.
+//! only for the arithmetic of one request, never across an await. The scaler's reads never take
+//! the registry lock: they look up an answer cell under a read lock that writers hold only to
+//! add or remove a workload, and load it atomically.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::watch;
 
-use crate::merge::{Applied, MergePolicy, NodeView, Registry, WorkloadView};
+use crate::merge::{Answer, Applied, IndexChange, MergePolicy, NodeView, Registry, WorkloadView};
 use crate::schema::HintBatch;
 
 /// Token bucket per key: `rate` tokens per second, at most `burst`.
@@ -74,6 +77,8 @@ pub struct IngestMetrics {
 #[derive(Debug)]
 pub struct Shared {
     registry: Mutex<Registry>,
+    /// Workload id -> its published answer; changed only when a workload appears or vanishes.
+    answers: RwLock<HashMap<String, Arc<Answer>>>,
     limiter: Mutex<RateLimiter>,
     pub policy: MergePolicy,
     started: Instant,
@@ -98,6 +103,7 @@ impl Shared {
         let (changes, _) = watch::channel(0);
         Arc::new(Shared {
             registry: Mutex::new(Registry::new(policy)),
+            answers: RwLock::new(HashMap::new()),
             limiter: Mutex::new(RateLimiter::new(node_rate, node_burst)),
             policy,
             started: Instant::now(),
@@ -117,6 +123,35 @@ impl Shared {
     fn registry(&self) -> MutexGuard<'_, Registry> {
         // A panic while holding the lock leaves plain data behind; keep serving it.
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Mirrors workloads added to or removed from the registry into the answer index. Called with
+    /// the registry lock held, so the index never runs ahead of or behind the registry for long.
+    fn update_index(&self, registry: &mut Registry) {
+        let changes = registry.take_index_changes();
+        if changes.is_empty() {
+            return;
+        }
+        let mut index = self.answers.write().unwrap_or_else(|p| p.into_inner());
+        for c in changes {
+            match c {
+                IndexChange::Added(id, cell) => {
+                    index.insert(id, cell);
+                }
+                IndexChange::Removed(id) => {
+                    index.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// The published answer for one workload; never waits for ingest.
+    pub fn answer(&self, id: &str) -> Option<Arc<Answer>> {
+        self.answers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     fn bump(&self) {
@@ -143,7 +178,12 @@ impl Shared {
                 .inc();
             return Ingest::RateLimited(wait);
         }
-        let applied = self.registry().apply(batch, now);
+        let applied = {
+            let mut registry = self.registry();
+            let applied = registry.apply(batch, now);
+            self.update_index(&mut registry);
+            applied
+        };
         match applied {
             Applied::Accepted { hints } => {
                 self.metrics
@@ -167,7 +207,12 @@ impl Shared {
     pub fn expire(&self) -> usize {
         self.sample_timeline();
         let now = self.now();
-        let n = self.registry().expire(now, self.policy.node_ttl_s);
+        let n = {
+            let mut registry = self.registry();
+            let n = registry.expire(now, self.policy.node_ttl_s);
+            self.update_index(&mut registry);
+            n
+        };
         self.limiter
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -285,12 +285,25 @@ fn refuses_unusable_endpoints() {
     assert!(e.to_string().contains("no aggregator endpoint"));
     let e = HintClient::start(ClientConfig::new(
         "n",
-        vec!["https://x:1".into()],
+        vec!["ftp://x:1".into()],
         dir.clone(),
     ))
     .err()
     .unwrap();
-    assert!(e.to_string().contains("https://x:1"), "{e}");
+    assert!(e.to_string().contains("ftp://x:1"), "{e}");
+    assert!(
+        HintClient::start(ClientConfig::new(
+            "n",
+            vec!["https://x:1".into()],
+            dir.clone()
+        ))
+        .is_ok(),
+        "https:// is supported"
+    );
+    let mut cfg = ClientConfig::new("n", vec!["https://x:1".into()], dir.clone());
+    cfg.ca_file = Some(dir.join("no-such-ca.pem"));
+    let e = HintClient::start(cfg).err().unwrap();
+    assert!(e.to_string().contains("no-such-ca.pem"), "{e}");
     let e = HintClient::start(ClientConfig::new("n", vec!["not a url".into()], dir))
         .err()
         .unwrap();

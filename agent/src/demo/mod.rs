@@ -247,6 +247,8 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
         max_body_bytes: 1 << 20,
         node_rate: 20.0,
         node_burst: 600.0,
+        tls: None,
+        scaler_rt_priority: 0,
     };
     let aggregator = runtime
         .block_on(headroom_aggregator::Aggregator::bind(agg_cfg))

@@ -74,10 +74,12 @@ fn workload_id(r: &ScaledObjectRef) -> Result<String, Status> {
 
 /// Unknown means no live node reports the workload: no demand anywhere, so inactive and zero
 /// replicas rather than an error (scale-to-zero is the normal way to get there).
+/// Reads the published answer, never the registry, so a call never waits behind ingest.
 fn current(shared: &Shared, id: &str) -> (bool, u64) {
-    shared
-        .workload(id)
-        .map_or((false, 0), |w| (w.active, w.desired_replicas))
+    shared.answer(id).map_or((false, 0), |a| {
+        let desired = a.desired_replicas();
+        (desired > 0, desired)
+    })
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;

@@ -51,6 +51,8 @@ pub fn config(listen: SocketAddr) -> AggregatorConfig {
         max_body_bytes: 64 * 1024,
         node_rate: 0.0,
         node_burst: 1.0,
+        tls: None,
+        scaler_rt_priority: 0,
     }
 }
 
