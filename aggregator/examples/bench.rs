@@ -302,8 +302,12 @@ fn main() {
             .unwrap()
     };
     // The probe stands in for KEDA (on another machine in a cluster); here it shares the load
-    // generator's core, never the aggregator's.
+    // generator's core, never the aggregator's. It asks for the same short time slice as the
+    // scaler, so time it spends queued behind the load generator on its own core is not counted
+    // as the aggregator's latency.
     pin_to(client_cpu);
+    let probe_slice = headroom_aggregator::sched::request_short_slice(Duration::from_micros(100));
+    eprintln!("probe thread: short time slice {probe_slice:?}");
 
     let probe_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
