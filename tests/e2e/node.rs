@@ -481,9 +481,10 @@ fn forecasts_are_exported_and_survive_restart() {
         .is_empty()
     );
 
-    // Forecasters saved with other settings are moved aside, not trusted.
+    // Forecasters saved with other settings (here a 15 s step instead of 10 s: the forecaster
+    // step is never shorter than the sample interval) are moved aside, not trusted.
     drop(b);
-    let c = Agent::start_with_state(&["--sample-interval", "0.5"], &state, None);
+    let c = Agent::start_with_state(&["--sample-interval", "15"], &state, None);
     assert!(
         c.log_text().contains("saved forecasters unusable"),
         "{}",
