@@ -908,6 +908,14 @@ fn dropping_the_probes_releases_programs() {
         return;
     }
     let probes = Probes::load(&Options::default());
+    let ours = assert_attached_and_loaded(&probes);
+    drop(probes);
+    assert_released(&ours);
+}
+
+/// Checks that every group attached by tp_btf and that its six programs are loaded in the kernel;
+/// returns their ids.
+fn assert_attached_and_loaded(probes: &Probes) -> Vec<u32> {
     assert!(
         probes
             .status()
@@ -923,8 +931,7 @@ fn dropping_the_probes_releases_programs() {
         ours.iter().all(|id| loaded.contains(id)),
         "{ours:?} not all in {loaded:?}"
     );
-    drop(probes);
-    assert_released(&ours);
+    ours
 }
 
 /// Waits until none of `ours` is loaded any more (the kernel frees programs after an RCU grace
@@ -952,21 +959,8 @@ fn probes_from_the_agents_loader_process_measure_and_release() {
     let probes =
         headroom_ebpf::load_in_child(command, &Options::default(), Duration::from_secs(60))
             .expect("the agent's loader process hands the probes over");
-    assert!(
-        probes
-            .status()
-            .iter()
-            .all(|s| s.attached == Some(Attach::TpBtf)),
-        "{:?}",
-        probes.status()
-    );
-    let ours = probes.program_ids();
-    assert_eq!(ours.len(), 6, "{ours:?}");
-    let loaded = loaded_program_ids();
-    assert!(
-        ours.iter().all(|id| loaded.contains(id)),
-        "{ours:?} not all in {loaded:?}: the loader's exit must not detach them"
-    );
+    // The loader process has exited; its links must not have gone with it.
+    let ours = assert_attached_and_loaded(&probes);
     // The programs run for this process now: a thread that sleeps and wakes adds run-queue
     // samples to this test's cgroup, read through the maps the loader handed over.
     let before: u64 = probes
