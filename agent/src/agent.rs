@@ -16,7 +16,7 @@ use crate::forecast::Forecasts;
 use crate::history::{History, SeriesKey};
 use crate::report::metrics::{counters, gauges};
 use crate::sample::cgroup::CgroupSampler;
-use crate::sample::ebpf::{EbpfSampler, cgroup_id_of};
+use crate::sample::ebpf::EbpfSampler;
 use crate::sample::gpu::{self, GpuSampler, GpuSource};
 use crate::sample::node::NodeSampler;
 use crate::sample::{Snapshot, unix_seconds};
@@ -433,11 +433,7 @@ impl Samplers {
         let cgroup_ids = self
             .cgroups
             .as_ref()
-            .map(|c| {
-                c.v2_dirs()
-                    .filter_map(|(ident, dir)| cgroup_id_of(dir).ok().map(|id| (id, ident.clone())))
-                    .collect()
-            })
+            .map(|c| c.v2_ids().map(|(ident, id)| (id, ident.clone())).collect())
             .unwrap_or_default();
         let t2 = Instant::now();
         let ebpf = self.ebpf.sample();

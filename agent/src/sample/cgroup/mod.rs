@@ -45,6 +45,9 @@ struct Tracked {
     paths: ControllerPaths,
     prev: Option<Prev>,
     open: stats::OpenFiles,
+    /// The v2 directory's cgroup id (its inode), which eBPF programs report; fixed for the
+    /// directory's life, so looked up once.
+    v2_id: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -159,7 +162,8 @@ impl CgroupSampler {
                         // Directories a runtime adds late are picked up on the next full pass.
                         let paths = match self.tracked.get(&child_rel) {
                             Some(t) if !self.full_pass() => t.paths.clone(),
-                            _ => self.paths_for(&child_rel),
+                            Some(t) => self.paths_for(&child_rel, t.paths.clone()),
+                            None => self.paths_for(&child_rel, ControllerPaths::default()),
                         };
                         let aliases = vec![child_rel.clone()];
                         found.insert(
@@ -259,18 +263,21 @@ impl CgroupSampler {
         })
     }
 
-    fn paths_for(&self, rel: &str) -> ControllerPaths {
-        let at = |root: &Option<PathBuf>| {
-            root.as_ref()
-                .map(|r| hierarchy::join(r, rel))
-                .filter(|p| p.is_dir())
+    /// Fills in the directories `known` lacks (a known one stays until its container goes).
+    fn paths_for(&self, rel: &str, known: ControllerPaths) -> ControllerPaths {
+        let at = |known: Option<PathBuf>, root: &Option<PathBuf>| {
+            known.or_else(|| {
+                root.as_ref()
+                    .map(|r| hierarchy::join(r, rel))
+                    .filter(|p| p.is_dir())
+            })
         };
         ControllerPaths {
-            v2: at(&self.hierarchy.v2),
-            cpu: at(&self.hierarchy.cpu),
-            cpuacct: at(&self.hierarchy.cpuacct),
-            memory: at(&self.hierarchy.memory),
-            pids: at(&self.hierarchy.pids),
+            v2: at(known.v2, &self.hierarchy.v2),
+            cpu: at(known.cpu, &self.hierarchy.cpu),
+            cpuacct: at(known.cpuacct, &self.hierarchy.cpuacct),
+            memory: at(known.memory, &self.hierarchy.memory),
+            pids: at(known.pids, &self.hierarchy.pids),
         }
     }
 
@@ -321,9 +328,11 @@ impl CgroupSampler {
                 _ => Arc::new(ident),
             };
             let at = Instant::now();
-            let (prev_sample, mut open) = match prev {
-                Some(p) => (p.prev, p.open),
-                None => (None, stats::OpenFiles::default()),
+            // Handles and ids belong to the directories they were taken from.
+            let (prev_sample, mut open, v2_id) = match prev {
+                Some(p) if p.paths == paths => (p.prev, p.open, p.v2_id),
+                Some(p) => (p.prev, stats::OpenFiles::default(), v2_id_of(&paths)),
+                None => (None, stats::OpenFiles::default(), v2_id_of(&paths)),
             };
             let full = self.full_pass();
             let stats = self.reader.read_container(
@@ -349,6 +358,7 @@ impl CgroupSampler {
                     paths,
                     prev: Some(Prev { at, stats }),
                     open,
+                    v2_id,
                 },
             );
         }
@@ -380,11 +390,11 @@ impl CgroupSampler {
         }
     }
 
-    /// cgroup v2 directory of every tracked container, for mapping eBPF cgroup ids.
-    pub fn v2_dirs(&self) -> impl Iterator<Item = (&Arc<Identity>, &Path)> {
+    /// cgroup v2 id of every tracked container that has one, for mapping eBPF cgroup ids.
+    pub fn v2_ids(&self) -> impl Iterator<Item = (&Arc<Identity>, u64)> {
         self.tracked
             .values()
-            .filter_map(|t| t.paths.v2.as_deref().map(|p| (&t.ident, p)))
+            .filter_map(|t| t.v2_id.map(|id| (&t.ident, id)))
     }
 
     /// Directories of a tracked container, by its key (cgroup path), for the actuators.
@@ -426,6 +436,13 @@ pub fn cgroup_keys_of_process(text: &str) -> Vec<String> {
         }
     }
     keys
+}
+
+fn v2_id_of(paths: &ControllerPaths) -> Option<u64> {
+    paths
+        .v2
+        .as_deref()
+        .and_then(|dir| headroom_ebpf::cgroup_id_of(dir).ok())
 }
 
 fn rates(

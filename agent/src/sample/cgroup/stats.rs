@@ -2,7 +2,6 @@
 //! optional: a controller that is not enabled, or a file the kernel does not have, leaves it
 //! unset rather than failing the whole sample.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -63,12 +62,59 @@ pub struct PressureTotals {
     pub full_seconds: Option<f64>,
 }
 
+/// The files read on every pass, each with a handle slot in [`OpenFiles`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hot {
+    V2CpuStat,
+    V2CpuPressure,
+    V2MemoryPressure,
+    V2IoPressure,
+    V2MemoryCurrent,
+    V2MemoryStat,
+    V2MemoryEvents,
+    V1CpuacctUsage,
+    V1CpuStat,
+    V1MemoryUsage,
+    V1MemoryStat,
+    V1OomControl,
+}
+
+const HOT_FILES: usize = 12;
+
+impl Hot {
+    fn file_name(self) -> &'static str {
+        match self {
+            Hot::V2CpuStat | Hot::V1CpuStat => "cpu.stat",
+            Hot::V2CpuPressure => "cpu.pressure",
+            Hot::V2MemoryPressure => "memory.pressure",
+            Hot::V2IoPressure => "io.pressure",
+            Hot::V2MemoryCurrent => "memory.current",
+            Hot::V2MemoryStat | Hot::V1MemoryStat => "memory.stat",
+            Hot::V2MemoryEvents => "memory.events",
+            Hot::V1CpuacctUsage => "cpuacct.usage",
+            Hot::V1MemoryUsage => "memory.usage_in_bytes",
+            Hot::V1OomControl => "memory.oom_control",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+enum Slot {
+    #[default]
+    Closed,
+    /// The kernel has no such file here (PSI off, a controller not enabled); tried again on
+    /// the next full pass rather than on every pass.
+    Missing,
+    Open(std::fs::File),
+}
+
 /// Open handles to one container's hot files, re-read in place with `pread` at offset 0
 /// (cgroup files regenerate their content on every read from the start). Opening a cgroup file
-/// costs more than reading it, and the agent reads thousands per second.
+/// costs more than reading it, and the agent reads thousands per second. Settings, read on
+/// full passes only, are opened each time: every open handle also holds a kernel buffer.
 #[derive(Debug, Default)]
 pub struct OpenFiles {
-    files: Vec<(PathBuf, std::fs::File)>,
+    slots: [Slot; HOT_FILES],
 }
 
 /// File handles the agent may keep open across all containers, set from RLIMIT_NOFILE.
@@ -100,10 +146,12 @@ pub fn init_handle_budget() -> u64 {
 
 impl Drop for OpenFiles {
     fn drop(&mut self) {
-        HANDLE_BUDGET.fetch_add(
-            self.files.len() as isize,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let open = self
+            .slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Open(_)))
+            .count();
+        HANDLE_BUDGET.fetch_add(open as isize, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -115,67 +163,81 @@ pub struct Reader {
     open: OpenFiles,
     /// Read settings (limits, quota) in this pass, or carry them over from the previous one.
     full: bool,
+    /// The previous pass's memory usage and working set, when this pass may reuse the working
+    /// set: `memory.stat`, the costliest file the agent reads (the kernel formats dozens of
+    /// counters), is skipped while usage has not moved, and re-read on every full pass.
+    prev_memory: Option<(u64, u64)>,
 }
 
 /// Values above this are the kernel's "unlimited" on v1 (PAGE_COUNTER_MAX rounded to pages).
 const V1_UNLIMITED: u64 = 1 << 62;
 
-impl Reader {
-    /// A file read on every pass: kept open when the handle budget allows.
-    fn read_hot(&mut self, path: &Path) -> Option<&str> {
-        use std::os::unix::fs::FileExt;
-        let idx = match self.open.files.iter().position(|(p, _)| p == path) {
-            Some(i) => i,
-            None => {
-                let f = std::fs::File::open(path).ok()?;
-                let budget = HANDLE_BUDGET.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                if budget <= 0 {
-                    HANDLE_BUDGET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return self.read_file(f);
-                }
-                self.open.files.push((path.to_path_buf(), f));
-                self.open.files.len() - 1
-            }
-        };
-        self.buf.resize(16 * 1024, 0);
-        let mut len = 0;
-        loop {
-            match self.open.files[idx]
-                .1
-                .read_at(&mut self.buf[len..], len as u64)
-            {
-                Ok(0) => break,
-                Ok(n) => {
-                    len += n;
-                    if len == self.buf.len() {
-                        self.buf.resize(len * 2, 0);
-                    }
-                }
-                Err(_) => {
-                    // The cgroup went away under the handle.
-                    self.open.files.swap_remove(idx);
-                    HANDLE_BUDGET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return None;
+/// Reads a whole (small, generated) file from offset 0 into `buf` and returns its text. `buf`
+/// keeps its full length between reads (only grown), so no pass pays for clearing it.
+fn read_at_start<'b>(f: &std::fs::File, buf: &'b mut Vec<u8>) -> Option<&'b str> {
+    use std::os::unix::fs::FileExt;
+    if buf.is_empty() {
+        buf.resize(8192, 0);
+    }
+    let mut len = 0;
+    loop {
+        match f.read_at(&mut buf[len..], len as u64).ok()? {
+            0 => break,
+            n => {
+                len += n;
+                if len == buf.len() {
+                    buf.resize(len * 2, 0);
                 }
             }
         }
-        self.buf.truncate(len);
-        std::str::from_utf8(&self.buf).ok()
     }
+    std::str::from_utf8(&buf[..len]).ok()
+}
 
-    fn read_file(&mut self, mut f: std::fs::File) -> Option<&str> {
-        self.buf.clear();
-        f.read_to_end(&mut self.buf).ok()?;
-        std::str::from_utf8(&self.buf).ok()
+impl Reader {
+    /// A file read on every pass: kept open when the handle budget allows.
+    fn read_hot(&mut self, dir: &Path, file: Hot) -> Option<&str> {
+        let slot = &mut self.open.slots[file as usize];
+        if let Slot::Missing = slot {
+            if !self.full {
+                return None;
+            }
+            *slot = Slot::Closed;
+        }
+        if let Slot::Closed = slot {
+            let f = match std::fs::File::open(dir.join(file.file_name())) {
+                Ok(f) => f,
+                Err(e) => {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        *slot = Slot::Missing;
+                    }
+                    return None;
+                }
+            };
+            let budget = HANDLE_BUDGET.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            if budget <= 0 {
+                HANDLE_BUDGET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return read_at_start(&f, &mut self.buf);
+            }
+            *slot = Slot::Open(f);
+        }
+        let Slot::Open(f) = slot else { return None };
+        let text = read_at_start(f, &mut self.buf);
+        if text.is_none() {
+            // The cgroup went away under the handle.
+            *slot = Slot::Closed;
+            HANDLE_BUDGET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        text
     }
 
     fn read(&mut self, path: &Path) -> Option<&str> {
         let f = std::fs::File::open(path).ok()?;
-        self.read_file(f)
+        read_at_start(&f, &mut self.buf)
     }
 
-    fn read_u64(&mut self, dir: &Path, file: &str) -> Option<u64> {
-        self.read_hot(&dir.join(file))?.trim().parse().ok()
+    fn read_u64(&mut self, dir: &Path, file: Hot) -> Option<u64> {
+        self.read_hot(dir, file)?.trim().parse().ok()
     }
 
     /// A setting, read without keeping a handle (settings are read on full passes only).
@@ -193,8 +255,21 @@ impl Reader {
         }
     }
 
-    fn read_keyed(&mut self, dir: &Path, file: &str, keys: &[&str], out: &mut [Option<u64>]) {
-        let Some(text) = self.read_hot(&dir.join(file)) else {
+    /// Working set = usage − inactive file pages, reusing the previous pass's figure while
+    /// usage is unchanged (see [`Reader::prev_memory`]).
+    fn working_set(&mut self, dir: &Path, usage: u64, stat: Hot, key: &str) -> u64 {
+        if let Some((u, ws)) = self.prev_memory
+            && u == usage
+        {
+            return ws;
+        }
+        let mut v = [None; 1];
+        self.read_keyed(dir, stat, &[key], &mut v);
+        usage.saturating_sub(v[0].unwrap_or(0))
+    }
+
+    fn read_keyed(&mut self, dir: &Path, file: Hot, keys: &[&str], out: &mut [Option<u64>]) {
+        let Some(text) = self.read_hot(dir, file) else {
             return;
         };
         for line in text.lines() {
@@ -220,6 +295,9 @@ impl Reader {
     ) -> CgroupStats {
         std::mem::swap(&mut self.open, open);
         self.full = full || prev.is_none();
+        self.prev_memory = prev
+            .filter(|_| !self.full)
+            .and_then(|p| Some((p.memory_usage_bytes?, p.memory_working_set_bytes?)));
         let mut s = self.stats(paths, v2_native);
         if !self.full
             && let Some(p) = prev
@@ -255,7 +333,7 @@ impl Reader {
         let mut v = [None; 4];
         self.read_keyed(
             dir,
-            "cpu.stat",
+            Hot::V2CpuStat,
             &["usage_usec", "nr_periods", "nr_throttled", "throttled_usec"],
             &mut v,
         );
@@ -275,12 +353,12 @@ impl Reader {
             }
         }
         for (resource, file) in [
-            ("cpu", "cpu.pressure"),
-            ("memory", "memory.pressure"),
-            ("io", "io.pressure"),
+            ("cpu", Hot::V2CpuPressure),
+            ("memory", Hot::V2MemoryPressure),
+            ("io", Hot::V2IoPressure),
         ] {
             if let Some(p) = self
-                .read(&dir.join(file))
+                .read_hot(dir, file)
                 .and_then(|t| parse_pressure(resource, t))
             {
                 s.pressure.push(p);
@@ -289,18 +367,17 @@ impl Reader {
         if !native {
             return;
         }
-        s.memory_usage_bytes = self.read_u64(dir, "memory.current");
+        s.memory_usage_bytes = self.read_u64(dir, Hot::V2MemoryCurrent);
         if let Some(usage) = s.memory_usage_bytes {
-            let mut v = [None; 1];
-            self.read_keyed(dir, "memory.stat", &["inactive_file"], &mut v);
-            s.memory_working_set_bytes = Some(usage.saturating_sub(v[0].unwrap_or(0)));
+            s.memory_working_set_bytes =
+                Some(self.working_set(dir, usage, Hot::V2MemoryStat, "inactive_file"));
         }
         if self.full {
             s.memory_limit_bytes = self.read_limit(dir, "memory.max").flatten();
             s.memory_high_bytes = self.read_limit(dir, "memory.high").flatten();
         }
         let mut v = [None; 1];
-        self.read_keyed(dir, "memory.events", &["oom_kill"], &mut v);
+        self.read_keyed(dir, Hot::V2MemoryEvents, &["oom_kill"], &mut v);
         s.oom_kills = v[0];
         if self.full {
             s.pids = self
@@ -311,7 +388,7 @@ impl Reader {
 
     fn v1(&mut self, paths: &ControllerPaths, s: &mut CgroupStats) {
         if let Some(dir) = &paths.cpuacct
-            && let Some(ns) = self.read_u64(dir, "cpuacct.usage")
+            && let Some(ns) = self.read_u64(dir, Hot::V1CpuacctUsage)
         {
             s.cpu_usage_seconds = Some(ns as f64 / 1e9);
         }
@@ -319,7 +396,7 @@ impl Reader {
             let mut v = [None; 3];
             self.read_keyed(
                 dir,
-                "cpu.stat",
+                Hot::V1CpuStat,
                 &["nr_periods", "nr_throttled", "throttled_time"],
                 &mut v,
             );
@@ -343,11 +420,10 @@ impl Reader {
             }
         }
         if let Some(dir) = &paths.memory {
-            s.memory_usage_bytes = self.read_u64(dir, "memory.usage_in_bytes");
+            s.memory_usage_bytes = self.read_u64(dir, Hot::V1MemoryUsage);
             if let Some(usage) = s.memory_usage_bytes {
-                let mut v = [None; 1];
-                self.read_keyed(dir, "memory.stat", &["total_inactive_file"], &mut v);
-                s.memory_working_set_bytes = Some(usage.saturating_sub(v[0].unwrap_or(0)));
+                s.memory_working_set_bytes =
+                    Some(self.working_set(dir, usage, Hot::V1MemoryStat, "total_inactive_file"));
             }
             if self.full {
                 s.memory_limit_bytes = self
@@ -358,7 +434,7 @@ impl Reader {
                     .filter(|v| *v < V1_UNLIMITED);
             }
             let mut v = [None; 1];
-            self.read_keyed(dir, "memory.oom_control", &["oom_kill"], &mut v);
+            self.read_keyed(dir, Hot::V1OomControl, &["oom_kill"], &mut v);
             s.oom_kills = v[0];
         }
         if self.full
@@ -502,6 +578,34 @@ mod tests {
         let s = Reader::default().stats_once(&paths, false);
         assert_eq!(s.cpu_quota_cores, Some(0.3));
         assert_eq!(s.memory_limit_bytes, Some(64 << 20));
+    }
+
+    #[test]
+    fn memory_stat_is_reread_when_usage_moves_and_on_full_passes() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("c");
+        write(&d, "memory.current", "1000000\n");
+        write(&d, "memory.stat", "inactive_file 100000\n");
+        let paths = ControllerPaths {
+            v2: Some(d.clone()),
+            ..Default::default()
+        };
+        let mut reader = Reader::default();
+        let mut open = OpenFiles::default();
+        let first = reader.read_container(&paths, true, &mut open, None, false);
+        assert_eq!(first.memory_working_set_bytes, Some(900_000));
+        // Usage unchanged: the previous working set stands, memory.stat is not read.
+        write(&d, "memory.stat", "inactive_file 300000\n");
+        let same = reader.read_container(&paths, true, &mut open, Some(&first), false);
+        assert_eq!(same.memory_working_set_bytes, Some(900_000));
+        // A full pass reads it whatever usage did.
+        let full = reader.read_container(&paths, true, &mut open, Some(&same), true);
+        assert_eq!(full.memory_working_set_bytes, Some(700_000));
+        // Usage moved: read again.
+        write(&d, "memory.current", "2000000\n");
+        write(&d, "memory.stat", "inactive_file 500000\n");
+        let moved = reader.read_container(&paths, true, &mut open, Some(&full), false);
+        assert_eq!(moved.memory_working_set_bytes, Some(1_500_000));
     }
 
     #[test]
