@@ -430,6 +430,11 @@ impl Samplers {
             }
             None => Vec::new(),
         };
+        let gone = self
+            .cgroups
+            .as_ref()
+            .map(|c| c.gone().to_vec())
+            .unwrap_or_default();
         let cgroup_ids = self
             .cgroups
             .as_ref()
@@ -486,6 +491,7 @@ impl Samplers {
             ebpf,
             cgroup_ids,
             gpu,
+            gone,
             forecasts: Vec::new(),
         }
     }
@@ -610,12 +616,11 @@ pub fn save_forecasts(dir: &StateDir, forecasts: &Forecasts) {
 }
 
 pub fn save_history(dir: &StateDir, shared: &Shared) {
-    let bytes = match shared.history.lock() {
-        Ok(h) => h.encode(),
-        Err(_) => return,
+    let Ok(h) = shared.history.lock() else {
+        return;
     };
-    match dir.save(state::HISTORY, &bytes) {
-        Ok(()) => tracing::debug!(bytes = bytes.len(), "history saved"),
+    match dir.save_with(state::HISTORY, |w| h.write_to(w)) {
+        Ok(()) => tracing::debug!(series = h.len(), "history saved"),
         Err(e) => tracing::warn!(error = %e, "cannot save history; will retry at the next save"),
     }
 }
@@ -640,6 +645,9 @@ pub fn record_pass(
         for row in &snapshot.forecasts {
             h.record(&row.upper_key, t_ms, row.upper);
         }
+        // A gone container's series end now; series that merely went quiet (no requests, a
+        // GPU process that exited) are kept until they are stale.
+        h.drop_cgroups(&snapshot.gone);
         h.drop_stale(t_ms, stale_ms);
     }
 }

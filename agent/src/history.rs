@@ -291,16 +291,38 @@ impl History {
         before - self.series.len()
     }
 
+    /// Drops every series labelled with one of `cgroups` (their containers are gone).
+    pub fn drop_cgroups(&mut self, cgroups: &[String]) -> usize {
+        if cgroups.is_empty() {
+            return 0;
+        }
+        let before = self.series.len();
+        self.series.retain(|k, _| {
+            k.label("cgroup")
+                .is_none_or(|c| !cgroups.iter().any(|g| g == c))
+        });
+        before - self.series.len()
+    }
+
     pub fn encode(&self) -> Vec<u8> {
-        let mut out =
-            Vec::with_capacity(64 + self.series.len() * (self.fine_cap + 2 * self.coarse_cap) * 4);
-        out.extend_from_slice(&self.interval_ms.to_le_bytes());
-        out.extend_from_slice(&self.coarse_step_ms.to_le_bytes());
-        out.extend_from_slice(&(self.series.len() as u32).to_le_bytes());
+        let mut out = Vec::new();
+        // Writing to a Vec cannot fail.
+        let _ = self.write_to(&mut out);
+        out
+    }
+
+    /// Writes [`History::encode`]'s bytes one series at a time, so saving never holds a
+    /// second copy of the whole history.
+    pub fn write_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        w.write_all(&self.interval_ms.to_le_bytes())?;
+        w.write_all(&self.coarse_step_ms.to_le_bytes())?;
+        w.write_all(&(self.series.len() as u32).to_le_bytes())?;
         let mut keys: Vec<&SeriesKey> = self.series.keys().collect();
         keys.sort();
+        let mut out = Vec::with_capacity((self.fine_cap + 2 * self.coarse_cap) * 4 + 256);
         for key in keys {
             let s = &self.series[key];
+            out.clear();
             let k = serde_json::to_vec(key).unwrap_or_default();
             out.extend_from_slice(&(k.len() as u32).to_le_bytes());
             out.extend_from_slice(&k);
@@ -312,8 +334,9 @@ impl History {
             out.extend_from_slice(&s.acc_sum.to_le_bytes());
             out.extend_from_slice(&s.acc_n.to_le_bytes());
             out.extend_from_slice(&s.acc_max.to_le_bytes());
+            w.write_all(&out)?;
         }
-        out
+        Ok(())
     }
 
     /// Restores series from [`History::encode`] output into this history's shape (its
@@ -475,6 +498,23 @@ mod tests {
         h.record(&key("new"), 100_000, 1.0);
         assert_eq!(h.drop_stale(100_000, 50_000), 1);
         assert_eq!(h.keys().collect::<Vec<_>>(), vec![&key("new")]);
+    }
+
+    #[test]
+    fn a_gone_containers_series_are_dropped_at_once() {
+        let mut h = History::new(1000, 10, 60, 10);
+        let of =
+            |name: &str, cgroup: &str| SeriesKey::new(name, vec![("cgroup".into(), cgroup.into())]);
+        h.record(&of("cpu", "/a"), 1_000, 1.0);
+        h.record(&of("memory", "/a"), 1_000, 1.0);
+        h.record(&of("cpu", "/b"), 1_000, 1.0);
+        let node = SeriesKey::new("node", vec![]);
+        h.record(&node, 1_000, 1.0);
+        assert_eq!(h.drop_cgroups(&[]), 0);
+        assert_eq!(h.drop_cgroups(&["/a".to_string()]), 2);
+        let mut left: Vec<_> = h.keys().cloned().collect();
+        left.sort();
+        assert_eq!(left, vec![of("cpu", "/b"), node]);
     }
 
     #[test]

@@ -557,6 +557,7 @@ mod tests {
                 containers: Vec::new(),
                 events: Vec::new(),
             },
+            gone: Vec::new(),
             forecasts: Vec::new(),
         }
     }

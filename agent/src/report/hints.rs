@@ -621,6 +621,7 @@ mod tests {
             ),
             ebpf: Default::default(),
             cgroup_ids: Default::default(),
+            gone: Vec::new(),
             forecasts: vec![ForecastRow {
                 upper_key: std::sync::Arc::new(SeriesKey {
                     name: crate::forecast::upper_series_name(&key_a.name),

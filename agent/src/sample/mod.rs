@@ -28,6 +28,9 @@ pub struct Snapshot {
     /// GPUs, their processes and containers; served through `/metrics`, not the JSON API.
     #[serde(skip)]
     pub gpu: gpu::GpuSnapshot,
+    /// Cgroup paths of the containers that went since the previous pass.
+    #[serde(skip)]
+    pub gone: Vec<String>,
     /// Forecasts made from this sample, one per forecast series.
     pub forecasts: Vec<crate::forecast::ForecastRow>,
 }

@@ -69,6 +69,8 @@ pub struct CgroupSampler {
     passes: u64,
     /// Every cgroup path of a tracked container (its path in each hierarchy) → its key.
     aliases: HashMap<String, String>,
+    /// Keys of the containers the newest pass found gone.
+    gone: Vec<String>,
     warned_limit: bool,
 }
 
@@ -123,6 +125,7 @@ impl CgroupSampler {
             tracked: BTreeMap::new(),
             passes: 0,
             aliases: HashMap::new(),
+            gone: Vec::new(),
             warned_limit: false,
         })
     }
@@ -362,10 +365,18 @@ impl CgroupSampler {
                 },
             );
         }
-        self.tracked = next;
+        // What is left of the previous pass's containers was not found in this one.
+        self.gone = std::mem::replace(&mut self.tracked, next)
+            .into_keys()
+            .collect();
         self.aliases = aliases;
         self.passes += 1;
         out
+    }
+
+    /// Cgroup paths of the containers tracked before the newest pass and not found by it.
+    pub fn gone(&self) -> &[String] {
+        &self.gone
     }
 
     /// The container a process belongs to, if the agent tracks it (for attributing GPU use).

@@ -136,9 +136,11 @@ fn rates_and_churn() {
     // 50 ms of CPU over ~100 ms of wall time.
     assert!(cores > 0.2 && cores <= 0.5, "{cores}");
     fs::remove_dir_all(root.join("batch/a")).unwrap();
+    assert!(s.gone().is_empty());
     let third = s.sample();
     assert_eq!(third.len(), 1);
     assert_eq!(third[0].ident.cgroup, "/batch/b");
+    assert_eq!(s.gone(), ["/batch/a"]);
     // A container that comes back under the same path starts its rates afresh.
     v2_cgroup(&root, "/batch/a", 0);
     let fourth = s.sample();
