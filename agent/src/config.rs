@@ -61,7 +61,7 @@ pub struct HistoryConfig {
     pub coarse_retention_s: u64,
     /// Seconds between two saves of the history to `state_dir` (it is also saved on shutdown).
     pub save_interval_s: u64,
-    /// A series not updated for this long (its container is gone) is dropped.
+    /// A series not updated for this long is dropped (one of a gone container goes at once).
     pub stale_after_s: u64,
 }
 
