@@ -435,13 +435,15 @@ impl Samplers {
             .as_ref()
             .map(|c| c.gone().to_vec())
             .unwrap_or_default();
-        let cgroup_ids = self
+        let cgroup_ids: std::collections::BTreeMap<u64, _> = self
             .cgroups
             .as_ref()
             .map(|c| c.v2_ids().map(|(ident, id)| (id, ident.clone())).collect())
             .unwrap_or_default();
         let t2 = Instant::now();
-        let ebpf = self.ebpf.sample();
+        let ebpf = self
+            .ebpf
+            .sample(&|id| cgroup_ids.contains_key(&id));
         let up: Vec<String> = ebpf
             .status
             .programs

@@ -171,8 +171,11 @@ impl EbpfSampler {
         }
     }
 
-    /// Reads the maps: one walk per histogram key, no per-event work.
-    pub fn sample(&mut self) -> EbpfSnapshot {
+    /// Reads the maps: one walk per histogram key, no per-event work. Keys of cgroups that
+    /// are not `container`s are deleted from the kernel as they are read: the agent reports
+    /// nothing for them, and kept they would fill the maps (one 4 KiB histogram per port that
+    /// any process on the node ever served) and the agent's memory.
+    pub fn sample(&mut self, container: &dyn Fn(u64) -> bool) -> EbpfSnapshot {
         let now = Instant::now();
         let mut snap = EbpfSnapshot::default();
         let reading = match self.probes.read() {
@@ -195,9 +198,13 @@ impl EbpfSampler {
         self.dropped = reading.dropped;
         snap.status = self.status();
 
-        let mut idle_req = Vec::new();
+        let mut forget_req = Vec::new();
         let mut next_req = HashMap::with_capacity(reading.request_latency.len());
         for (key, total) in reading.request_latency {
+            if !container(key.cgroup_id) {
+                forget_req.push(key);
+                continue;
+            }
             let (window, changed) = window_of(&total, self.prev_req.get(&key), since);
             let last_change = if changed {
                 now
@@ -205,7 +212,7 @@ impl EbpfSampler {
                 self.prev_req.get(&key).map_or(now, |p| p.1)
             };
             if now.duration_since(last_change) > IDLE_FORGET {
-                idle_req.push(key);
+                forget_req.push(key);
                 continue;
             }
             snap.requests.push(RequestRow {
@@ -216,9 +223,13 @@ impl EbpfSampler {
             });
             next_req.insert(key, (total, last_change));
         }
-        let mut idle_runq = Vec::new();
+        let mut forget_runq = Vec::new();
         let mut next_runq = HashMap::with_capacity(reading.runqueue_delay.len());
         for (id, total) in reading.runqueue_delay {
+            if !container(id) {
+                forget_runq.push(id);
+                continue;
+            }
             let (window, changed) = window_of(&total, self.prev_runq.get(&id), since);
             let last_change = if changed {
                 now
@@ -226,7 +237,7 @@ impl EbpfSampler {
                 self.prev_runq.get(&id).map_or(now, |p| p.1)
             };
             if now.duration_since(last_change) > IDLE_FORGET {
-                idle_runq.push(id);
+                forget_runq.push(id);
                 continue;
             }
             snap.runqueue.push(RunqueueRow {
@@ -238,9 +249,12 @@ impl EbpfSampler {
         }
         self.prev_req = next_req;
         self.prev_runq = next_runq;
-        if !idle_req.is_empty() || !idle_runq.is_empty() {
-            match self.probes.forget(&idle_req, &idle_runq) {
-                Ok(n) => tracing::debug!(deleted = n, "forgot idle eBPF histograms"),
+        if !forget_req.is_empty() || !forget_runq.is_empty() {
+            match self.probes.forget(&forget_req, &forget_runq) {
+                Ok(n) => tracing::debug!(
+                    deleted = n,
+                    "forgot eBPF histograms (idle, or of cgroups that are not containers)"
+                ),
                 Err(e) => {
                     tracing::warn!(error = %e, "deleting idle eBPF histograms failed; the maps may fill up")
                 }
