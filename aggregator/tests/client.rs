@@ -16,7 +16,7 @@ use common::*;
 use headroom_aggregator::client::{ClientConfig, HintClient};
 use headroom_aggregator::schema::Resource;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
 fn client_config(node: &str, endpoints: Vec<String>) -> ClientConfig {
@@ -32,10 +32,16 @@ fn client_config(node: &str, endpoints: Vec<String>) -> ClientConfig {
     cfg
 }
 
-/// A free loopback port that nothing listens on yet.
-async fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+/// A loopback address for an aggregator that is down for now: connections to it are refused
+/// (nothing listens), yet while the returned socket lives no other socket on the machine is
+/// given its port, which a port merely found free and released could be. A listener bound with
+/// SO_REUSEADDR, as tokio binds the aggregator's, can still take it; drop the reservation then.
+fn reserve_addr() -> (TcpSocket, SocketAddr) {
+    let s = TcpSocket::new_v4().unwrap();
+    s.set_reuseaddr(true).unwrap();
+    s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = s.local_addr().unwrap();
+    (s, addr)
 }
 
 async fn workload(http: &Http, base: &str, id: &str) -> serde_json::Value {
@@ -44,7 +50,7 @@ async fn workload(http: &Http, base: &str, id: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn spool_fills_during_an_outage_and_drains_in_order() {
-    let addr = free_addr().await;
+    let (reservation, addr) = reserve_addr();
     let alive = start(config("127.0.0.1:0".parse().unwrap())).await;
     let cfg = client_config("node-a", vec![format!("http://{addr}"), alive.base()]);
     let mut cfg = cfg;
@@ -82,6 +88,7 @@ async fn spool_fills_during_an_outage_and_drains_in_order() {
     // The aggregator comes back on the same address: the spool drains oldest first, and the view
     // ends where the always-up aggregator's is.
     let back = start(config(addr)).await;
+    drop(reservation);
     assert!(
         client.wait_drained(Duration::from_secs(20)).await,
         "{:?}",
@@ -121,7 +128,7 @@ async fn spool_fills_during_an_outage_and_drains_in_order() {
 
 #[tokio::test]
 async fn spool_survives_a_client_restart() {
-    let addr = free_addr().await;
+    let (reservation, addr) = reserve_addr();
     let cfg = client_config("node-b", vec![format!("http://{addr}")]);
     let client = HintClient::start(cfg.clone()).unwrap();
     for i in 1..=3 {
@@ -143,6 +150,7 @@ async fn spool_survives_a_client_restart() {
     // even though the aggregator comes back while the old client's worker is mid-retry.
     client.shutdown().await;
     let agg = start(config(addr)).await;
+    drop(reservation);
     let client = HintClient::start(cfg).unwrap();
     assert_eq!(
         client
