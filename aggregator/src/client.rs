@@ -5,6 +5,8 @@
 //!
 //! Each endpoint has its own worker and spool, so one dead aggregator never delays another. This
 //! module never interprets hints and never blocks its caller on the network: `submit` only queues.
+//! Workers never outlive their client: once it is dropped or shut down they send nothing more and
+//! touch their spool only to keep what was still queued, so a new client can take the spool over.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -20,7 +22,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio::task::JoinHandle;
 
 use crate::schema::{Hint, HintBatch, SCHEMA_V1};
 
@@ -287,6 +290,9 @@ pub struct HintClient {
     interval_s: f64,
     sequence: Mutex<Sequence>,
     endpoints: Vec<Endpoint>,
+    /// Set to `true` (or dropped with the client) to stop every worker.
+    stop: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for HintClient {
@@ -326,7 +332,9 @@ impl HintClient {
         std::fs::create_dir_all(&cfg.spool_dir).map_err(spool_err(&cfg.spool_dir))?;
         let sequence = Sequence::load(&cfg.spool_dir)?;
         let http = http_client(&cfg)?;
+        let (stop, _) = watch::channel(false);
         let mut endpoints = Vec::with_capacity(cfg.endpoints.len());
+        let mut workers = Vec::with_capacity(cfg.endpoints.len());
         for raw in &cfg.endpoints {
             let base = raw.trim_end_matches('/');
             let uri: hyper::Uri =
@@ -359,7 +367,7 @@ impl HintClient {
                 cfg: cfg.clone(),
                 failures_in_row: 0,
             };
-            tokio::spawn(worker.run(rx));
+            workers.push(tokio::spawn(worker.run(rx, stop.subscribe())));
             endpoints.push(Endpoint {
                 url: base.to_owned(),
                 tx,
@@ -371,7 +379,23 @@ impl HintClient {
             interval_s: cfg.interval.as_secs_f64(),
             sequence: Mutex::new(sequence),
             endpoints,
+            stop,
+            workers,
         })
+    }
+
+    /// Stops sending and waits until every worker has stopped. An attempt in flight is abandoned
+    /// (its batch stays spooled; a replay is idempotent) and batches still queued are spooled,
+    /// so a client started afterwards on the same spool directory picks all of them up without
+    /// racing a worker of this one. Dropping the client stops the workers the same way but does
+    /// not wait for them.
+    pub async fn shutdown(self) {
+        self.stop.send_replace(true);
+        for worker in self.workers {
+            if let Err(e) = worker.await {
+                tracing::error!(error = %e, "hint client worker ended abnormally");
+            }
+        }
     }
 
     /// Numbers the hints as the node's next batch and queues it for every endpoint. Returns the
@@ -437,6 +461,12 @@ impl HintClient {
 }
 
 type Http = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Resolves once the client has been shut down or dropped.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // An error means the sender, i.e. the client, is gone: that stops the worker too.
+    let _ = stop.wait_for(|stopping| *stopping).await;
+}
 
 /// One pooled HTTP/1 client for every endpoint; `https://` URLs go through rustls.
 fn http_client(cfg: &ClientConfig) -> Result<Http, ClientError> {
@@ -631,11 +661,24 @@ impl Worker {
             .store(self.spool.len() as u64, Ordering::Relaxed);
     }
 
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Bytes>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        // `biased`: once the client is gone no attempt starts, and one in flight is abandoned
+        // even when its response is ready in the same poll.
         loop {
             if self.spool.is_empty() {
-                let Some(body) = rx.recv().await else { return };
-                self.deliver_fresh(body).await;
+                let body = tokio::select! {
+                    biased;
+                    _ = stopped(&mut stop) => break,
+                    msg = rx.recv() => match msg {
+                        Some(body) => body,
+                        None => break,
+                    },
+                };
+                self.deliver_fresh(body, &mut stop).await;
                 self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
@@ -653,7 +696,11 @@ impl Worker {
                     continue;
                 }
             };
-            let outcome = self.send(&head).await;
+            let outcome = tokio::select! {
+                biased;
+                _ = stopped(&mut stop) => break,
+                outcome = self.send(&head) => outcome,
+            };
             match outcome {
                 Outcome::Retry(reason, hint) => {
                     self.record_failure(&reason);
@@ -661,17 +708,22 @@ impl Worker {
                     self.failures_in_row = self.failures_in_row.saturating_add(1);
                     tracing::debug!(endpoint = %self.url, %reason, wait_ms = wait.as_millis() as u64, spooled = self.spool.len(), "aggregator unreachable; keeping the spool");
                     let deadline = tokio::time::Instant::now() + wait;
-                    loop {
+                    let stopping = loop {
                         tokio::select! {
-                            _ = tokio::time::sleep_until(deadline) => break,
+                            biased;
+                            _ = stopped(&mut stop) => break true,
+                            _ = tokio::time::sleep_until(deadline) => break false,
                             msg = rx.recv() => match msg {
                                 Some(body) => {
                                     self.spool_push(&body);
                                     self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                                 }
-                                None => return,
+                                None => break true,
                             }
                         }
+                    };
+                    if stopping {
+                        break;
                     }
                 }
                 other => {
@@ -686,11 +738,23 @@ impl Worker {
                 }
             }
         }
+        // The client is gone: what it queued is kept for the next client, not sent.
+        rx.close();
+        while let Ok(body) = rx.try_recv() {
+            self.spool_push(&body);
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
-    async fn deliver_fresh(&mut self, body: Bytes) {
+    /// Sends a batch that was never spooled, retrying a few times; spools it if that fails or
+    /// the client stops meanwhile (it may have been applied already: a replay is idempotent).
+    async fn deliver_fresh(&mut self, body: Bytes, stop: &mut watch::Receiver<bool>) {
         for attempt in 0..self.cfg.direct_attempts.max(1) {
-            let outcome = self.send(&body).await;
+            let outcome = tokio::select! {
+                biased;
+                _ = stopped(stop) => break,
+                outcome = self.send(&body) => outcome,
+            };
             match outcome {
                 Outcome::Retry(reason, hint) => {
                     self.record_failure(&reason);
@@ -700,7 +764,11 @@ impl Worker {
                     }
                     let wait = self.backoff(hint);
                     self.failures_in_row = self.failures_in_row.saturating_add(1);
-                    tokio::time::sleep(wait).await;
+                    tokio::select! {
+                        biased;
+                        _ = stopped(stop) => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                 }
                 other => {
                     self.failures_in_row = 0;

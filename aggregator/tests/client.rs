@@ -1,6 +1,7 @@
 //! The hint client against real aggregators on loopback: spooling across an outage and in-order
 //! replay, the bounded spool's oldest-dropped counter, idempotent replays after a lost response,
-//! several endpoints, permanent 4xx, and a token fixed while the client runs.
+//! several endpoints, permanent 4xx, a token fixed while the client runs, and a shutdown that
+//! leaves the spool to the next client.
 
 #![allow(clippy::unwrap_used)]
 
@@ -15,7 +16,8 @@ use common::*;
 use headroom_aggregator::client::{ClientConfig, HintClient};
 use headroom_aggregator::schema::Resource;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
 
 fn client_config(node: &str, endpoints: Vec<String>) -> ClientConfig {
     let dir = tempdir();
@@ -30,10 +32,16 @@ fn client_config(node: &str, endpoints: Vec<String>) -> ClientConfig {
     cfg
 }
 
-/// A free loopback port that nothing listens on yet.
-async fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+/// A loopback address for an aggregator that is down for now: connections to it are refused
+/// (nothing listens), yet while the returned socket lives no other socket on the machine is
+/// given its port, which a port merely found free and released could be. A listener bound with
+/// SO_REUSEADDR, as tokio binds the aggregator's, can still take it; drop the reservation then.
+fn reserve_addr() -> (TcpSocket, SocketAddr) {
+    let s = TcpSocket::new_v4().unwrap();
+    s.set_reuseaddr(true).unwrap();
+    s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = s.local_addr().unwrap();
+    (s, addr)
 }
 
 async fn workload(http: &Http, base: &str, id: &str) -> serde_json::Value {
@@ -42,7 +50,7 @@ async fn workload(http: &Http, base: &str, id: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn spool_fills_during_an_outage_and_drains_in_order() {
-    let addr = free_addr().await;
+    let (reservation, addr) = reserve_addr();
     let alive = start(config("127.0.0.1:0".parse().unwrap())).await;
     let cfg = client_config("node-a", vec![format!("http://{addr}"), alive.base()]);
     let mut cfg = cfg;
@@ -58,22 +66,21 @@ async fn spool_fills_during_an_outage_and_drains_in_order() {
             .unwrap();
     }
     assert_eq!(last_seq, 8);
+    // Each endpoint's worker runs at its own pace: wait until both have dealt with all eight.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = client.stats()[0].1;
-        if s.queued == 0 && s.spool_len == 5 {
-            assert_eq!(s.dropped_oldest, 3, "{s:?}");
-            assert_eq!(s.delivered, 0);
-            break;
+    let (s, s1) = loop {
+        let (s, s1) = (client.stats()[0].1, client.stats()[1].1);
+        if s.queued == 0 && s.spool_len == 5 && s1.queued == 0 {
+            break (s, s1);
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "spool never filled: {s:?}"
+            "spool never filled or live endpoint never caught up: {s:?} {s1:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
+    assert_eq!((s.dropped_oldest, s.delivered), (3, 0), "{s:?}");
     // The live endpoint was never held up by the dead one.
-    let s1 = client.stats()[1].1;
     assert_eq!((s1.delivered, s1.spool_len), (8, 0), "{s1:?}");
     let http = Http::new();
     let live_view = workload(&http, &alive.base(), "ml/Deployment/llm").await;
@@ -81,6 +88,7 @@ async fn spool_fills_during_an_outage_and_drains_in_order() {
     // The aggregator comes back on the same address: the spool drains oldest first, and the view
     // ends where the always-up aggregator's is.
     let back = start(config(addr)).await;
+    drop(reservation);
     assert!(
         client.wait_drained(Duration::from_secs(20)).await,
         "{:?}",
@@ -120,23 +128,29 @@ async fn spool_fills_during_an_outage_and_drains_in_order() {
 
 #[tokio::test]
 async fn spool_survives_a_client_restart() {
-    let addr = free_addr().await;
+    let (reservation, addr) = reserve_addr();
     let cfg = client_config("node-b", vec![format!("http://{addr}")]);
-    {
-        let client = HintClient::start(cfg.clone()).unwrap();
-        for i in 1..=3 {
-            client
-                .submit(vec![hint("ml", "llm", Resource::Cpu, 1.0, i as f64)])
-                .await
-                .unwrap();
-        }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while client.stats()[0].1.spool_len < 3 {
-            assert!(tokio::time::Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let client = HintClient::start(cfg.clone()).unwrap();
+    for i in 1..=3 {
+        client
+            .submit(vec![hint("ml", "llm", Resource::Cpu, 1.0, i as f64)])
+            .await
+            .unwrap();
     }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while client.stats()[0].1.spool_len < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            client.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Once shut down, the old client sends nothing more: every batch is left to the new one,
+    // even though the aggregator comes back while the old client's worker is mid-retry.
+    client.shutdown().await;
     let agg = start(config(addr)).await;
+    drop(reservation);
     let client = HintClient::start(cfg).unwrap();
     assert_eq!(
         client
@@ -150,11 +164,41 @@ async fn spool_survives_a_client_restart() {
         "{:?}",
         client.stats()
     );
-    assert_eq!(client.stats()[0].1.delivered, 4);
+    let s = client.stats()[0].1;
+    assert_eq!(
+        (s.delivered, s.duplicates, s.dropped_oldest),
+        (4, 0, 0),
+        "{s:?}"
+    );
     let http = Http::new();
     let w = workload(&http, &agg.base(), "ml/Deployment/llm").await;
     assert_eq!(w["resources"][0]["demand"], 9.0);
     agg.stop().await;
+}
+
+/// Reads one full HTTP/1 request (headers and Content-Length body); `None` if the peer closed
+/// the connection first.
+async fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut req = Vec::new();
+    loop {
+        let k = stream.read(&mut buf).await.unwrap();
+        if k == 0 {
+            return None;
+        }
+        req.extend_from_slice(&buf[..k]);
+        if let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            if req.len() >= end + 4 + len {
+                return Some(req);
+            }
+        }
+    }
 }
 
 /// Forwards connections to `target`; for the first `drop_first` connections it delivers the
@@ -169,28 +213,11 @@ async fn lossy_proxy(target: SocketAddr, drop_first: usize) -> SocketAddr {
             tokio::spawn(async move {
                 let mut outbound = TcpStream::connect(target).await.unwrap();
                 if n < drop_first {
-                    let mut buf = vec![0u8; 1 << 16];
-                    let mut req = Vec::new();
-                    // Read one full request (headers + Content-Length body).
-                    loop {
-                        let k = inbound.read(&mut buf).await.unwrap();
-                        if k == 0 {
-                            return;
-                        }
-                        req.extend_from_slice(&buf[..k]);
-                        if let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") {
-                            let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
-                            let len: usize = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length:"))
-                                .map(|v| v.trim().parse().unwrap())
-                                .unwrap_or(0);
-                            if req.len() >= end + 4 + len {
-                                break;
-                            }
-                        }
-                    }
+                    let Some(req) = read_request(&mut inbound).await else {
+                        return;
+                    };
                     outbound.write_all(&req).await.unwrap();
+                    let mut buf = vec![0u8; 1 << 16];
                     let k = outbound.read(&mut buf).await.unwrap();
                     assert!(k > 0, "aggregator answered nothing");
                     // Response read and discarded; the client sees the connection die.
@@ -202,6 +229,80 @@ async fn lossy_proxy(target: SocketAddr, drop_first: usize) -> SocketAddr {
         }
     });
     addr
+}
+
+/// An aggregator that hangs: it reads every request, reports it, and never answers.
+async fn silent_server() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = l.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if read_request(&mut conn).await.is_some() {
+                    let _ = tx.send(());
+                }
+                // Hold the connection until the client gives up on it.
+                let mut buf = [0u8; 1024];
+                while matches!(conn.read(&mut buf).await, Ok(k) if k > 0) {}
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn shutdown_abandons_an_attempt_in_flight_and_keeps_the_batches() {
+    let (addr, mut requests) = silent_server().await;
+    let mut cfg = client_config("node-e", vec![format!("http://{addr}")]);
+    // Far beyond the test's deadlines: only abandoning the attempt lets a shutdown finish.
+    cfg.request_timeout = Duration::from_secs(3600);
+    let within = Duration::from_secs(20);
+
+    // A fresh batch whose attempt hangs is spooled, not lost.
+    let client = HintClient::start(cfg.clone()).unwrap();
+    client
+        .submit(vec![hint("ml", "llm", Resource::Gpu, 2.0, 1.0)])
+        .await
+        .unwrap();
+    tokio::time::timeout(within, requests.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(within, client.shutdown())
+        .await
+        .expect("shutdown waited on a hung attempt");
+
+    // The next client replays it from the spool; that attempt hangs too, and a batch submitted
+    // meanwhile waits behind it. Shutting down keeps both.
+    let client = HintClient::start(cfg.clone()).unwrap();
+    assert_eq!(client.stats()[0].1.spool_len, 1, "{:?}", client.stats());
+    tokio::time::timeout(within, requests.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        client
+            .submit(vec![hint("ml", "llm", Resource::Gpu, 2.0, 2.0)])
+            .await
+            .unwrap(),
+        2
+    );
+    tokio::time::timeout(within, client.shutdown())
+        .await
+        .expect("shutdown waited on a hung replay");
+
+    let client = HintClient::start(cfg).unwrap();
+    let s = client.stats()[0].1;
+    assert_eq!(
+        (s.spool_len, s.delivered, s.dropped_oldest),
+        (2, 0, 0),
+        "{s:?}"
+    );
+    tokio::time::timeout(within, client.shutdown())
+        .await
+        .expect("shutdown waited on a hung replay");
 }
 
 #[tokio::test]
