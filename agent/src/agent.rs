@@ -441,9 +441,7 @@ impl Samplers {
             .map(|c| c.v2_ids().map(|(ident, id)| (id, ident.clone())).collect())
             .unwrap_or_default();
         let t2 = Instant::now();
-        let ebpf = self
-            .ebpf
-            .sample(&|id| cgroup_ids.contains_key(&id));
+        let ebpf = self.ebpf.sample(&|id| cgroup_ids.contains_key(&id));
         let up: Vec<String> = ebpf
             .status
             .programs

@@ -40,6 +40,8 @@ pub struct Forecasts {
     /// Samples folded into one forecaster step.
     samples_per_step: u32,
     series: HashMap<SeriesKey, Tracked>,
+    /// Number of the current `observe` call; a series not stamped with it was absent.
+    pass: u64,
     warned_full: bool,
 }
 
@@ -54,6 +56,8 @@ struct Tracked {
     fed: bool,
     /// The forecast made at the newest step.
     row: Option<ForecastRow>,
+    /// The newest `observe` call that carried this series.
+    seen_in: u64,
     key: Arc<SeriesKey>,
     upper_key: Arc<SeriesKey>,
 }
@@ -67,6 +71,7 @@ impl Tracked {
             step_samples: 0,
             fed,
             row: None,
+            seen_in: 0,
             key: Arc::new(key.clone()),
             upper_key: Arc::new(SeriesKey {
                 name: upper_series_name(&key.name),
@@ -115,6 +120,7 @@ impl Forecasts {
             model,
             samples_per_step,
             series: HashMap::new(),
+            pass: 0,
             warned_full: false,
         })
     }
@@ -134,34 +140,35 @@ impl Forecasts {
     /// Feeds this sample's values; series absent from `points` are dropped (their container or
     /// GPU is gone). Returns the newest forecast of every series.
     pub fn observe(&mut self, points: &[(SeriesKey, f64)]) -> Vec<ForecastRow> {
-        let mut seen: HashMap<&SeriesKey, ()> = HashMap::with_capacity(points.len());
+        self.pass += 1;
+        let pass = self.pass;
         let mut out = Vec::new();
         for (key, v) in points {
             if !self.wants(&key.name) || !v.is_finite() {
                 continue;
             }
-            seen.insert(key, ());
-            if !self.series.contains_key(key) {
-                if self.series.len() >= self.settings.max_series {
-                    if !self.warned_full {
-                        tracing::warn!(
-                            limit = self.settings.max_series,
-                            "forecast.max_series reached; new series go without forecasts"
-                        );
-                        self.warned_full = true;
+            let t = match self.series.get_mut(key) {
+                Some(t) => t,
+                None => {
+                    if self.series.len() >= self.settings.max_series {
+                        if !self.warned_full {
+                            tracing::warn!(
+                                limit = self.settings.max_series,
+                                "forecast.max_series reached; new series go without forecasts"
+                            );
+                            self.warned_full = true;
+                        }
+                        continue;
                     }
-                    continue;
+                    let Ok(f) = SeriesForecaster::new(self.model.clone()) else {
+                        continue;
+                    };
+                    self.series
+                        .entry(key.clone())
+                        .or_insert_with(|| Tracked::new(key, f, false))
                 }
-                match SeriesForecaster::new(self.model.clone()) {
-                    Ok(f) => {
-                        self.series.insert(key.clone(), Tracked::new(key, f, false));
-                    }
-                    Err(_) => continue,
-                }
-            }
-            let Some(t) = self.series.get_mut(key) else {
-                continue;
             };
+            t.seen_in = pass;
             t.step_peak = t.step_peak.max(*v);
             t.step_samples += 1;
             if !t.fed || t.step_samples >= self.samples_per_step {
@@ -176,7 +183,7 @@ impl Forecasts {
                 out.push(row.clone());
             }
         }
-        self.series.retain(|k, _| seen.contains_key(k));
+        self.series.retain(|_, t| t.seen_in == pass);
         out
     }
 

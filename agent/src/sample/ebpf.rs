@@ -589,7 +589,7 @@ mod tests {
             enabled: false,
             loader: None,
         });
-        let snap = s.sample();
+        let snap = s.sample(&|_| true);
         assert!(snap.requests.is_empty() && snap.runqueue.is_empty());
         assert!(snap.status.programs.is_empty());
         assert!(!snap.status.enabled);
