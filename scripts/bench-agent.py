@@ -9,9 +9,11 @@ Creates N cgroups (default 100) each holding one sleeping process, runs the rele
 and, with --soak SECONDS, the agent's RSS over a run in which containers churn every second.
 
 Needs root (creates cgroups), `cargo build --release`, and Debian's prometheus-node-exporter.
-usage: sudo scripts/bench-agent.py [--containers 100] [--scrapes 1000] [--idle 60] [--soak 600] [--config FILE]
+With --port-churn the soak also serves a few requests on each of many short-lived ports from this
+(host, not container) process, which the eBPF probes see and the agent must not keep.
+usage: sudo scripts/bench-agent.py [--containers 100] [--scrapes 1000] [--idle 60] [--soak 600] [--port-churn] [--config FILE]
 """
-import argparse, os, shutil, signal, socket, subprocess, sys, tempfile, time, urllib.request
+import argparse, os, shutil, signal, socket, subprocess, sys, tempfile, threading, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CG = "/sys/fs/cgroup"
@@ -83,6 +85,23 @@ def scrape(port, n):
     return size
 
 
+def churn_ports(stop, served):
+    """Until `stop` is set: listen on a fresh port, serve three requests on it, close it."""
+    while not stop.is_set():
+        srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(8)
+        port = srv.getsockname()[1]
+
+        def serve():
+            for _ in range(3):
+                c, _ = srv.accept(); c.recv(100); c.sendall(b"HTTP/1.0 200 OK\r\n\r\nok"); c.close()
+        t = threading.Thread(target=serve); t.start()
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as c:
+                c.sendall(b"GET / HTTP/1.0\r\n\r\n"); c.recv(100)
+        t.join(); srv.close(); served[0] += 1
+        time.sleep(0.02)
+
+
 def wait_http(port, path="/metrics", timeout=30):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -99,6 +118,7 @@ def main():
     ap.add_argument("--scrapes", type=int, default=1000)
     ap.add_argument("--idle", type=float, default=60)
     ap.add_argument("--soak", type=float, default=0)
+    ap.add_argument("--port-churn", action="store_true", help="serve short-lived host ports during the soak")
     ap.add_argument("--config", help="agent config file (e.g. to compare with [forecast] enabled = false)")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -154,7 +174,12 @@ def main():
         print(f"scrapes: {a.scrapes} each; idle window {a.idle:.0f} s; {a.containers} cgroups, each with a process")
 
         if a.soak > 0:
-            print(f"\nsoak: {a.soak:.0f} s, one container replaced every second")
+            print(f"\nsoak: {a.soak:.0f} s, one container replaced every second"
+                  + (", short-lived host ports served throughout" if a.port_churn else ""))
+            stop, served = threading.Event(), [0]
+            churner = threading.Thread(target=churn_ports, args=(stop, served))
+            if a.port_churn:
+                churner.start()
             t0, rss = time.time(), []
             next_report = t0
             while time.time() - t0 < a.soak:
@@ -164,6 +189,9 @@ def main():
                     next_report += 30
                 time.sleep(1)
             rss.append(status_kib(agent.pid, "VmRSS") / 1024)
+            if a.port_churn:
+                stop.set(); churner.join()
+                print(f"host ports served: {served[0]}")
             print("agent RSS MiB every 30 s: " + " ".join(f"{r:.1f}" for r in rss))
             print(f"min {min(rss):.1f}  max {max(rss):.1f}  last-minus-first {rss[-1]-rss[0]:+.1f}  peak {status_kib(agent.pid, 'VmHWM')/1024:.1f}")
     finally:
