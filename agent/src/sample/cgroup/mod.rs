@@ -46,7 +46,7 @@ struct Tracked {
     prev: Option<Prev>,
     open: stats::OpenFiles,
     /// The v2 directory's cgroup id (its inode), which eBPF programs report; fixed for the
-    /// directory's life, so looked up once.
+    /// directory's life, so looked up again only on full passes.
     v2_id: Option<u64>,
 }
 
@@ -331,13 +331,18 @@ impl CgroupSampler {
                 _ => Arc::new(ident),
             };
             let at = Instant::now();
-            // Handles and ids belong to the directories they were taken from.
+            let full = self.full_pass();
+            // Handles and ids belong to the directories they were taken from. A directory
+            // recreated under the same path (a restarted systemd service) has a new id, which
+            // a full pass picks up; its old handles fail once and are reopened.
             let (prev_sample, mut open, v2_id) = match prev {
-                Some(p) if p.paths == paths => (p.prev, p.open, p.v2_id),
+                Some(p) if p.paths == paths => {
+                    let id = if full { v2_id_of(&paths) } else { p.v2_id };
+                    (p.prev, p.open, id)
+                }
                 Some(p) => (p.prev, stats::OpenFiles::default(), v2_id_of(&paths)),
                 None => (None, stats::OpenFiles::default(), v2_id_of(&paths)),
             };
-            let full = self.full_pass();
             let stats = self.reader.read_container(
                 &paths,
                 v2_native,
