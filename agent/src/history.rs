@@ -304,15 +304,15 @@ impl History {
         before - self.series.len()
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    #[cfg(test)]
+    fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        // Writing to a Vec cannot fail.
-        let _ = self.write_to(&mut out);
+        self.write_to(&mut out).expect("writing to a Vec");
         out
     }
 
-    /// Writes [`History::encode`]'s bytes one series at a time, so saving never holds a
-    /// second copy of the whole history.
+    /// Writes the state-file form of the history (read back by [`History::decode_into`]) one
+    /// series at a time, so saving never holds a second copy of the whole history.
     pub fn write_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
         w.write_all(&self.interval_ms.to_le_bytes())?;
         w.write_all(&self.coarse_step_ms.to_le_bytes())?;
@@ -339,7 +339,7 @@ impl History {
         Ok(())
     }
 
-    /// Restores series from [`History::encode`] output into this history's shape (its
+    /// Restores series from [`History::write_to`] output into this history's shape (its
     /// capacities win; the newest points are kept). A different sample interval or coarse
     /// step makes the saved tier meaningless, so that tier is dropped.
     pub fn decode_into(&mut self, bytes: &[u8]) -> Result<usize, DecodeError> {

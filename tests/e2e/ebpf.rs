@@ -963,23 +963,20 @@ fn probes_from_the_agents_loader_process_measure_and_release() {
     let ours = assert_attached_and_loaded(&probes);
     // The programs run for this process now: a thread that sleeps and wakes adds run-queue
     // samples to this test's cgroup, read through the maps the loader handed over.
-    let before: u64 = probes
-        .read()
-        .expect("read maps")
-        .runqueue_delay
-        .values()
-        .map(|h| h.count)
-        .sum();
+    let runqueue_samples = || -> u64 {
+        probes
+            .read()
+            .expect("read maps")
+            .runqueue_delay
+            .values()
+            .map(|h| h.count)
+            .sum()
+    };
+    let before = runqueue_samples();
     for _ in 0..50 {
         std::thread::sleep(Duration::from_millis(1));
     }
-    let after: u64 = probes
-        .read()
-        .expect("read maps")
-        .runqueue_delay
-        .values()
-        .map(|h| h.count)
-        .sum();
+    let after = runqueue_samples();
     assert!(after > before, "no run-queue samples: {before} -> {after}");
     drop(probes);
     assert_released(&ours);
