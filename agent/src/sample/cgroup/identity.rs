@@ -188,7 +188,18 @@ pub struct RuntimeContainer {
     pub id: String,
     pub runtime: String,
     pub cgroup_paths: Vec<PathBuf>,
+    /// A pod's sandbox ("pause") container: it holds the pod's namespaces and is never a
+    /// workload of its own.
+    pub sandbox: bool,
 }
+
+/// Annotations (which runc keeps as `config.labels` in its state) that mark a pod sandbox:
+/// containerd's CRI, CRI-O, and cri-dockerd.
+const SANDBOX_LABELS: &[&str] = &[
+    "io.kubernetes.cri.container-type=sandbox",
+    "io.kubernetes.cri-o.ContainerType=sandbox",
+    "io.kubernetes.docker.type=podsandbox",
+];
 
 /// Reads `<dir>/<id>/state.json` (runc, Docker) and `<dir>/<namespace>/<id>/state.json`
 /// (containerd), re-parsing a file only when its modification time changes.
@@ -273,10 +284,20 @@ fn parse_state(path: &Path, runtime: &str) -> Option<RuntimeContainer> {
         .collect();
     cgroup_paths.sort();
     cgroup_paths.dedup();
+    let sandbox = v
+        .pointer("/config/labels")
+        .and_then(|l| l.as_array())
+        .is_some_and(|labels| {
+            labels
+                .iter()
+                .filter_map(|l| l.as_str())
+                .any(|l| SANDBOX_LABELS.contains(&l))
+        });
     Some(RuntimeContainer {
         id,
         runtime: runtime.to_string(),
         cgroup_paths,
+        sandbox,
     })
 }
 
@@ -483,11 +504,25 @@ mod tests {
         let ns = dir.path().join("k8s.io").join("ctr2");
         std::fs::create_dir_all(&ns).unwrap();
         std::fs::write(ns.join("state.json"), "not json").unwrap();
+        // A pod sandbox as containerd's CRI starts it (runc keeps annotations as labels).
+        let pause = dir.path().join("k8s.io").join("pause1");
+        std::fs::create_dir_all(&pause).unwrap();
+        std::fs::write(
+            pause.join("state.json"),
+            r#"{"id":"pause1","cgroup_paths":{"cpu":"/sys/fs/cgroup/cpu/kubepods/podx/pause1"},"config":{"labels":["io.kubernetes.cri.sandbox-id=pause1","io.kubernetes.cri.container-type=sandbox","bundle=/run/x"]}}"#,
+        )
+        .unwrap();
         let mut s = RuntimeStates::default();
-        let found = s.scan(&[dir.path().to_path_buf()]);
-        assert_eq!(found.len(), 1);
+        let mut found = s.scan(&[dir.path().to_path_buf()]);
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(found.len(), 2);
         assert_eq!(found[0].id, "ctr1");
         assert_eq!(found[0].cgroup_paths.len(), 3);
-        assert_eq!(s.scan(&[dir.path().to_path_buf()]), found);
+        assert!(!found[0].sandbox);
+        assert_eq!(found[1].id, "pause1");
+        assert!(found[1].sandbox);
+        let mut again = s.scan(&[dir.path().to_path_buf()]);
+        again.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(again, found);
     }
 }

@@ -23,6 +23,8 @@ pub use stats::{CgroupStats, ControllerPaths};
 
 /// Deepest cgroup nesting the walk descends to; kubelet's deepest is 4 below the root.
 const MAX_DEPTH: usize = 12;
+/// Where the host mounts its cgroup tree; runtime state files name paths under it.
+const HOST_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// How often (in passes) settings and directory layout are re-read.
 const FULL_PASS_EVERY: u64 = 10;
@@ -113,6 +115,14 @@ impl CgroupSampler {
                 {
                     canonical_roots.push((canon, c));
                 }
+                // Runtimes write host paths into their state files; in a container the host's
+                // tree is mounted elsewhere (the DaemonSet's `/host/sys/fs/cgroup`).
+                if let Ok(rest) = p.strip_prefix(&config.root) {
+                    let host = Path::new(HOST_CGROUP_ROOT).join(rest);
+                    if &host != p {
+                        canonical_roots.push((host, c));
+                    }
+                }
             }
         }
         Ok(CgroupSampler {
@@ -191,7 +201,6 @@ impl CgroupSampler {
             let mut rels: Vec<(Controller, String)> = Vec::new();
             for abs in &rc.cgroup_paths {
                 if let Some((c, rel)) = self.relative(abs) {
-                    rels.push((c, rel));
                     let slot = match c {
                         Controller::V2 => &mut paths.v2,
                         Controller::Cpu => &mut paths.cpu,
@@ -199,9 +208,14 @@ impl CgroupSampler {
                         Controller::Memory => &mut paths.memory,
                         Controller::Pids => &mut paths.pids,
                     };
-                    if abs.is_dir() {
-                        *slot = Some(abs.clone());
-                    }
+                    *slot = if abs.is_dir() {
+                        Some(abs.clone())
+                    } else {
+                        self.root_of(c)
+                            .map(|r| hierarchy::join(r, &rel))
+                            .filter(|p| p.is_dir())
+                    };
+                    rels.push((c, rel));
                 }
             }
             let key = [
@@ -213,6 +227,13 @@ impl CgroupSampler {
             .iter()
             .find_map(|want| rels.iter().find(|(c, _)| c == want).map(|(_, r)| r.clone()));
             let Some(key) = key else { continue };
+            if rc.sandbox {
+                // Found by its path too (`/kubepods/.../pod<uid>/<id>`): drop it everywhere.
+                for (_, rel) in &rels {
+                    found.remove(rel);
+                }
+                continue;
+            }
             if paths.is_empty() {
                 continue;
             }
@@ -281,6 +302,16 @@ impl CgroupSampler {
             cpuacct: at(known.cpuacct, &self.hierarchy.cpuacct),
             memory: at(known.memory, &self.hierarchy.memory),
             pids: at(known.pids, &self.hierarchy.pids),
+        }
+    }
+
+    fn root_of(&self, c: Controller) -> Option<&PathBuf> {
+        match c {
+            Controller::V2 => self.hierarchy.v2.as_ref(),
+            Controller::Cpu => self.hierarchy.cpu.as_ref(),
+            Controller::Cpuacct => self.hierarchy.cpuacct.as_ref(),
+            Controller::Memory => self.hierarchy.memory.as_ref(),
+            Controller::Pids => self.hierarchy.pids.as_ref(),
         }
     }
 

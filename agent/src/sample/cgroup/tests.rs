@@ -292,3 +292,39 @@ fn no_hierarchy_is_an_error_naming_the_root() {
     let e = CgroupSampler::new(&c, &k).err().unwrap();
     assert!(e.to_string().contains(&t.path().display().to_string()));
 }
+
+#[test]
+fn pod_sandboxes_are_dropped_with_the_host_tree_mounted_elsewhere() {
+    // As in the DaemonSet: the host's /sys/fs/cgroup is mounted at <tmp>/host/sys/fs/cgroup,
+    // while runc's state files name host paths.
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("host/sys/fs/cgroup");
+    v2_root(&root);
+    let pod = format!("/kubepods/burstable/pod{UID}");
+    v2_cgroup(&root, &pod, 5);
+    v2_cgroup(&root, &format!("{pod}/{ID1}"), 1_000_000);
+    v2_cgroup(&root, &format!("{pod}/{ID2}"), 10);
+    let (mut c, k) = config(&root, &[]);
+    c.runtime_state_dirs = vec![t.path().join("run/containerd/runc")];
+    for (id, kind) in [(ID1, "container"), (ID2, "sandbox")] {
+        let dir = c.runtime_state_dirs[0].join("k8s.io").join(id);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("state.json"),
+            format!(
+                r#"{{"id":"{id}","cgroup_paths":{{"":"/sys/fs/cgroup{pod}/{id}"}},"config":{{"labels":["io.kubernetes.cri.container-type={kind}"]}}}}"#
+            ),
+        )
+        .unwrap();
+    }
+    let mut s = CgroupSampler::new(&c, &k).unwrap();
+    let got = s.sample();
+    let ids: Vec<_> = got
+        .iter()
+        .map(|c| c.ident.container_id.as_deref())
+        .collect();
+    assert_eq!(ids, vec![Some(ID1)], "{got:?}");
+    assert_eq!(got[0].ident.cgroup, format!("{pod}/{ID1}"));
+    assert_eq!(got[0].ident.kind, identity::Kind::Kubernetes);
+    assert_eq!(got[0].ident.runtime.as_deref(), Some("containerd"));
+}
