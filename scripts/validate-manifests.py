@@ -214,6 +214,15 @@ def crd_schemas(paths):
     return out
 
 
+def manifest_files():
+    """Every manifest under deploy/ (optional/ too); kustomization.yaml is kustomize's, not an object."""
+    out = []
+    for d, _, names in os.walk(DEPLOY):
+        out += [os.path.join(d, f) for f in names
+                if f.endswith((".yaml", ".yml")) and f != "kustomization.yaml"]
+    return sorted(out)
+
+
 def newest_version():
     return kubernetes_validate.latest_version()
 
@@ -224,7 +233,7 @@ def main():
     ap.add_argument("--agent-bin", help="headroom binary, to check the agent ConfigMap's config")
     args = ap.parse_args()
 
-    files = sorted(os.path.join(DEPLOY, f) for f in os.listdir(DEPLOY) if f.endswith((".yaml", ".yml")))
+    files = manifest_files()
     if not files:
         sys.exit(f"no manifests in {DEPLOY}")
     upstream = crd_schemas(args.crd)
