@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// Set in CI: a test that cannot run (not root, a tool missing) fails instead of skipping.
 pub const REQUIRE_ENV: &str = "HEADROOM_REQUIRE_PRIVILEGED_TESTS";
 
-fn skip_or_fail(test: &str, reason: &str) -> bool {
+pub fn skip_or_fail(test: &str, reason: &str) -> bool {
     if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
         panic!("{test} cannot run: {reason} (and {REQUIRE_ENV}=1 forbids skipping)");
     }
@@ -96,11 +96,16 @@ pub fn free_port() -> u16 {
 
 /// Plain HTTP/1.1 GET on loopback; returns (status, body).
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    http_get_at("127.0.0.1", port, path)
+}
+
+/// Plain HTTP/1.1 GET to `host` (an address on this machine or in a test network namespace).
+pub fn http_get_at(host: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect((host, port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;

@@ -1,0 +1,508 @@
+//! headroom on a real single-node Kubernetes cluster. `scripts/kube-up.sh` builds it from real
+//! components (etcd; kube-apiserver, controller-manager, scheduler, kubelet and kube-proxy from
+//! Kubernetes' Go modules; containerd, runc, the CNI bridge; CoreDNS), imports headroom's image
+//! assembled from this build's binary, and applies `deploy/` through `tests/kube/overlay`. The
+//! test then checks what a user would see, and `scripts/kube-down.sh` must leave no trace.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use headroom_tests::*;
+
+const CONTAINERD_SOCK: &str = "/run/headroom-kube/containerd/containerd.sock";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the repository")
+        .to_path_buf()
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn kube_up() -> Command {
+    let mut c = Command::new(repo().join("scripts/kube-up.sh"));
+    c.env("HEADROOM_BIN", agent_binary());
+    c
+}
+
+fn kube_down() {
+    let out = Command::new(repo().join("scripts/kube-down.sh"))
+        .output()
+        .expect("run scripts/kube-down.sh");
+    assert!(out.status.success(), "kube-down failed:\n{}", text(&out));
+}
+
+/// A running cluster; dropping it runs kube-down, so a failed test leaves nothing behind.
+struct Cluster {
+    kubeconfig: String,
+    down: bool,
+}
+
+impl Cluster {
+    fn up() -> Cluster {
+        let t0 = Instant::now();
+        let out = kube_up().output().expect("run scripts/kube-up.sh");
+        let all = text(&out);
+        let last = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        if !out.status.success() {
+            kube_down();
+            panic!("kube-up failed:\n{all}");
+        }
+        let kubeconfig = last
+            .strip_prefix("export KUBECONFIG=")
+            .unwrap_or_else(|| panic!("kube-up's last line is not `export KUBECONFIG=`: {last:?}"))
+            .to_string();
+        eprintln!("kube-up took {:.0} s", t0.elapsed().as_secs_f64());
+        Cluster {
+            kubeconfig,
+            down: false,
+        }
+    }
+
+    fn kubectl_output(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut c = Command::new(repo().join("scripts/kubectl"));
+        c.args(args).env("KUBECONFIG", &self.kubeconfig);
+        if let Some(input) = stdin {
+            c.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = c.spawn().expect("run kubectl");
+            std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), input.as_bytes())
+                .expect("write to kubectl");
+            drop(child.stdin.take());
+            child.wait_with_output().expect("wait for kubectl")
+        } else {
+            c.output().expect("run kubectl")
+        }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        let out = self.kubectl_output(args, None);
+        assert!(out.status.success(), "kubectl {args:?}:\n{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn apply(&self, yaml: &str) {
+        let out = self.kubectl_output(&["apply", "-f", "-"], Some(yaml));
+        assert!(out.status.success(), "kubectl apply:\n{}", text(&out));
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let s = self.kubectl(&all);
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("kubectl {args:?}: {e}: {s}"))
+    }
+
+    /// The pods matching `selector` in `ns`, once all of them are Ready.
+    fn ready_pods(&self, ns: &str, selector: &str, count: usize) -> Vec<serde_json::Value> {
+        let got = wait_for(Duration::from_secs(180), || {
+            let v = self.json(&["-n", ns, "get", "pods", "-l", selector]);
+            let pods = v["items"].as_array()?.clone();
+            let ready = pods.iter().all(|p| {
+                p["status"]["conditions"].as_array().is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            });
+            (pods.len() == count && ready).then_some(pods)
+        });
+        got.unwrap_or_else(|| {
+            panic!(
+                "{ns}/{selector}: not {count} Ready pods:\n{}",
+                self.kubectl(&["-n", ns, "describe", "pods", "-l", selector])
+            )
+        })
+    }
+
+    fn down(mut self) {
+        self.down = true;
+        kube_down();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.down {
+            let _ = Command::new(repo().join("scripts/kube-down.sh")).status();
+        }
+    }
+}
+
+fn pod_ip(pod: &serde_json::Value) -> String {
+    pod["status"]["podIP"]
+        .as_str()
+        .expect("a Ready pod has an IP")
+        .to_string()
+}
+
+fn pod_name(pod: &serde_json::Value) -> String {
+    pod["metadata"]["name"]
+        .as_str()
+        .expect("pod name")
+        .to_string()
+}
+
+fn agent_metrics(ip: &str) -> Vec<Sample> {
+    let (code, body) = http_get_at(ip, 9810, "/metrics").expect("GET the agent's /metrics");
+    assert_eq!(code, 200, "{body}");
+    parse_metrics(&body)
+}
+
+/// Mean of the agent's fine history points of `name` for `cgroup` within `[from, to]` ms.
+fn history_mean(ip: &str, name: &str, cgroup: &str, from: u64, to: u64) -> Option<f64> {
+    let (code, body) = http_get_at(
+        ip,
+        9810,
+        &format!("/v1/history?name={name}&cgroup={cgroup}"),
+    )
+    .ok()?;
+    if code != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let pts: Vec<f64> = v["series"].as_array()?.first()?["fine"]
+        .as_array()?
+        .iter()
+        .filter_map(|p| {
+            let t = p[0].as_u64()?;
+            (t >= from && t <= to).then_some(p[1].as_f64()?)
+        })
+        .collect();
+    (!pts.is_empty()).then(|| pts.iter().sum::<f64>() / pts.len() as f64)
+}
+
+fn cpuacct_seconds(cgroup: &str) -> f64 {
+    let path = format!("/sys/fs/cgroup/cpuacct{cgroup}/cpuacct.usage");
+    let raw = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    raw.trim().parse::<f64>().expect("cpuacct.usage") / 1e9
+}
+
+/// Ids of the pod sandbox ("pause") containers, from containerd itself.
+fn sandbox_ids() -> BTreeSet<String> {
+    let out = Command::new("ctr")
+        .args([
+            "--address",
+            CONTAINERD_SOCK,
+            "-n",
+            "k8s.io",
+            "containers",
+            "ls",
+            "-q",
+            r#"labels."io.cri-containerd.kind"==sandbox"#,
+        ])
+        .output()
+        .expect("run ctr");
+    assert!(out.status.success(), "ctr containers ls: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// `kube-up` with `tool` missing from PATH: it must name it and change nothing.
+fn kube_up_without(tool: &str) -> Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for d in std::env::split_paths(&path) {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let link = dir.path().join(&name);
+            if name != tool && !link.exists() {
+                let _ = std::os::unix::fs::symlink(e.path(), link);
+            }
+        }
+    }
+    kube_up()
+        .env("PATH", dir.path())
+        .output()
+        .expect("run scripts/kube-up.sh")
+}
+
+/// The host's firewall rules and chains, without counters.
+fn firewall_rules() -> BTreeSet<String> {
+    let out = Command::new("iptables-save")
+        .output()
+        .expect("run iptables-save");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("-A") || l.starts_with(':'))
+        .map(|l| l.split(" [").next().unwrap_or(l).to_string())
+        .collect()
+}
+
+fn kubepods_cgroups() -> Vec<PathBuf> {
+    let mut left = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+        for e in entries.flatten() {
+            for p in [e.path().join("kubepods"), e.path()] {
+                if p.ends_with("kubepods") && p.is_dir() {
+                    left.push(p);
+                }
+            }
+        }
+    }
+    left
+}
+
+const WORKLOADS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: hr-test}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: burner, namespace: hr-test}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: burner}}
+  template:
+    metadata: {labels: {app: burner}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: burn
+          image: localhost/headroom-tools:test
+          imagePullPolicy: Never
+          command: [sh, -c, "yes > /dev/null"]
+          resources: {requests: {cpu: 100m}, limits: {cpu: 300m}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: hr-test}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: httpd
+          image: localhost/headroom-tools:test
+          imagePullPolicy: Never
+          command: [sh, -c, "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"]
+          ports: [{containerPort: 8080}]
+          resources: {requests: {cpu: 50m, memory: 16Mi}}
+"#;
+
+#[test]
+fn deploy_runs_on_a_real_kubernetes_node() {
+    let test = "deploy_runs_on_a_real_kubernetes_node";
+    if !require_root(test) || !require_tool(test, "ctr") || !require_tool(test, "iptables-save") {
+        return;
+    }
+
+    // Bad input first: a missing piece is named, and nothing starts.
+    let out = kube_up_without("etcd");
+    assert!(!out.status.success(), "kube-up without etcd succeeded");
+    assert!(
+        text(&out).contains("etcd (Debian package etcd-server)"),
+        "kube-up without etcd did not name it:\n{}",
+        text(&out)
+    );
+    assert!(!Path::new("/var/lib/headroom-kube/pids").exists());
+
+    let firewall_before = firewall_rules();
+    let cluster = Cluster::up();
+
+    // The DaemonSet as shipped: not privileged, only the capabilities it lists.
+    let agent = cluster
+        .ready_pods("headroom", "app.kubernetes.io/name=headroom-agent", 1)
+        .remove(0);
+    let sc = &agent["spec"]["containers"][0]["securityContext"];
+    assert_eq!(sc["privileged"], false, "{sc}");
+    assert_eq!(
+        sc["capabilities"]["add"],
+        serde_json::json!(["BPF", "PERFMON"])
+    );
+    let agent_ip = pod_ip(&agent);
+    let aggregator = cluster
+        .ready_pods("headroom", "app.kubernetes.io/name=headroom-aggregator", 1)
+        .remove(0);
+    let aggregator_ip = pod_ip(&aggregator);
+    // The agent process itself holds exactly CAP_BPF (39) and CAP_PERFMON (38).
+    let agent_pid = wait_for(Duration::from_secs(10), || {
+        let out = Command::new("pgrep")
+            .args(["-f", "headroom agent --config /etc/headroom/headroom.toml"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<u32>().ok())
+    })
+    .expect("the agent's process on the host");
+    let status = std::fs::read_to_string(format!("/proc/{agent_pid}/status")).expect("status");
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).expect("hex"))
+        .expect("CapEff");
+    assert_eq!(cap_eff, (1 << 38) | (1 << 39), "agent CapEff {cap_eff:#x}");
+
+    cluster.apply(WORKLOADS);
+    let burner = cluster.ready_pods("hr-test", "app=burner", 1).remove(0);
+    let web = cluster.ready_pods("hr-test", "app=web", 1).remove(0);
+    let (burner_pod, web_pod) = (pod_name(&burner), pod_name(&web));
+
+    // Both Deployments' containers, with their Kubernetes names.
+    let cgroup_of = |pod: &str, container: &str| {
+        wait_for(Duration::from_secs(90), || {
+            let s = agent_metrics(&agent_ip);
+            let hit = find(
+                &s,
+                "headroom_container_cpu_seconds_total",
+                &[
+                    ("namespace", "hr-test"),
+                    ("pod", pod),
+                    ("container", container),
+                ],
+            );
+            hit.first().map(|x| x.labels["cgroup"].clone())
+        })
+        .unwrap_or_else(|| panic!("no CPU series for hr-test/{pod}/{container} in the agent"))
+    };
+    let burn_cg = cgroup_of(&burner_pod, "burn");
+    let web_cg = cgroup_of(&web_pod, "httpd");
+    eprintln!("burner {burn_cg}, web {web_cg}");
+
+    // CPU within ±10 % of the cgroup's own counter over the same window.
+    std::thread::sleep(Duration::from_secs(2));
+    let (t1, c1, i1) = (now_ms(), cpuacct_seconds(&burn_cg), Instant::now());
+    std::thread::sleep(Duration::from_secs(12));
+    let (t2, c2, wall) = (
+        now_ms(),
+        cpuacct_seconds(&burn_cg),
+        i1.elapsed().as_secs_f64(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let kernel = (c2 - c1) / wall;
+    let agent_cores = history_mean(&agent_ip, "container_cpu_usage_cores", &burn_cg, t1, t2)
+        .expect("CPU history of the burner");
+    let err = (agent_cores - kernel).abs() / kernel;
+    eprintln!(
+        "burner CPU: agent {agent_cores:.3} cores, cpuacct {kernel:.3} cores, error {:.1} %",
+        err * 100.0
+    );
+    assert!(err <= 0.10, "agent {agent_cores} vs cgroup {kernel}");
+
+    // No series for the pods' sandbox containers.
+    let sandboxes = sandbox_ids();
+    assert!(sandboxes.len() >= 4, "sandboxes: {sandboxes:?}");
+    let samples = agent_metrics(&agent_ip);
+    for s in &samples {
+        for (k, v) in &s.labels {
+            if k == "cgroup" || k == "container_id" {
+                assert!(
+                    !sandboxes.iter().any(|id| v.contains(id.as_str())),
+                    "sandbox container reported: {} {:?}",
+                    s.name,
+                    s.labels
+                );
+            }
+        }
+    }
+
+    // eBPF request latency for the HTTP Deployment: one observation per request.
+    let web_ip = pod_ip(&web);
+    let requests = 50;
+    for i in 0..requests {
+        let (code, body) = http_get_at(&web_ip, 8080, "/index.html")
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(code, 200, "{body}");
+    }
+    let want = [
+        ("namespace", "hr-test"),
+        ("pod", web_pod.as_str()),
+        ("port", "8080"),
+    ];
+    let counted = wait_for(Duration::from_secs(20), || {
+        let s = agent_metrics(&agent_ip);
+        let c = find(&s, "headroom_request_latency_seconds_count", &want)
+            .first()
+            .map(|x| x.value)?;
+        (c >= f64::from(requests)).then_some(c)
+    });
+    assert_eq!(
+        counted,
+        Some(f64::from(requests)),
+        "request latency count for {web_pod}"
+    );
+
+    // The aggregator's view: both Deployments as workloads, and no sandbox anywhere.
+    let workloads = wait_for(Duration::from_secs(90), || {
+        let (code, body) = http_get_at(&aggregator_ip, 9470, "/v1/workloads").ok()?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let ids: BTreeSet<String> = v["workloads"]
+            .as_array()?
+            .iter()
+            .filter_map(|w| w["id"].as_str().map(str::to_string))
+            .collect();
+        (code == 200
+            && ids.contains("hr-test/Deployment/burner")
+            && ids.contains("hr-test/Deployment/web"))
+        .then_some(ids)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "aggregator /v1/workloads lacks the test Deployments: {:?}",
+            http_get_at(&aggregator_ip, 9470, "/v1/workloads")
+        )
+    });
+    for id in &workloads {
+        assert!(
+            !sandboxes.iter().any(|s| id.contains(s.as_str())),
+            "sandbox as a workload: {id}"
+        );
+    }
+
+    // A second kube-up while one runs starts no second cluster.
+    let mut first = kube_up()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kube-up");
+    std::thread::sleep(Duration::from_millis(300));
+    let second = kube_up().output().expect("kube-up");
+    assert!(!second.status.success(), "a concurrent kube-up succeeded");
+    assert!(
+        text(&second).contains("another kube-up"),
+        "concurrent kube-up: {}",
+        text(&second)
+    );
+    let first_status = first.wait().expect("wait for kube-up");
+    assert!(
+        first_status.success(),
+        "re-running kube-up on a running cluster failed"
+    );
+
+    cluster.down();
+    let left = kubepods_cgroups();
+    assert!(left.is_empty(), "kube-down left cgroups: {left:?}");
+    assert_eq!(
+        firewall_rules(),
+        firewall_before,
+        "kube-down left firewall rules"
+    );
+    assert!(!Path::new("/var/lib/headroom-kube").exists());
+}
