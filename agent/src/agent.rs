@@ -60,6 +60,8 @@ pub struct Shared {
     /// Policy decisions, for `/v1/decisions` and `headroom_decisions_total`.
     pub decisions: crate::act::driver::DecisionLog,
     pub policy_mode: crate::config::PolicyMode,
+    /// This node's pods from the Kubernetes API, when the agent watches it.
+    pub pods: std::sync::OnceLock<Arc<crate::kube::PodDirectory>>,
 }
 
 impl Shared {
@@ -79,6 +81,7 @@ impl Shared {
             hint_tx: std::sync::OnceLock::new(),
             decisions: Default::default(),
             policy_mode: config.policy.mode,
+            pods: std::sync::OnceLock::new(),
         }
     }
 
@@ -133,6 +136,7 @@ impl Shared {
             "sample_cost": self.cost.lock().map(|g| g.clone()).unwrap_or_default(),
             "containers": { "count": containers.len(), "items": containers },
             "ebpf": snapshot.as_ref().map(|s| &s.ebpf.status),
+            "kubernetes_api": self.pods.get().map(|p| p.status()),
             "history": { "series": series, "points": points },
         })
     }
@@ -843,6 +847,9 @@ pub fn start(
     ));
 
     start_hint_client(&config, &shared, runtime)?;
+    if let Some(pods) = crate::kube::start(&config.kubernetes, &shared.hostname, runtime) {
+        let _ = shared.pods.set(pods);
+    }
 
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
     let sampler = {
@@ -850,7 +857,10 @@ pub fn start(
         std::thread::Builder::new()
             .name("headroom-sample".into())
             .spawn(move || {
-                let samplers = samplers(&config);
+                let mut samplers = samplers(&config);
+                if let (Some(c), Some(pods)) = (samplers.cgroups.as_mut(), shared.pods.get()) {
+                    c.set_pods(pods.clone());
+                }
                 let policy = crate::act::driver::Driver::new(
                     &config.policy,
                     config.sample_interval_s,

@@ -90,6 +90,12 @@ pub struct KubernetesConfig {
     /// kubelet's `/var/log/containers`: its `<pod>_<namespace>_<container>-<id>.log` names give
     /// namespace, pod and container for a container id without asking the API server.
     pub log_dir: PathBuf,
+    /// Watch this node's pods through the Kubernetes API (in a pod with a service account
+    /// token): names, owners (Deployment, StatefulSet, DaemonSet, Job, ...) and annotations.
+    /// Without the API, names come from `log_dir` and owners from pod names.
+    pub api: bool,
+    /// API server URL; unset means the in-cluster address (`KUBERNETES_SERVICE_HOST`).
+    pub api_server: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -340,6 +346,8 @@ impl Default for KubernetesConfig {
     fn default() -> Self {
         KubernetesConfig {
             log_dir: PathBuf::from("/var/log/containers"),
+            api: true,
+            api_server: None,
         }
     }
 }
@@ -422,6 +430,14 @@ impl Config {
             return invalid(
                 "sample_interval_s",
                 &format!("{} is outside 0.05..=3600", self.sample_interval_s),
+            );
+        }
+        if let Some(url) = &self.kubernetes.api_server
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return invalid(
+                "kubernetes.api_server",
+                &format!("{url:?} is not an http:// or https:// URL"),
             );
         }
         let h = &self.history;

@@ -15,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod forecast;
 pub mod history;
+pub mod kube;
 pub mod notify;
 pub mod policy;
 pub mod report;

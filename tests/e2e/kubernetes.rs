@@ -303,6 +303,42 @@ spec:
           command: [sh, -c, "mkdir -p /tmp/www && echo ok > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"]
           ports: [{containerPort: 8080}]
           resources: {requests: {cpu: 50m, memory: 16Mi}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: pair, namespace: hr-test}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: pair}}
+  template:
+    metadata: {labels: {app: pair}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - {name: main, image: localhost/headroom-tools:test, imagePullPolicy: Never, command: [sleep, "3600"]}
+        - {name: sidecar, image: localhost/headroom-tools:test, imagePullPolicy: Never, command: [sleep, "3600"]}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db, namespace: hr-test}
+spec:
+  replicas: 1
+  serviceName: db
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - {name: db, image: localhost/headroom-tools:test, imagePullPolicy: Never, command: [sleep, "3600"]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: solo, namespace: hr-test}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - {name: solo, image: localhost/headroom-tools:test, imagePullPolicy: Never, command: [sleep, "3600"]}
 "#;
 
 #[test]
@@ -364,6 +400,23 @@ fn deploy_runs_on_a_real_kubernetes_node() {
     let burner = cluster.ready_pods("hr-test", "app=burner", 1).remove(0);
     let web = cluster.ready_pods("hr-test", "app=web", 1).remove(0);
     let (burner_pod, web_pod) = (pod_name(&burner), pod_name(&web));
+    cluster.ready_pods("hr-test", "app=pair", 2);
+    cluster.ready_pods("hr-test", "app=db", 1);
+    wait_for(Duration::from_secs(120), || {
+        let p = cluster.json(&["-n", "hr-test", "get", "pod", "solo"]);
+        (p["status"]["phase"] == "Running").then_some(())
+    })
+    .expect("the bare pod runs");
+
+    // The agent names pods from the API server, as its RBAC allows.
+    let (code, body) = http_get_at(&agent_ip, 9810, "/v1/status").expect("agent /v1/status");
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+    assert_eq!(
+        status["kubernetes_api"]["state"], "synced",
+        "agent's API watch: {}",
+        status["kubernetes_api"]
+    );
 
     // Both Deployments' containers, with their Kubernetes names.
     let cgroup_of = |pod: &str, container: &str| {
@@ -408,7 +461,7 @@ fn deploy_runs_on_a_real_kubernetes_node() {
 
     // No series for the pods' sandbox containers.
     let sandboxes = sandbox_ids();
-    assert!(sandboxes.len() >= 4, "sandboxes: {sandboxes:?}");
+    assert!(sandboxes.len() >= 8, "sandboxes: {sandboxes:?}");
     let samples = agent_metrics(&agent_ip);
     for s in &samples {
         for (k, v) in &s.labels {
@@ -449,26 +502,36 @@ fn deploy_runs_on_a_real_kubernetes_node() {
         "request latency count for {web_pod}"
     );
 
-    // The aggregator's view: both Deployments as workloads, and no sandbox anywhere.
-    let workloads = wait_for(Duration::from_secs(90), || {
+    // The aggregator's view: workloads named by their owners from the API, replicas counted
+    // per pod (a sidecar is no extra replica), and no sandbox anywhere.
+    let expected = [
+        ("hr-test/Deployment/burner", 1),
+        ("hr-test/Deployment/web", 1),
+        ("hr-test/Deployment/pair", 2),
+        ("hr-test/StatefulSet/db", 1),
+        ("hr-test/Pod/solo", 1),
+        ("headroom/DaemonSet/headroom-agent", 1),
+        ("headroom/Deployment/headroom-aggregator", 1),
+    ];
+    let mut last = String::new();
+    let workloads = wait_for(Duration::from_secs(120), || {
         let (code, body) = http_get_at(&aggregator_ip, 9470, "/v1/workloads").ok()?;
+        last = body.clone();
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let ids: BTreeSet<String> = v["workloads"]
+        let replicas: std::collections::BTreeMap<String, u64> = v["workloads"]
             .as_array()?
             .iter()
-            .filter_map(|w| w["id"].as_str().map(str::to_string))
+            .filter_map(|w| {
+                Some((
+                    w["id"].as_str()?.to_string(),
+                    w["current_replicas"].as_u64()?,
+                ))
+            })
             .collect();
-        (code == 200
-            && ids.contains("hr-test/Deployment/burner")
-            && ids.contains("hr-test/Deployment/web"))
-        .then_some(ids)
+        (code == 200 && expected.iter().all(|(id, n)| replicas.get(*id) == Some(n)))
+            .then(|| replicas.into_keys().collect::<BTreeSet<String>>())
     })
-    .unwrap_or_else(|| {
-        panic!(
-            "aggregator /v1/workloads lacks the test Deployments: {:?}",
-            http_get_at(&aggregator_ip, 9470, "/v1/workloads")
-        )
-    });
+    .unwrap_or_else(|| panic!("aggregator /v1/workloads, want {expected:?}: {last}"));
     for id in &workloads {
         assert!(
             !sandboxes.iter().any(|s| id.contains(s.as_str())),

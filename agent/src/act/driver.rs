@@ -3,8 +3,9 @@
 //! through the [`Actuator`] in `enforce` mode, and logs, counts and lists every decision for
 //! `/v1/decisions` and `headroom_decisions_total`.
 //!
-//! Only containers matched by `policy.manage` globs or `policy.kubernetes_namespaces` are ever
-//! considered; the rest cost one cached lookup per pass.
+//! Only containers matched by `policy.manage` globs or `policy.kubernetes_namespaces`, or whose
+//! pod is annotated `headroom.dev/manage: "true"`, are ever considered (`"false"` keeps a pod
+//! out); the rest cost one cached lookup per pass.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -234,7 +235,8 @@ impl Driver {
                     .iter()
                     .any(|g| glob_match(g, ns))
             });
-        if !by_glob && !by_ns {
+        // A pod's `headroom.dev/manage` annotation overrides both, either way.
+        if !id.manage.unwrap_or(by_glob || by_ns) {
             return None;
         }
         let o: WorkloadOverride = self

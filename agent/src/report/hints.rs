@@ -124,6 +124,12 @@ pub fn workload_of(cfg: &AggregatorConfig, ident: &Identity) -> Option<WorkloadR
         .find(|s| !s.is_empty())
         .unwrap_or("root");
     let (namespace, kind, name) = match (&ident.namespace, &ident.pod) {
+        // The API server's answer, when the agent has it.
+        (Some(ns), Some(_))
+            if let (Some(kind), Some(name)) = (&ident.owner_kind, &ident.owner_name) =>
+        {
+            (ns.clone(), kind.as_str(), name.clone())
+        }
         (Some(ns), Some(pod)) => {
             let (kind, name) = pod_owner(pod);
             (ns.clone(), kind, name)
@@ -189,6 +195,9 @@ fn recent(history: &History, key: &SeriesKey, now_ms: u64, window_ms: u64) -> Ve
 /// One container's claim on one resource, before containers of a workload are summed.
 struct Item {
     workload: WorkloadRef,
+    /// The replica it is part of: its pod (containers of one pod are one replica), else its
+    /// own cgroup.
+    replica: String,
     resource: Resource,
     capacity: f64,
     usage: f64,
@@ -320,12 +329,14 @@ fn items(cfg: &AggregatorConfig, snapshot: &Snapshot) -> Vec<Item> {
             continue;
         };
         let cg = c.ident.cgroup.as_str();
+        let replica = c.ident.pod_uid.clone().unwrap_or_else(|| cg.to_string());
         if let Some(usage) = c.cpu_cores {
             let quota = c.stats.cpu_quota_cores;
             // Without a limit the container already has the whole node; with one, the node can
             // give it what is idle, up to the node's size.
             out.push(Item {
                 workload: workload.clone(),
+                replica: replica.clone(),
                 resource: Resource::Cpu,
                 capacity: quota.unwrap_or(node_cpus),
                 usage,
@@ -341,6 +352,7 @@ fn items(cfg: &AggregatorConfig, snapshot: &Snapshot) -> Vec<Item> {
                 .map(|l| l as f64);
             out.push(Item {
                 workload,
+                replica,
                 resource: Resource::Memory,
                 capacity: limit.unwrap_or(mem_total),
                 usage: ws as f64,
@@ -362,6 +374,10 @@ fn items(cfg: &AggregatorConfig, snapshot: &Snapshot) -> Vec<Item> {
             Some(ident) => workload_of(cfg, ident),
             None => workload_of(cfg, &configured(cg)),
         };
+        let replica = idents
+            .get(cg)
+            .and_then(|i| i.pod_uid.clone())
+            .unwrap_or_else(|| cg.to_string());
         let Some(workload) = workload else {
             continue;
         };
@@ -374,6 +390,7 @@ fn items(cfg: &AggregatorConfig, snapshot: &Snapshot) -> Vec<Item> {
         }
         out.push(Item {
             workload: workload.clone(),
+            replica: replica.clone(),
             resource: Resource::Gpu,
             capacity: gpus.len() as f64,
             usage: gpus
@@ -405,6 +422,7 @@ fn items(cfg: &AggregatorConfig, snapshot: &Snapshot) -> Vec<Item> {
             .sum();
         out.push(Item {
             workload,
+            replica,
             resource: Resource::GpuMemory,
             capacity: total,
             usage: gpus.iter().map(|(u, _)| u.memory_used_bytes as f64).sum(),
@@ -426,6 +444,8 @@ fn items(cfg: &AggregatorConfig, snapshot: &Snapshot) -> Vec<Item> {
 #[derive(Default)]
 struct Acc {
     replicas: u32,
+    /// The replicas seen so far (see [`Item::replica`]).
+    pods: Vec<String>,
     capacity: f64,
     usage: f64,
     headroom: f64,
@@ -454,7 +474,11 @@ pub fn build_hints(config: &Config, snapshot: &Snapshot, history: &History) -> V
     for item in items(cfg, snapshot) {
         let d = demand(&item, &forecasts, history, &ctx);
         let a = groups.entry((item.workload, item.resource)).or_default();
-        a.replicas += 1;
+        let first_of_replica = !a.pods.contains(&item.replica);
+        if first_of_replica {
+            a.pods.push(item.replica.clone());
+            a.replicas += 1;
+        }
         a.capacity += item.capacity.max(0.0);
         a.usage += item.usage.max(0.0);
         // Replicas on one node share the node's spare capacity: count it once.
@@ -463,7 +487,7 @@ pub fn build_hints(config: &Config, snapshot: &Snapshot, history: &History) -> V
             *acc += v;
         }
         // The least certain replica bounds the confidence.
-        a.confidence = if a.replicas == 1 {
+        a.confidence = if a.replicas == 1 && first_of_replica {
             d.confidence
         } else {
             a.confidence.min(d.confidence)
@@ -540,6 +564,9 @@ mod tests {
             namespace: None,
             pod: None,
             container: None,
+            owner_kind: None,
+            owner_name: None,
+            manage: None,
         };
         let w = workload_of(
             &cfg,
@@ -572,7 +599,11 @@ mod tests {
         assert!(empirical(&mut [], &LEVELS).iter().all(|q| q.value == 0.0));
     }
 
-    fn container(cgroup: &str, cores: f64, quota: f64) -> crate::sample::cgroup::ContainerSample {
+    fn container_sample(
+        cgroup: &str,
+        cores: f64,
+        quota: f64,
+    ) -> crate::sample::cgroup::ContainerSample {
         let stats = crate::sample::cgroup::CgroupStats {
             cpu_quota_cores: Some(quota),
             ..Default::default()
@@ -614,7 +645,10 @@ mod tests {
         let snapshot = Snapshot {
             at,
             node: None,
-            containers: vec![container("/web-a", 0.4, 1.0), container("/web-b", 0.9, 1.0)],
+            containers: vec![
+                container_sample("/web-a", 0.4, 1.0),
+                container_sample("/web-b", 0.9, 1.0),
+            ],
             gpu: crate::sample::gpu::GpuSnapshot::empty(
                 at,
                 crate::sample::gpu::NvmlStatus::Disabled,
@@ -666,5 +700,56 @@ mod tests {
             hints,
         };
         headroom_aggregator::schema::validate(&batch).unwrap();
+    }
+
+    /// Two pods of a Deployment named by the API, each with an app and a sidecar: one workload,
+    /// two replicas, named by the owner even where the pod name would say otherwise.
+    #[test]
+    fn replicas_are_pods_and_owners_come_from_the_api() {
+        let config = Config {
+            sample_interval_s: 1.0,
+            ..Default::default()
+        };
+        let pod = |uid: &str, name: &str, container: &str, cores: f64| {
+            let mut c = container_sample(&format!("/kubepods/pod{uid}/{container}"), cores, 1.0);
+            let mut ident = configured(&c.ident.cgroup);
+            ident.kind = Kind::Kubernetes;
+            ident.pod_uid = Some(uid.into());
+            ident.namespace = Some("shop".into());
+            ident.pod = Some(name.into());
+            ident.container = Some(container.into());
+            ident.owner_kind = Some("Deployment".into());
+            ident.owner_name = Some("checkout".into());
+            c.ident = std::sync::Arc::new(ident);
+            c
+        };
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        let snapshot = Snapshot {
+            at,
+            node: None,
+            containers: vec![
+                pod("u1", "renamed-by-hand", "app", 0.4),
+                pod("u1", "renamed-by-hand", "sidecar", 0.1),
+                pod("u2", "renamed-by-hand-2", "app", 0.5),
+                pod("u2", "renamed-by-hand-2", "sidecar", 0.1),
+            ],
+            gpu: crate::sample::gpu::GpuSnapshot::empty(
+                at,
+                crate::sample::gpu::NvmlStatus::Disabled,
+            ),
+            ebpf: Default::default(),
+            cgroup_ids: Default::default(),
+            gone: Vec::new(),
+            forecasts: Vec::new(),
+        };
+        let hints = build_hints(&config, &snapshot, &History::new(1000, 64, 60, 4));
+        let cpu: Vec<_> = hints
+            .iter()
+            .filter(|h| h.resource == Resource::Cpu)
+            .collect();
+        assert_eq!(cpu.len(), 1, "{hints:?}");
+        assert_eq!(cpu[0].workload.id(), "shop/Deployment/checkout");
+        assert_eq!(cpu[0].replicas, 2);
+        assert!((cpu[0].usage - 1.1).abs() < 1e-9);
     }
 }

@@ -32,6 +32,11 @@ pub struct Identity {
     pub namespace: Option<String>,
     pub pod: Option<String>,
     pub container: Option<String>,
+    /// The workload above the pod, from the Kubernetes API (`Deployment`, `StatefulSet`, ...).
+    pub owner_kind: Option<String>,
+    pub owner_name: Option<String>,
+    /// The pod's `headroom.dev/manage` annotation, where the API told it.
+    pub manage: Option<bool>,
 }
 
 impl Identity {
@@ -45,6 +50,9 @@ impl Identity {
             namespace: None,
             pod: None,
             container: None,
+            owner_kind: None,
+            owner_name: None,
+            manage: None,
         }
     }
 

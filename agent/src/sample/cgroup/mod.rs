@@ -67,6 +67,8 @@ pub struct CgroupSampler {
     reader: stats::Reader,
     runtime_states: identity::RuntimeStates,
     kube: identity::KubeLogDir,
+    /// This node's pods from the Kubernetes API, when the agent has it.
+    pods: Option<Arc<crate::kube::PodDirectory>>,
     tracked: BTreeMap<String, Tracked>,
     passes: u64,
     /// Every cgroup path of a tracked container (its path in each hierarchy) → its key.
@@ -132,6 +134,7 @@ impl CgroupSampler {
             reader: stats::Reader::default(),
             runtime_states: identity::RuntimeStates::default(),
             kube: identity::KubeLogDir::new(kube.log_dir.clone()),
+            pods: None,
             tracked: BTreeMap::new(),
             passes: 0,
             aliases: HashMap::new(),
@@ -305,6 +308,36 @@ impl CgroupSampler {
         }
     }
 
+    /// Uses this node's pods from the Kubernetes API for names and owners.
+    pub fn set_pods(&mut self, pods: Arc<crate::kube::PodDirectory>) {
+        self.pods = Some(pods);
+    }
+
+    /// Names from the API's pod (which also knows the owner), else from kubelet's log names.
+    fn name_kubernetes_container(&mut self, ident: &mut Identity) {
+        let Some(id) = ident.container_id.as_deref() else {
+            return;
+        };
+        if let Some(dir) = &self.pods
+            && let Some(uid) = ident.pod_uid.as_deref()
+            && let Some(pod) = dir.pod(uid)
+            && let Some(name) = pod.containers.get(id)
+        {
+            ident.namespace = Some(pod.namespace.clone());
+            ident.pod = Some(pod.name.clone());
+            ident.container = Some(name.clone());
+            ident.owner_kind = Some(pod.owner.kind.clone());
+            ident.owner_name = Some(pod.owner.name.clone());
+            ident.manage = pod.manage;
+            return;
+        }
+        if let Some(n) = self.kube.lookup(id) {
+            ident.namespace = Some(n.namespace);
+            ident.pod = Some(n.pod);
+            ident.container = Some(n.container);
+        }
+    }
+
     fn root_of(&self, c: Controller) -> Option<&PathBuf> {
         match c {
             Controller::V2 => self.hierarchy.v2.as_ref(),
@@ -349,13 +382,8 @@ impl CgroupSampler {
                 break;
             }
             let prev = self.tracked.remove(&key);
-            if ident.kind == identity::Kind::Kubernetes
-                && let Some(id) = ident.container_id.as_deref()
-                && let Some(n) = self.kube.lookup(id)
-            {
-                ident.namespace = Some(n.namespace);
-                ident.pod = Some(n.pod);
-                ident.container = Some(n.container);
+            if ident.kind == identity::Kind::Kubernetes {
+                self.name_kubernetes_container(&mut ident);
             }
             let ident = match prev.as_ref() {
                 Some(p) if *p.ident == ident => p.ident.clone(),

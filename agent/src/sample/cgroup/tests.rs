@@ -40,6 +40,7 @@ fn config(root: &Path, include: &[&str]) -> (CgroupConfig, KubernetesConfig) {
         },
         KubernetesConfig {
             log_dir: root.join("var-log-containers"),
+            ..KubernetesConfig::default()
         },
     )
 }

@@ -1,0 +1,705 @@
+//! Who the pods on this node are, from the Kubernetes API server: a list and watch of the pods
+//! whose `spec.nodeName` is this node, each pod's workload resolved through its controller's
+//! ownerReferences (ReplicaSet → Deployment, Job → CronJob; StatefulSet, DaemonSet and others
+//! as they are; a pod with no controller is its own workload), and its containers' names by
+//! container id. Reads only; without API access (a systemd install, no RBAC) the agent says so
+//! once and keeps naming containers from kubelet's log directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::{Request, StatusCode};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+
+use crate::config::KubernetesConfig;
+
+/// Where Kubernetes mounts a pod's service account credentials.
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// Pod annotation: `"true"` lets the policy manage the pod's containers, `"false"` keeps it out
+/// whatever `policy.manage` says.
+pub const ANNOTATION_MANAGE: &str = "headroom.dev/manage";
+/// A watch ends after this long and is resumed from its last resource version.
+const WATCH_TIMEOUT_S: u64 = 290;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The workload a pod belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Owner {
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub owner: Owner,
+    /// Container id (without the `containerd://` scheme) → container name.
+    pub containers: HashMap<String, String>,
+    /// `Some(true|false)` from the [`ANNOTATION_MANAGE`] annotation.
+    pub manage: Option<bool>,
+}
+
+/// Where the API stands, for `/v1/status`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ApiStatus {
+    /// `off` (not configured or not in a cluster), `connecting`, `synced` or `error`.
+    pub state: &'static str,
+    pub pods: usize,
+    /// The newest failure, with the endpoint it happened on.
+    pub error: Option<String>,
+    /// What the agent does without the API.
+    pub fallback: Option<&'static str>,
+}
+
+/// The pods of this node, kept current by a watch; shared with the samplers.
+#[derive(Debug)]
+pub struct PodDirectory {
+    pods: RwLock<HashMap<String, Arc<PodInfo>>>,
+    status: Mutex<ApiStatus>,
+}
+
+impl PodDirectory {
+    fn new() -> PodDirectory {
+        PodDirectory {
+            pods: RwLock::new(HashMap::new()),
+            status: Mutex::new(ApiStatus {
+                state: "connecting",
+                pods: 0,
+                error: None,
+                fallback: None,
+            }),
+        }
+    }
+
+    /// A directory filled by hand (tests, and callers that learn pods elsewhere).
+    pub fn from_pods(pods: impl IntoIterator<Item = PodInfo>) -> PodDirectory {
+        let d = PodDirectory::new();
+        d.replace(pods.into_iter().collect());
+        d
+    }
+
+    pub fn pod(&self, uid: &str) -> Option<Arc<PodInfo>> {
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(uid)
+            .cloned()
+    }
+
+    pub fn status(&self) -> ApiStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn replace(&self, pods: Vec<PodInfo>) {
+        let map: HashMap<_, _> = pods
+            .into_iter()
+            .map(|p| (p.uid.clone(), Arc::new(p)))
+            .collect();
+        let n = map.len();
+        *self.pods.write().unwrap_or_else(|e| e.into_inner()) = map;
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        s.state = "synced";
+        s.pods = n;
+        s.error = None;
+        s.fallback = None;
+    }
+
+    fn upsert(&self, pod: PodInfo) {
+        let mut pods = self.pods.write().unwrap_or_else(|e| e.into_inner());
+        pods.insert(pod.uid.clone(), Arc::new(pod));
+        let n = pods.len();
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).pods = n;
+    }
+
+    fn remove(&self, uid: &str) {
+        let mut pods = self.pods.write().unwrap_or_else(|e| e.into_inner());
+        pods.remove(uid);
+        let n = pods.len();
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).pods = n;
+    }
+
+    fn failed(&self, error: String) {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        s.state = "error";
+        s.error = Some(error);
+        s.fallback = Some("container names from kubelet's log directory, owners from pod names");
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("{path}: {source}")]
+    Credentials {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Tls(String),
+    #[error("GET {url}: {reason}")]
+    Request { url: String, reason: String },
+    #[error("GET {url}: HTTP {status}: {body}")]
+    Status {
+        url: String,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("GET {url}: cannot decode the answer: {reason}")]
+    Decode { url: String, reason: String },
+}
+
+/// How to reach the API server from inside a pod.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub base: String,
+    pub token_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub node: String,
+}
+
+impl ApiConfig {
+    /// In-cluster settings (`KUBERNETES_SERVICE_HOST`, the service account mount), or `None`
+    /// when the agent does not run in a pod with API credentials.
+    pub fn in_cluster(cfg: &KubernetesConfig, node: &str) -> Option<ApiConfig> {
+        let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
+        let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+        let dir = Path::new(SERVICE_ACCOUNT_DIR);
+        let token_file = dir.join("token");
+        if !token_file.is_file() {
+            return None;
+        }
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        Some(ApiConfig {
+            base: cfg
+                .api_server
+                .clone()
+                .unwrap_or_else(|| format!("https://{host}:{port}")),
+            token_file,
+            ca_file: dir.join("ca.crt"),
+            node: node.to_string(),
+        })
+    }
+}
+
+/// Starts the watch on `runtime` when the API is configured and reachable in principle;
+/// `None` (logged once) when the agent runs without it.
+pub fn start(
+    cfg: &KubernetesConfig,
+    node: &str,
+    runtime: &tokio::runtime::Runtime,
+) -> Option<Arc<PodDirectory>> {
+    if !cfg.api {
+        return None;
+    }
+    let Some(api) = ApiConfig::in_cluster(cfg, node) else {
+        tracing::info!(
+            "not in a Kubernetes pod with a service account token; pod names come from kubelet's log directory, owners from pod names"
+        );
+        return None;
+    };
+    let dir = Arc::new(PodDirectory::new());
+    let client = match ApiClient::new(&api) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot use the Kubernetes API; pod names come from kubelet's log directory");
+            dir.failed(e.to_string());
+            return Some(dir);
+        }
+    };
+    tracing::info!(api = %api.base, node, "watching this node's pods through the Kubernetes API");
+    runtime.spawn(watch_pods(client, dir.clone()));
+    Some(dir)
+}
+
+type Http = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+struct ApiClient {
+    http: Http,
+    base: String,
+    token_file: PathBuf,
+    node: String,
+    /// Controllers already resolved: (namespace, kind, name) → the workload above them.
+    owners: HashMap<(String, String, String), Owner>,
+}
+
+impl ApiClient {
+    fn new(api: &ApiConfig) -> Result<ApiClient, KubeError> {
+        let tls = headroom_aggregator::tls::client_config(Some(&api.ca_file))
+            .map_err(|e| KubeError::Tls(e.to_string()))?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(REQUEST_TIMEOUT));
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        Ok(ApiClient {
+            http: Client::builder(TokioExecutor::new()).build(https),
+            base: api.base.trim_end_matches('/').to_string(),
+            token_file: api.token_file.clone(),
+            node: api.node.clone(),
+            owners: HashMap::new(),
+        })
+    }
+
+    /// The token is re-read on each request: kubelet rotates projected tokens.
+    fn request(&self, path: &str) -> Result<Request<Empty<Bytes>>, KubeError> {
+        let token =
+            std::fs::read_to_string(&self.token_file).map_err(|e| KubeError::Credentials {
+                path: self.token_file.clone(),
+                source: e,
+            })?;
+        Request::get(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", token.trim()))
+            .header("Accept", "application/json")
+            .body(Empty::new())
+            .map_err(|e| KubeError::Request {
+                url: path.to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, KubeError> {
+        let req = self.request(path)?;
+        let fut = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| KubeError::Request {
+                    url: path.to_string(),
+                    reason: error_chain(&e),
+                })?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| KubeError::Request {
+                    url: path.to_string(),
+                    reason: e.to_string(),
+                })?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(KubeError::Status {
+                    url: path.to_string(),
+                    status,
+                    body: String::from_utf8_lossy(&body).chars().take(300).collect(),
+                });
+            }
+            serde_json::from_slice(&body).map_err(|e| KubeError::Decode {
+                url: path.to_string(),
+                reason: e.to_string(),
+            })
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+            .await
+            .unwrap_or_else(|_| {
+                Err(KubeError::Request {
+                    url: path.to_string(),
+                    reason: format!("no answer within {REQUEST_TIMEOUT:?}"),
+                })
+            })
+    }
+
+    fn pods_path(&self) -> String {
+        format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{}", self.node)
+    }
+
+    /// The workload above a pod's controller, asking the API once per controller.
+    async fn owner_of(&mut self, namespace: &str, meta: &ObjectMeta) -> Owner {
+        let Some(ctrl) = meta.controller() else {
+            return Owner {
+                kind: "Pod".into(),
+                name: meta.name.clone(),
+            };
+        };
+        let parent = match ctrl.kind.as_str() {
+            "ReplicaSet" => Some(("apis/apps/v1", "replicasets")),
+            "Job" => Some(("apis/batch/v1", "jobs")),
+            _ => None,
+        };
+        let Some((group, resource)) = parent else {
+            return Owner {
+                kind: ctrl.kind.clone(),
+                name: ctrl.name.clone(),
+            };
+        };
+        let key = (namespace.to_string(), ctrl.kind.clone(), ctrl.name.clone());
+        if let Some(o) = self.owners.get(&key) {
+            return o.clone();
+        }
+        let path = format!("/{group}/namespaces/{namespace}/{resource}/{}", ctrl.name);
+        let owner = match self.get_json::<Object>(&path).await {
+            Ok(obj) => match obj.metadata.controller() {
+                Some(up) => Owner {
+                    kind: up.kind.clone(),
+                    name: up.name.clone(),
+                },
+                None => Owner {
+                    kind: ctrl.kind.clone(),
+                    name: ctrl.name.clone(),
+                },
+            },
+            Err(e) => {
+                // Without `get` on the controller: a Deployment's ReplicaSet is named
+                // `<deployment>-<pod-template-hash>`, and the pod carries that hash.
+                tracing::debug!(error = %e, "cannot read a pod's controller; naming its owner from the template hash");
+                match (ctrl.kind.as_str(), meta.labels.get("pod-template-hash")) {
+                    ("ReplicaSet", Some(hash)) => ctrl
+                        .name
+                        .strip_suffix(&format!("-{hash}"))
+                        .map(|d| Owner {
+                            kind: "Deployment".into(),
+                            name: d.to_string(),
+                        })
+                        .unwrap_or(Owner {
+                            kind: ctrl.kind.clone(),
+                            name: ctrl.name.clone(),
+                        }),
+                    _ => Owner {
+                        kind: ctrl.kind.clone(),
+                        name: ctrl.name.clone(),
+                    },
+                }
+            }
+        };
+        self.owners.insert(key, owner.clone());
+        owner
+    }
+
+    async fn pod_info(&mut self, pod: Pod) -> Option<PodInfo> {
+        let namespace = pod.metadata.namespace.clone()?;
+        let owner = self.owner_of(&namespace, &pod.metadata).await;
+        Some(pod_info(pod, namespace, owner))
+    }
+}
+
+fn pod_info(pod: Pod, namespace: String, owner: Owner) -> PodInfo {
+    let containers = pod
+        .status
+        .container_statuses
+        .iter()
+        .chain(&pod.status.init_container_statuses)
+        .chain(&pod.status.ephemeral_container_statuses)
+        .filter_map(|c| {
+            let id = c.container_id.as_deref()?;
+            let id = id.split_once("://").map_or(id, |(_, id)| id);
+            Some((id.to_string(), c.name.clone()))
+        })
+        .collect();
+    let manage = pod
+        .metadata
+        .annotations
+        .get(ANNOTATION_MANAGE)
+        .and_then(|v| match v.as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        });
+    PodInfo {
+        uid: pod.metadata.uid,
+        namespace,
+        name: pod.metadata.name,
+        owner,
+        containers,
+        manage,
+    }
+}
+
+/// List, then watch from the list's resource version; relist when the watch expires (410) or
+/// fails; back off exponentially (1 s to 60 s) while the API server cannot be reached.
+async fn watch_pods(mut client: ApiClient, dir: Arc<PodDirectory>) {
+    let mut backoff = Duration::from_secs(1);
+    let mut logged_failure = false;
+    loop {
+        match list_and_watch(&mut client, &dir).await {
+            Ok(()) => backoff = Duration::from_secs(1),
+            Err(e) => {
+                if !logged_failure {
+                    tracing::warn!(error = %e, retry_s = backoff.as_secs(), "cannot watch pods through the Kubernetes API; naming containers from kubelet's log directory meanwhile");
+                    logged_failure = true;
+                }
+                dir.failed(e.to_string());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+                continue;
+            }
+        }
+        if logged_failure {
+            tracing::info!("watching pods through the Kubernetes API again");
+            logged_failure = false;
+        }
+    }
+}
+
+async fn list_and_watch(client: &mut ApiClient, dir: &PodDirectory) -> Result<(), KubeError> {
+    let path = client.pods_path();
+    let list: PodList = client.get_json(&path).await?;
+    let mut pods = Vec::with_capacity(list.items.len());
+    for pod in list.items {
+        if let Some(p) = client.pod_info(pod).await {
+            pods.push(p);
+        }
+    }
+    let first = dir.status().state != "synced";
+    dir.replace(pods);
+    if first {
+        tracing::info!(
+            pods = dir.status().pods,
+            "this node's pods listed from the Kubernetes API"
+        );
+    }
+    let mut version = list.metadata.resource_version.unwrap_or_default();
+    loop {
+        let watch = format!(
+            "{path}&watch=1&allowWatchBookmarks=true&timeoutSeconds={WATCH_TIMEOUT_S}&resourceVersion={version}"
+        );
+        let req = client.request(&watch)?;
+        let resp = client
+            .http
+            .request(req)
+            .await
+            .map_err(|e| KubeError::Request {
+                url: watch.clone(),
+                reason: error_chain(&e),
+            })?;
+        if !resp.status().is_success() {
+            return Err(KubeError::Status {
+                url: watch,
+                status: resp.status(),
+                body: String::new(),
+            });
+        }
+        let mut body = resp.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        let idle = Duration::from_secs(WATCH_TIMEOUT_S + 30);
+        loop {
+            let frame = match tokio::time::timeout(idle, body.frame()).await {
+                Err(_) => break, // a silent watch: resume from the last version
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Err(KubeError::Request {
+                        url: watch,
+                        reason: e.to_string(),
+                    });
+                }
+                Ok(Some(Ok(f))) => f,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buf.extend_from_slice(&data);
+            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let event: WatchEvent =
+                    serde_json::from_slice(&line).map_err(|e| KubeError::Decode {
+                        url: watch.clone(),
+                        reason: e.to_string(),
+                    })?;
+                match event.kind.as_str() {
+                    "ERROR" => {
+                        // 410 Gone: the version is too old; a relist starts over.
+                        return Ok(());
+                    }
+                    "BOOKMARK" => {
+                        if let Some(v) = event
+                            .object
+                            .get("metadata")
+                            .and_then(|m| m.get("resourceVersion").and_then(|v| v.as_str()))
+                        {
+                            version = v.to_string();
+                        }
+                    }
+                    kind => {
+                        let pod: Pod = serde_json::from_value(event.object).map_err(|e| {
+                            KubeError::Decode {
+                                url: watch.clone(),
+                                reason: e.to_string(),
+                            }
+                        })?;
+                        if let Some(v) = &pod.metadata.resource_version {
+                            version = v.clone();
+                        }
+                        if kind == "DELETED" {
+                            dir.remove(&pod.metadata.uid);
+                        } else if let Some(p) = client.pod_info(pod).await {
+                            dir.upsert(p);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+// The few fields of the API's objects the agent reads.
+
+#[derive(Debug, Deserialize)]
+struct ObjectMeta {
+    name: String,
+    namespace: Option<String>,
+    #[serde(default)]
+    uid: String,
+    #[serde(rename = "resourceVersion")]
+    resource_version: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    #[serde(default, rename = "ownerReferences")]
+    owner_references: Vec<OwnerReference>,
+}
+
+impl ObjectMeta {
+    fn controller(&self) -> Option<&OwnerReference> {
+        self.owner_references.iter().find(|o| o.controller)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct OwnerReference {
+    kind: String,
+    name: String,
+    #[serde(default)]
+    controller: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Object {
+    metadata: ObjectMeta,
+}
+
+#[derive(Debug, Deserialize)]
+struct Pod {
+    metadata: ObjectMeta,
+    #[serde(default)]
+    status: PodStatus,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PodStatus {
+    #[serde(default, rename = "containerStatuses")]
+    container_statuses: Vec<ContainerStatus>,
+    #[serde(default, rename = "initContainerStatuses")]
+    init_container_statuses: Vec<ContainerStatus>,
+    #[serde(default, rename = "ephemeralContainerStatuses")]
+    ephemeral_container_statuses: Vec<ContainerStatus>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ContainerStatus {
+    name: String,
+    #[serde(rename = "containerID")]
+    container_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ListMeta {
+    #[serde(rename = "resourceVersion")]
+    resource_version: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PodList {
+    metadata: ListMeta,
+    items: Vec<Pod>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WatchEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    object: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POD: &str = r#"{
+      "metadata": {"name": "web-7d4b9c8f6d-x2k4p", "namespace": "shop", "uid": "u1",
+        "resourceVersion": "42", "labels": {"pod-template-hash": "7d4b9c8f6d"},
+        "annotations": {"headroom.dev/manage": "true"},
+        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+          "name": "web-7d4b9c8f6d", "uid": "rs1", "controller": true}]},
+      "spec": {"nodeName": "n1"},
+      "status": {"containerStatuses": [
+        {"name": "app", "containerID": "containerd://aaaa"},
+        {"name": "sidecar", "containerID": "containerd://bbbb"},
+        {"name": "starting"}]}
+    }"#;
+
+    #[test]
+    fn pods_decode_with_containers_and_annotations() {
+        let pod: Pod = serde_json::from_str(POD).unwrap();
+        assert_eq!(pod.metadata.controller().unwrap().kind, "ReplicaSet");
+        let info = pod_info(
+            pod,
+            "shop".into(),
+            Owner {
+                kind: "Deployment".into(),
+                name: "web".into(),
+            },
+        );
+        assert_eq!(info.containers.len(), 2);
+        assert_eq!(info.containers["aaaa"], "app");
+        assert_eq!(info.containers["bbbb"], "sidecar");
+        assert_eq!(info.manage, Some(true));
+        let d = PodDirectory::from_pods([info]);
+        assert_eq!(d.pod("u1").unwrap().owner.name, "web");
+        assert_eq!(d.status().pods, 1);
+        d.remove("u1");
+        assert!(d.pod("u1").is_none());
+    }
+
+    #[test]
+    fn watch_events_and_lists_decode() {
+        let ev: WatchEvent =
+            serde_json::from_str(&format!(r#"{{"type":"MODIFIED","object":{POD}}}"#)).unwrap();
+        assert_eq!(ev.kind, "MODIFIED");
+        let list: PodList = serde_json::from_str(&format!(
+            r#"{{"kind":"PodList","metadata":{{"resourceVersion":"7"}},"items":[{POD}]}}"#
+        ))
+        .unwrap();
+        assert_eq!(list.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(list.items.len(), 1);
+        let bare: Pod =
+            serde_json::from_str(r#"{"metadata":{"name":"solo","namespace":"x","uid":"u2"}}"#)
+                .unwrap();
+        assert!(bare.metadata.controller().is_none());
+    }
+}
