@@ -847,9 +847,14 @@ pub fn start(
     ));
 
     start_hint_client(&config, &shared, runtime)?;
-    if let Some(pods) = crate::kube::start(&config.kubernetes, &shared.hostname, runtime) {
-        let _ = shared.pods.set(pods);
-    }
+    let kube_api = match crate::kube::start(&config.kubernetes, &shared.hostname, runtime) {
+        Some(k) => {
+            let _ = shared.pods.set(k.pods);
+            k.api
+        }
+        None => None,
+    };
+    let handle = runtime.handle().clone();
 
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();
     let sampler = {
@@ -861,11 +866,20 @@ pub fn start(
                 if let (Some(c), Some(pods)) = (samplers.cgroups.as_mut(), shared.pods.get()) {
                     c.set_pods(pods.clone());
                 }
-                let policy = crate::act::driver::Driver::new(
+                let mut policy = crate::act::driver::Driver::new(
                     &config.policy,
                     config.sample_interval_s,
                     actuator,
                 );
+                if let (Some(api), Some(pods)) = (kube_api, shared.pods.get()) {
+                    policy.set_resizer(crate::act::resize::Resizer::open(
+                        api,
+                        pods.clone(),
+                        handle,
+                        shared.hostname.clone(),
+                        dir.clone(),
+                    ));
+                }
                 let forecasts = restore_forecasts(&config, &dir);
                 // Loading eBPF parses the kernel's BTF (tens of MiB, freed at once) and restoring
                 // state reads whole files; hand that memory back instead of keeping it resident.

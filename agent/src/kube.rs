@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::{Request, StatusCode};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
@@ -46,6 +46,29 @@ pub struct PodInfo {
     pub containers: HashMap<String, String>,
     /// `Some(true|false)` from the [`ANNOTATION_MANAGE`] annotation.
     pub manage: Option<bool>,
+    /// Container name → its CPU request and limit as the spec says (millicores).
+    pub spec_cpu: HashMap<String, CpuResources>,
+    /// Container name → the CPU limit the kubelet reports as applied (millicores).
+    pub applied_cpu_limit: HashMap<String, Option<u64>>,
+    /// `PodResizePending` (with its reason, `Deferred` or `Infeasible`) or `PodResizeInProgress`
+    /// (with its reason when the last attempt failed), while a resize is under way.
+    pub resize: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpuResources {
+    pub request_millis: Option<u64>,
+    pub limit_millis: Option<u64>,
+}
+
+/// `"250m"`, `"1"`, `"1.5"` → millicores.
+pub fn parse_cpu_millis(q: &str) -> Option<u64> {
+    let q = q.trim();
+    if let Some(m) = q.strip_suffix('m') {
+        return m.parse().ok();
+    }
+    let cores: f64 = q.parse().ok()?;
+    (cores.is_finite() && cores >= 0.0).then(|| (cores * 1000.0).round() as u64)
 }
 
 /// Where the API stands, for `/v1/status`.
@@ -147,15 +170,15 @@ pub enum KubeError {
     },
     #[error("{0}")]
     Tls(String),
-    #[error("GET {url}: {reason}")]
+    #[error("{url}: {reason}")]
     Request { url: String, reason: String },
-    #[error("GET {url}: HTTP {status}: {body}")]
+    #[error("{url}: HTTP {status}: {body}")]
     Status {
         url: String,
         status: StatusCode,
         body: String,
     },
-    #[error("GET {url}: cannot decode the answer: {reason}")]
+    #[error("{url}: cannot decode the answer: {reason}")]
     Decode { url: String, reason: String },
 }
 
@@ -196,13 +219,20 @@ impl ApiConfig {
     }
 }
 
+/// What [`start`] gives the agent: the pods of its node and, when credentials load, a client
+/// for the few writes it makes (resizes, events).
+pub struct Kube {
+    pub pods: Arc<PodDirectory>,
+    pub api: Option<Api>,
+}
+
 /// Starts the watch on `runtime` when the API is configured and reachable in principle;
 /// `None` (logged once) when the agent runs without it.
 pub fn start(
     cfg: &KubernetesConfig,
     node: &str,
     runtime: &tokio::runtime::Runtime,
-) -> Option<Arc<PodDirectory>> {
+) -> Option<Kube> {
     if !cfg.api {
         return None;
     }
@@ -213,32 +243,49 @@ pub fn start(
         return None;
     };
     let dir = Arc::new(PodDirectory::new());
-    let client = match ApiClient::new(&api) {
+    let client = match Api::new(&api) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "cannot use the Kubernetes API; pod names come from kubelet's log directory");
             dir.failed(e.to_string());
-            return Some(dir);
+            return Some(Kube {
+                pods: dir,
+                api: None,
+            });
         }
     };
     tracing::info!(api = %api.base, node, "watching this node's pods through the Kubernetes API");
-    runtime.spawn(watch_pods(client, dir.clone()));
-    Some(dir)
+    let watcher = Watcher {
+        api: client.clone(),
+        node: api.node.clone(),
+        owners: HashMap::new(),
+    };
+    runtime.spawn(watch_pods(watcher, dir.clone()));
+    Some(Kube {
+        pods: dir,
+        api: Some(client),
+    })
 }
 
-type Http = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+type Http = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-struct ApiClient {
+/// Requests to the API server with the pod's service account; cheap to clone.
+#[derive(Clone)]
+pub struct Api {
     http: Http,
     base: String,
     token_file: PathBuf,
+}
+
+struct Watcher {
+    api: Api,
     node: String,
     /// Controllers already resolved: (namespace, kind, name) → the workload above them.
     owners: HashMap<(String, String, String), Owner>,
 }
 
-impl ApiClient {
-    fn new(api: &ApiConfig) -> Result<ApiClient, KubeError> {
+impl Api {
+    fn new(api: &ApiConfig) -> Result<Api, KubeError> {
         let tls = headroom_aggregator::tls::client_config(Some(&api.ca_file))
             .map_err(|e| KubeError::Tls(e.to_string()))?;
         let mut connector = HttpConnector::new();
@@ -249,34 +296,55 @@ impl ApiClient {
             .https_or_http()
             .enable_http1()
             .wrap_connector(connector);
-        Ok(ApiClient {
+        Ok(Api {
             http: Client::builder(TokioExecutor::new()).build(https),
             base: api.base.trim_end_matches('/').to_string(),
             token_file: api.token_file.clone(),
-            node: api.node.clone(),
-            owners: HashMap::new(),
         })
     }
 
     /// The token is re-read on each request: kubelet rotates projected tokens.
-    fn request(&self, path: &str) -> Result<Request<Empty<Bytes>>, KubeError> {
+    fn request(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<Request<Full<Bytes>>, KubeError> {
         let token =
             std::fs::read_to_string(&self.token_file).map_err(|e| KubeError::Credentials {
                 path: self.token_file.clone(),
                 source: e,
             })?;
-        Request::get(format!("{}{path}", self.base))
+        let mut b = Request::builder()
+            .method(method.clone())
+            .uri(format!("{}{path}", self.base))
             .header("Authorization", format!("Bearer {}", token.trim()))
-            .header("Accept", "application/json")
-            .body(Empty::new())
-            .map_err(|e| KubeError::Request {
-                url: path.to_string(),
-                reason: e.to_string(),
-            })
+            .header("Accept", "application/json");
+        let payload = match body {
+            Some((content_type, bytes)) => {
+                b = b.header("Content-Type", content_type);
+                Bytes::from(bytes)
+            }
+            None => Bytes::new(),
+        };
+        b.body(Full::new(payload)).map_err(|e| KubeError::Request {
+            url: format!("{method} {path}"),
+            reason: e.to_string(),
+        })
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, KubeError> {
-        let req = self.request(path)?;
+        self.send(hyper::Method::GET, path, None).await
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<T, KubeError> {
+        let req = self.request(method.clone(), path, body)?;
+        let path = &format!("{method} {path}");
         let fut = async {
             let resp = self
                 .http
@@ -318,6 +386,96 @@ impl ApiClient {
             })
     }
 
+    /// Sets one container's CPU limit through the pod's `resize` subresource (in-place resize,
+    /// GA in Kubernetes 1.35); the kubelet applies it and reports progress in the pod's status.
+    pub async fn resize_cpu_limit(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+        limit_millis: Option<u64>,
+    ) -> Result<(), KubeError> {
+        let limit = match limit_millis {
+            Some(m) => serde_json::json!(format!("{m}m")),
+            None => serde_json::Value::Null,
+        };
+        let patch = serde_json::json!({"spec": {"containers": [
+            {"name": container, "resources": {"limits": {"cpu": limit}}}
+        ]}});
+        let path = format!("/api/v1/namespaces/{namespace}/pods/{pod}/resize");
+        let body = serde_json::to_vec(&patch).unwrap_or_default();
+        self.send::<serde_json::Value>(
+            hyper::Method::PATCH,
+            &path,
+            Some(("application/strategic-merge-patch+json", body)),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Records a Kubernetes Event on a pod (`kubectl describe pod` shows it).
+    pub async fn pod_event(&self, e: &PodEvent<'_>) -> Result<(), KubeError> {
+        let now = rfc3339(std::time::SystemTime::now());
+        let event = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": format!("{}.headroom-", e.pod), "namespace": e.namespace},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": e.namespace,
+                               "name": e.pod, "uid": e.uid},
+            "reason": e.reason,
+            "message": e.message,
+            "type": if e.warning { "Warning" } else { "Normal" },
+            "source": {"component": "headroom-agent", "host": e.node},
+            "reportingComponent": "headroom-agent",
+            "reportingInstance": e.node,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        });
+        let path = format!("/api/v1/namespaces/{}/events", e.namespace);
+        let body = serde_json::to_vec(&event).unwrap_or_default();
+        self.send::<serde_json::Value>(hyper::Method::POST, &path, Some(("application/json", body)))
+            .await
+            .map(|_| ())
+    }
+}
+
+/// An Event about a pod.
+pub struct PodEvent<'a> {
+    pub namespace: &'a str,
+    pub pod: &'a str,
+    pub uid: &'a str,
+    pub node: &'a str,
+    pub reason: &'a str,
+    pub message: &'a str,
+    pub warning: bool,
+}
+
+/// `2026-12-03T15:04:05Z`
+fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+impl Watcher {
     fn pods_path(&self) -> String {
         format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{}", self.node)
     }
@@ -346,7 +504,7 @@ impl ApiClient {
             return o.clone();
         }
         let path = format!("/{group}/namespaces/{namespace}/{resource}/{}", ctrl.name);
-        let owner = match self.get_json::<Object>(&path).await {
+        let owner = match self.api.get_json::<Object>(&path).await {
             Ok(obj) => match obj.metadata.controller() {
                 Some(up) => Owner {
                     kind: up.kind.clone(),
@@ -413,6 +571,39 @@ fn pod_info(pod: Pod, namespace: String, owner: Owner) -> PodInfo {
             "false" => Some(false),
             _ => None,
         });
+    let cpu = |r: &Option<ResourceList>| {
+        r.as_ref()
+            .and_then(|l| l.cpu.as_deref())
+            .and_then(parse_cpu_millis)
+    };
+    let spec_cpu = pod
+        .spec
+        .containers
+        .iter()
+        .map(|c| {
+            (
+                c.name.clone(),
+                CpuResources {
+                    request_millis: cpu(&c.resources.requests),
+                    limit_millis: cpu(&c.resources.limits),
+                },
+            )
+        })
+        .collect();
+    let applied_cpu_limit = pod
+        .status
+        .container_statuses
+        .iter()
+        .filter_map(|c| Some((c.name.clone(), cpu(&c.resources.as_ref()?.limits))))
+        .collect();
+    let resize = pod
+        .status
+        .conditions
+        .iter()
+        .find(|c| {
+            (c.kind == "PodResizePending" || c.kind == "PodResizeInProgress") && c.status == "True"
+        })
+        .map(|c| (c.kind.clone(), c.reason.clone().unwrap_or_default()));
     PodInfo {
         uid: pod.metadata.uid,
         namespace,
@@ -420,12 +611,15 @@ fn pod_info(pod: Pod, namespace: String, owner: Owner) -> PodInfo {
         owner,
         containers,
         manage,
+        spec_cpu,
+        applied_cpu_limit,
+        resize,
     }
 }
 
 /// List, then watch from the list's resource version; relist when the watch expires (410) or
 /// fails; back off exponentially (1 s to 60 s) while the API server cannot be reached.
-async fn watch_pods(mut client: ApiClient, dir: Arc<PodDirectory>) {
+async fn watch_pods(mut client: Watcher, dir: Arc<PodDirectory>) {
     let mut backoff = Duration::from_secs(1);
     let mut logged_failure = false;
     loop {
@@ -449,9 +643,9 @@ async fn watch_pods(mut client: ApiClient, dir: Arc<PodDirectory>) {
     }
 }
 
-async fn list_and_watch(client: &mut ApiClient, dir: &PodDirectory) -> Result<(), KubeError> {
+async fn list_and_watch(client: &mut Watcher, dir: &PodDirectory) -> Result<(), KubeError> {
     let path = client.pods_path();
-    let list: PodList = client.get_json(&path).await?;
+    let list: PodList = client.api.get_json(&path).await?;
     let mut pods = Vec::with_capacity(list.items.len());
     for pod in list.items {
         if let Some(p) = client.pod_info(pod).await {
@@ -471,8 +665,9 @@ async fn list_and_watch(client: &mut ApiClient, dir: &PodDirectory) -> Result<()
         let watch = format!(
             "{path}&watch=1&allowWatchBookmarks=true&timeoutSeconds={WATCH_TIMEOUT_S}&resourceVersion={version}"
         );
-        let req = client.request(&watch)?;
+        let req = client.api.request(hyper::Method::GET, &watch, None)?;
         let resp = client
+            .api
             .http
             .request(req)
             .await
@@ -607,7 +802,41 @@ struct Object {
 struct Pod {
     metadata: ObjectMeta,
     #[serde(default)]
+    spec: PodSpec,
+    #[serde(default)]
     status: PodStatus,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PodSpec {
+    #[serde(default)]
+    containers: Vec<ContainerSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ContainerSpec {
+    name: String,
+    #[serde(default)]
+    resources: Resources,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Resources {
+    requests: Option<ResourceList>,
+    limits: Option<ResourceList>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ResourceList {
+    cpu: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Condition {
+    #[serde(rename = "type")]
+    kind: String,
+    status: String,
+    reason: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -618,6 +847,8 @@ struct PodStatus {
     init_container_statuses: Vec<ContainerStatus>,
     #[serde(default, rename = "ephemeralContainerStatuses")]
     ephemeral_container_statuses: Vec<ContainerStatus>,
+    #[serde(default)]
+    conditions: Vec<Condition>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -625,6 +856,8 @@ struct ContainerStatus {
     name: String,
     #[serde(rename = "containerID")]
     container_id: Option<String>,
+    /// What the kubelet applied (in-place resize reports it here).
+    resources: Option<Resources>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -701,5 +934,47 @@ mod tests {
             serde_json::from_str(r#"{"metadata":{"name":"solo","namespace":"x","uid":"u2"}}"#)
                 .unwrap();
         assert!(bare.metadata.controller().is_none());
+    }
+
+    #[test]
+    fn quantities_and_timestamps() {
+        assert_eq!(parse_cpu_millis("250m"), Some(250));
+        assert_eq!(parse_cpu_millis("1.5"), Some(1500));
+        assert_eq!(parse_cpu_millis("2"), Some(2000));
+        assert_eq!(parse_cpu_millis("lots"), None);
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(1_796_310_245);
+        assert_eq!(rfc3339(t), "2026-12-03T15:04:05Z");
+        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn resize_state_and_limits_decode() {
+        let pod: Pod = serde_json::from_str(
+            r#"{"metadata":{"name":"p","namespace":"x","uid":"u"},
+                "spec":{"containers":[{"name":"c","resources":{"requests":{"cpu":"100m"},"limits":{"cpu":"1"}}}]},
+                "status":{"conditions":[{"type":"PodResizePending","status":"True","reason":"Infeasible"}],
+                          "containerStatuses":[{"name":"c","containerID":"containerd://i","resources":{"limits":{"cpu":"500m"}}}]}}"#,
+        )
+        .unwrap();
+        let info = pod_info(
+            pod,
+            "x".into(),
+            Owner {
+                kind: "Pod".into(),
+                name: "p".into(),
+            },
+        );
+        assert_eq!(
+            info.spec_cpu["c"],
+            CpuResources {
+                request_millis: Some(100),
+                limit_millis: Some(1000)
+            }
+        );
+        assert_eq!(info.applied_cpu_limit["c"], Some(500));
+        assert_eq!(
+            info.resize,
+            Some(("PodResizePending".into(), "Infeasible".into()))
+        );
     }
 }

@@ -264,6 +264,60 @@ fn kubepods_cgroups() -> Vec<PathBuf> {
     left
 }
 
+/// A throttled pod that opts in to management.
+const SQUEEZED: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata:
+  name: NAME
+  namespace: hr-test
+  annotations: {headroom.dev/manage: "true"}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: burn
+      image: localhost/headroom-tools:test
+      imagePullPolicy: Never
+      command: [sh, -c, "yes > /dev/null"]
+      resources: {requests: {cpu: 100m}, limits: {cpu: 200m}}
+"#;
+
+fn cpu_millis(q: &str) -> u64 {
+    match q.strip_suffix('m') {
+        Some(m) => m.parse().expect("millicores"),
+        None => (q.parse::<f64>().expect("cores") * 1000.0).round() as u64,
+    }
+}
+
+/// The CFS quota of a container's cgroup (v1 `cpu` controller), in millicores.
+fn cfs_quota_millis(container_id: &str) -> Option<u64> {
+    let root = Path::new("/sys/fs/cgroup/cpu/kubepods");
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).ok()?.flatten() {
+            let p = e.path();
+            if !p.is_dir() {
+                continue;
+            }
+            if p.file_name().is_some_and(|n| n == container_id) {
+                let q: i64 = std::fs::read_to_string(p.join("cpu.cfs_quota_us"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                let period: i64 = std::fs::read_to_string(p.join("cpu.cfs_period_us"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                return (q > 0).then(|| (q * 1000 / period) as u64);
+            }
+            stack.push(p);
+        }
+    }
+    None
+}
+
 const WORKLOADS: &str = r#"
 apiVersion: v1
 kind: Namespace
@@ -538,6 +592,114 @@ fn deploy_runs_on_a_real_kubernetes_node() {
             "sandbox as a workload: {id}"
         );
     }
+
+    // In-place resize (enforce mode in the overlay): pods annotated headroom.dev/manage get
+    // their CPU limit raised through pods/resize while throttled.
+    for name in ["squeezed", "squeezed2"] {
+        cluster.apply(&SQUEEZED.replace("NAME", name));
+    }
+    let limit_of = |pod: &str| {
+        let p = cluster.json(&["-n", "hr-test", "get", "pod", pod]);
+        let spec = p["spec"]["containers"][0]["resources"]["limits"]["cpu"]
+            .as_str()
+            .map(cpu_millis);
+        let applied = p["status"]["containerStatuses"][0]["resources"]["limits"]["cpu"]
+            .as_str()
+            .map(cpu_millis);
+        let id = p["status"]["containerStatuses"][0]["containerID"]
+            .as_str()
+            .and_then(|s| s.split_once("://"))
+            .map(|(_, id)| id.to_string());
+        (spec, applied, id)
+    };
+    for pod in ["squeezed", "squeezed2"] {
+        let raised = wait_for(Duration::from_secs(120), || {
+            let (spec, applied, id) = limit_of(pod);
+            let (spec, id) = (spec?, id?);
+            (spec > 200 && applied == Some(spec)).then_some((spec, id))
+        });
+        let (limit, id) = raised.unwrap_or_else(|| {
+            panic!(
+                "{pod}: CPU limit not raised through pods/resize: {:?}",
+                limit_of(pod)
+            )
+        });
+        // The kubelet applied it: the container's cgroup holds the matching quota.
+        let quota = wait_for(Duration::from_secs(10), || {
+            let (spec, _, _) = limit_of(pod);
+            let q = cfs_quota_millis(&id)?;
+            (Some(q) == spec).then_some(q)
+        });
+        assert!(
+            quota.is_some(),
+            "{pod}: cgroup quota {:?} vs limit {limit}m",
+            cfs_quota_millis(&id)
+        );
+        eprintln!("{pod}: limit 200m raised to {limit}m through pods/resize; cgroup agrees");
+    }
+    let events = |pod: &str| {
+        cluster.kubectl(&[
+            "-n",
+            "hr-test",
+            "get",
+            "events",
+            "--field-selector",
+            &format!("involvedObject.name={pod}"),
+            "-o",
+            "custom-columns=REASON:.reason,MESSAGE:.message",
+        ])
+    };
+    assert!(
+        events("squeezed").contains("HeadroomResize"),
+        "{}",
+        events("squeezed")
+    );
+    // Someone else resizes: drift, recorded and not overwritten.
+    cluster.kubectl(&[
+        "-n",
+        "hr-test",
+        "patch",
+        "pod",
+        "squeezed",
+        "--subresource",
+        "resize",
+        "-p",
+        r#"{"spec":{"containers":[{"name":"burn","resources":{"limits":{"cpu":"700m"}}}]}}"#,
+    ]);
+    let drift = wait_for(Duration::from_secs(60), || {
+        events("squeezed").contains("HeadroomDrift").then_some(())
+    });
+    assert!(drift.is_some(), "no drift event: {}", events("squeezed"));
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(
+        limit_of("squeezed").0,
+        Some(700),
+        "the manual resize was overwritten"
+    );
+    // SIGTERM (the pod deleted): the agent puts back what it changed, through the same path.
+    cluster.kubectl(&[
+        "-n",
+        "headroom",
+        "delete",
+        "pod",
+        "-l",
+        "app.kubernetes.io/name=headroom-agent",
+        "--wait=true",
+    ]);
+    let restored = wait_for(Duration::from_secs(30), || {
+        (limit_of("squeezed2").0 == Some(200)).then_some(())
+    });
+    assert!(
+        restored.is_some(),
+        "squeezed2 not restored: {:?}",
+        limit_of("squeezed2")
+    );
+    assert_eq!(
+        limit_of("squeezed").0,
+        Some(700),
+        "a limit someone else set was restored over"
+    );
+    cluster.ready_pods("headroom", "app.kubernetes.io/name=headroom-agent", 1);
 
     // A second kube-up while one runs starts no second cluster.
     let mut first = kube_up()

@@ -103,16 +103,23 @@ struct Managed {
     allow: Allow,
 }
 
+/// What a container's classification rests on: its pod's `headroom.dev/manage` annotation and
+/// whether its Kubernetes names are known.
+type Basis = (Option<bool>, bool);
+
 pub struct Driver {
     config: PolicyConfig,
     engine: Engine,
     forecast: WindowForecast,
     actuator: Option<Actuator>,
     mps: Option<Mps>,
-    /// `None`: seen and not managed.
-    seen: HashMap<String, Option<Managed>>,
+    /// `None`: seen and not managed. With what the decision was made on (the pod's annotation
+    /// and whether its names were known), so that names arriving later from the API count.
+    seen: HashMap<String, (Option<Managed>, Basis)>,
     t0: Instant,
     base: Params,
+    /// Kubernetes containers' CPU limits through `pods/resize`, when the agent has the API.
+    resizer: Option<super::resize::Resizer>,
 }
 
 /// Signals of one pass, gathered once from the snapshot: the forecaster's upper bounds, request
@@ -215,7 +222,25 @@ impl Driver {
             seen: HashMap::new(),
             t0: Instant::now(),
             base,
+            resizer: None,
         }
+    }
+
+    /// Changes Kubernetes containers' CPU limits through the API from now on; first puts back
+    /// what a previous run resized and did not restore (a crash).
+    pub fn set_resizer(&mut self, mut r: super::resize::Resizer) {
+        if r.pending_restores() > 0 {
+            let (n, errors) = r.restore_all();
+            for e in &errors {
+                tracing::error!(error = %e, "cannot restore a pod's original CPU limit");
+            }
+            tracing::info!(
+                restored = n,
+                failed = errors.len(),
+                "restored pods' CPU limits a previous run had resized"
+            );
+        }
+        self.resizer = Some(r);
     }
 
     fn classify(
@@ -286,7 +311,9 @@ impl Driver {
             if let Some(req) = paths.and_then(cpu_request_cores) {
                 cpu.floor = cpu.floor.max(req);
             }
-            if let Some(limit) = c.stats.cpu_quota_cores {
+            if let Some(limit) = c.stats.cpu_quota_cores
+                && self.resizer.is_none()
+            {
                 let burst = self.config.cpu_burst_ratio;
                 cpu.ceiling = (limit * (1.0 + burst)).min(node_cpus);
                 if burst > 0.0 {
@@ -327,18 +354,30 @@ impl Driver {
             .as_ref()
             .map(|n| (n.cpus as f64, n.memory_total_bytes as f64))
             .unwrap_or((1.0, 1e12));
+        if let Some(r) = self.resizer.as_mut() {
+            r.check(&|cg: &str| {
+                let paths = cgroups.and_then(|s| s.paths(cg))?;
+                let (dir, v2) = match (&paths.v2, &paths.cpu) {
+                    (Some(d), _) if d.join("cpu.max").is_file() => (d.clone(), true),
+                    (_, Some(d)) => (d.clone(), false),
+                    _ => return None,
+                };
+                super::read_cpu(&dir, v2).ok()?.0
+            });
+        }
         let mut managed_n = 0;
         for c in &snapshot.containers {
             let key = c.ident.cgroup.as_str();
             let paths = cgroups.and_then(|s| s.paths(key));
-            if !self.seen.contains_key(key) {
+            let basis = (c.ident.manage, c.ident.pod.is_some());
+            if self.seen.get(key).is_none_or(|(_, b)| *b != basis) {
                 let m = self.classify(c, paths, node_cpus, node_mem);
                 if let Some(m) = &m {
                     tracing::info!(container = key, mode = ?m.mode, cpu = ?m.cpu, memory = ?m.memory, "managing container");
                 }
-                self.seen.insert(key.to_string(), m);
+                self.seen.insert(key.to_string(), (m, basis));
             }
-            let Some(Some(m)) = self.seen.get(key) else {
+            let Some((Some(m), _)) = self.seen.get(key) else {
                 continue;
             };
             let m = m.clone();
@@ -377,7 +416,7 @@ impl Driver {
                 &fc,
             );
             for mut d in decisions {
-                self.carry_out(&mut d, &m, paths);
+                self.carry_out(&mut d, &m, &c.ident, paths);
                 if d.applied || m.mode == PolicyMode::Observe {
                     // In observe mode the engine follows what enforce would have done, so the
                     // decisions listed are the ones enforce would have made.
@@ -416,7 +455,17 @@ impl Driver {
         self.engine.retain(|k| alive.contains(k));
     }
 
-    fn carry_out(&mut self, d: &mut Decision, m: &Managed, paths: Option<&ControllerPaths>) {
+    fn carry_out(
+        &mut self,
+        d: &mut Decision,
+        m: &Managed,
+        ident: &crate::sample::cgroup::Identity,
+        paths: Option<&ControllerPaths>,
+    ) {
+        if m.kube && d.resource == Resource::Cpu && self.resizer.is_some() {
+            self.resize(d, m, ident);
+            return;
+        }
         self.write(d, m, paths);
         // The pod's request and limit are kubelet's: the agent does not fight for more through
         // cgroups, it recommends an in-place resize instead.
@@ -426,6 +475,34 @@ impl Driver {
                 Some(n) => format!("{n}; {hint}"),
                 None => hint.to_string(),
             });
+        }
+    }
+
+    /// A Kubernetes container's CPU limit is the kubelet's: it changes through `pods/resize`.
+    fn resize(&mut self, d: &mut Decision, m: &Managed, ident: &crate::sample::cgroup::Identity) {
+        if m.mode == PolicyMode::Observe {
+            d.note = Some("observe mode: no resize requested".into());
+            return;
+        }
+        let (Some(r), Some(uid), Some(container)) = (
+            self.resizer.as_mut(),
+            ident.pod_uid.as_deref(),
+            ident.container.as_deref(),
+        ) else {
+            d.note = Some("pod or container name not known yet".into());
+            return;
+        };
+        match r.resize_cpu(uid, container, &ident.cgroup, d.to, d.reason.as_str()) {
+            Ok(note) => {
+                d.applied = true;
+                d.note = Some(note);
+            }
+            Err(e) => {
+                if matches!(e, super::resize::NotNow::Drift(_)) {
+                    self.engine.resync(&d.container, d.resource, d.from);
+                }
+                d.note = Some(e.to_string());
+            }
         }
     }
 
@@ -472,6 +549,19 @@ impl Driver {
     pub fn restore(&mut self) {
         if let Some(a) = self.actuator.as_mut() {
             restore_logged(a);
+        }
+        if let Some(r) = self.resizer.as_mut()
+            && r.pending_restores() > 0
+        {
+            let (n, errors) = r.restore_all();
+            for e in &errors {
+                tracing::error!(error = %e, "cannot restore a pod's original CPU limit");
+            }
+            tracing::info!(
+                restored = n,
+                failed = errors.len(),
+                "restored pods' original CPU limits through pods/resize"
+            );
         }
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod driver;
 pub mod mps;
+pub mod resize;
 
 use std::collections::BTreeMap;
 use std::fs;
