@@ -468,7 +468,16 @@ impl Samplers {
                 }),
             },
         );
-        let gpu = self.gpu.sample(at);
+        let mut gpu = self.gpu.sample(at);
+        // A process's cgroup as /proc shows it may be nested in its container's, or relative to
+        // the agent's own cgroup namespace: name it by the container's key.
+        if let Some(c) = &self.cgroups {
+            for u in &mut gpu.containers {
+                if let Some(ident) = c.container_by_cgroup(&u.cgroup) {
+                    u.cgroup.clone_from(&ident.cgroup);
+                }
+            }
+        }
         shared.set_health(
             "gpu",
             SamplerHealth {

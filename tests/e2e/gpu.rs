@@ -408,6 +408,84 @@ fn gpu_metrics_match_the_script_and_attribute_real_cgroups() {
     }
 }
 
+/// On pure cgroup v2, containerd gives a non-privileged pod a private cgroup namespace, so the
+/// agent reads other pods' processes as `/../<path>`. Reproduced with `unshare --cgroup` from a
+/// cgroup of the agent's own: GPU processes must still land on their containers.
+#[test]
+fn gpu_processes_resolve_from_a_private_cgroup_namespace() {
+    let test = "gpu_processes_resolve_from_a_private_cgroup_namespace";
+    if !require_root(test) || !require_tool(test, "unshare") {
+        return;
+    }
+    let w = workload_binary();
+    let a = TestCgroup::create("nsgpu-a", true, false);
+    let own = TestCgroup::create("nsagent", true, false);
+    let mut p = a.spawn(&w, &["sleep"]);
+    let pid = p.id();
+    wait_for(Duration::from_secs(5), || {
+        let t = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        t.lines()
+            .any(|l| l.ends_with(&format!(":{}", a.rel)))
+            .then_some(())
+    })
+    .expect("the workload entered its cgroup");
+    let fake = Fake::new(&json!({"gpus": [{
+        "uuid": UUID0, "pci_bus_id": "00000000:19:00.0", "utilization": 40,
+        "memory_used": 9_000_000_000u64,
+        "processes": [{"pid": pid, "memory_used": 6_000_000_000u64, "sm_util": 35}]
+    }]}));
+    let procs = own
+        .procs_files()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let script = format!("for f in {procs}; do echo $$ > $f; done; exec unshare --cgroup \"$@\"");
+    let agent = Agent::start_wrapped(
+        &["sh", "-c", &script, "sh"],
+        &[
+            "--nvml-library",
+            &fake.lib(),
+            "--include-cgroup",
+            "/headroom-test-*",
+            "--sample-interval",
+            "0.5",
+        ],
+    );
+    // The agent really is in a namespace: its view of the workload is relative.
+    let own_view = std::process::Command::new("nsenter")
+        .args([
+            "-t",
+            &agent.pid().to_string(),
+            "-C",
+            "cat",
+            &format!("/proc/{pid}/cgroup"),
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(
+        own_view.contains("/.."),
+        "the agent's cgroup namespace shows {own_view:?}"
+    );
+    let used = wait_for(Duration::from_secs(15), || {
+        value(
+            &agent.metrics(),
+            "headroom_gpu_container_memory_used_bytes",
+            &[("cgroup", &a.rel), ("UUID", UUID0)],
+        )
+    });
+    assert_eq!(
+        used,
+        Some(6_000_000_000.0),
+        "GPU memory of {} not attributed: {}",
+        a.rel,
+        agent.log_text()
+    );
+    let _ = p.kill();
+    let _ = p.wait();
+}
+
 fn two_gpus() -> Value {
     json!({"gpus": [
         {"uuid": UUID0, "pci_bus_id": "00000000:19:00.0", "utilization": 10, "memory_used": 1_000_000u64},

@@ -240,10 +240,35 @@ impl Agent {
         state_dir: &Path,
         tmp: Option<tempfile::TempDir>,
     ) -> Agent {
+        Agent::start_via(&[], args, state_dir, tmp)
+    }
+
+    /// Starts the agent as the last arguments of `wrapper` (which must `exec "$@"`), e.g. in a
+    /// cgroup namespace of its own.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Agent {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let state = tmp.path().join("state");
+        Agent::start_via(wrapper, args, &state, Some(tmp))
+    }
+
+    fn start_via(
+        wrapper: &[&str],
+        args: &[&str],
+        state_dir: &Path,
+        tmp: Option<tempfile::TempDir>,
+    ) -> Agent {
         let port = free_port();
         let log = std::env::temp_dir().join(format!("headroom-agent-{port}.log"));
         let logf = std::fs::File::create(&log).expect("agent log file");
-        let child = Command::new(agent_binary())
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(agent_binary());
+                c
+            }
+            None => Command::new(agent_binary()),
+        };
+        let child = cmd
             .arg("agent")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--state-dir", &state_dir.display().to_string()])
@@ -293,6 +318,10 @@ impl Agent {
         let (code, body) = self.get(path);
         assert_eq!(code, 200, "{path}: {body}");
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_text(&self) -> String {
@@ -379,6 +408,11 @@ impl TestCgroup {
             std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("create {}: {e}", d.display()));
         }
         TestCgroup { rel, dirs }
+    }
+
+    /// `cgroup.procs` of every hierarchy this cgroup was created in.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
     }
 
     pub fn dir(&self, controller: &str) -> Option<&PathBuf> {

@@ -452,10 +452,34 @@ impl CgroupSampler {
     }
 
     /// The tracked container whose cgroup is `cgroup` or one of its ancestors.
+    ///
+    /// A path relative to a cgroup namespace (`/../../pod<uid>/<id>`, what `/proc/<pid>/cgroup`
+    /// of another pod's process reads inside a private cgroup namespace, as containerd gives a
+    /// non-privileged pod on cgroup v2) is matched against the end of the host paths.
     pub fn container_by_cgroup(&self, cgroup: &str) -> Option<Arc<Identity>> {
-        let mut path = cgroup;
+        let mut rel = cgroup;
+        let mut namespaced = false;
+        while let Some(rest) = rel.strip_prefix("/..") {
+            if !(rest.is_empty() || rest.starts_with('/')) {
+                break;
+            }
+            namespaced = true;
+            rel = rest;
+        }
+        if namespaced && rel.is_empty() {
+            return None;
+        }
+        let mut path = rel;
         loop {
-            if let Some(t) = self.aliases.get(path).and_then(|k| self.tracked.get(k)) {
+            let hit = if namespaced {
+                self.aliases
+                    .iter()
+                    .find(|(alias, _)| alias.ends_with(path))
+                    .map(|(_, k)| k)
+            } else {
+                self.aliases.get(path)
+            };
+            if let Some(t) = hit.and_then(|k| self.tracked.get(k)) {
                 return Some(t.ident.clone());
             }
             match path.rfind('/') {

@@ -111,6 +111,15 @@ fn pure_v2_kubernetes_systemd_driver_with_names() {
         Some(ID1)
     );
     assert!(s.container_by_cgroup("/user.slice/x").is_none());
+    // Inside a private cgroup namespace rooted two levels below another pod, the same process
+    // reads a path relative to the agent's own cgroup.
+    let rel = format!("/../../kubepods-burstable-pod{uid_}.slice/cri-containerd-{ID1}.scope/inner");
+    assert_eq!(
+        s.container_by_cgroup(&rel).unwrap().container_id.as_deref(),
+        Some(ID1)
+    );
+    assert!(s.container_by_cgroup("/../..").is_none());
+    assert!(s.container_by_cgroup("/../../elsewhere").is_none());
 }
 
 #[test]

@@ -39,7 +39,15 @@ pub fn parse_cgroup_file(text: &str) -> Option<String> {
 #[derive(Debug)]
 pub struct CgroupResolver {
     proc_root: PathBuf,
-    cache: HashMap<u32, (Option<String>, Instant)>,
+    /// PID → (its start time, its cgroup, when read): a reused PID has another start time.
+    cache: HashMap<u32, (u64, Option<String>, Instant)>,
+}
+
+/// Start time of a process (clock ticks after boot, field 22 of `/proc/<pid>/stat`).
+fn start_time(stat: &str) -> Option<u64> {
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_ascii_whitespace().nth(19)?.parse().ok()
 }
 
 impl CgroupResolver {
@@ -53,18 +61,21 @@ impl CgroupResolver {
     /// The cgroup of `pid`, or `None` when it cannot be read (process gone, or not in our PID
     /// namespace: a DaemonSet needs `hostPID: true` for NVML's host PIDs to resolve).
     pub fn resolve(&mut self, pid: u32, now: Instant) -> Option<String> {
-        if let Some((cg, at)) = self.cache.get(&pid) {
+        let dir = self.proc_root.join(pid.to_string());
+        let started = std::fs::read_to_string(dir.join("stat"))
+            .ok()
+            .and_then(|s| start_time(&s))?;
+        if let Some((t0, cg, at)) = self.cache.get(&pid) {
             // Spread re-reads over [REFRESH, 2 x REFRESH) by PID so no cycle re-reads them all.
             let ttl = REFRESH + REFRESH.mul_f64(f64::from(pid % 97) / 97.0);
-            if now.duration_since(*at) < ttl {
+            if *t0 == started && now.duration_since(*at) < ttl {
                 return cg.clone();
             }
         }
-        let path = self.proc_root.join(pid.to_string()).join("cgroup");
-        let cg = std::fs::read_to_string(&path)
+        let cg = std::fs::read_to_string(dir.join("cgroup"))
             .ok()
             .and_then(|t| parse_cgroup_file(&t));
-        self.cache.insert(pid, (cg.clone(), now));
+        self.cache.insert(pid, (started, cg.clone(), now));
         cg
     }
 
@@ -107,6 +118,12 @@ mod tests {
     fn resolves_from_a_proc_tree_and_caches() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("42")).expect("mkdir");
+        let stat = |started: u64| {
+            format!(
+                "42 (python3 (x) y) S 1 42 42 0 -1 4194560 1 0 0 0 5 3 0 0 20 0 4 0 {started} 1000 10\n"
+            )
+        };
+        std::fs::write(dir.path().join("42/stat"), stat(777)).expect("write");
         std::fs::write(dir.path().join("42/cgroup"), "0::/a/b\n").expect("write");
         let mut r = CgroupResolver::new(dir.path());
         let now = Instant::now();
@@ -114,6 +131,10 @@ mod tests {
         std::fs::write(dir.path().join("42/cgroup"), "0::/c\n").expect("write");
         assert_eq!(r.resolve(42, now).as_deref(), Some("/a/b"));
         assert_eq!(r.resolve(42, now + REFRESH * 2).as_deref(), Some("/c"));
+        // The PID reused by another process (another start time): read again at once.
+        std::fs::write(dir.path().join("42/cgroup"), "0::/d\n").expect("write");
+        std::fs::write(dir.path().join("42/stat"), stat(999)).expect("write");
+        assert_eq!(r.resolve(42, now + REFRESH * 2).as_deref(), Some("/d"));
         assert_eq!(r.resolve(7, now), None);
         r.retain(|p| p == 7);
         assert!(!r.cache.contains_key(&42));

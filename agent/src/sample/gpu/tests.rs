@@ -311,6 +311,8 @@ fn attributes_processes_to_containers() {
         let d = proc_root.path().join(pid.to_string());
         std::fs::create_dir_all(&d).expect("mkdir");
         std::fs::write(d.join("cgroup"), format!("4:memory:/other\n0::{cg}\n")).expect("write");
+        let stat = format!("{pid} (sleep) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 4242 0 0\n");
+        std::fs::write(d.join("stat"), stat).expect("write");
     }
     let mut g0 = gpu(0);
     g0["processes"] = json!([
