@@ -81,6 +81,10 @@ pub struct ApiStatus {
     pub error: Option<String>,
     /// What the agent does without the API.
     pub fallback: Option<&'static str>,
+    /// The newest failed write (a resize or an Event), with what it was.
+    pub write_error: Option<String>,
+    /// Resizes the API server accepted.
+    pub resizes: u64,
 }
 
 /// The pods of this node, kept current by a watch; shared with the samplers.
@@ -99,6 +103,8 @@ impl PodDirectory {
                 pods: 0,
                 error: None,
                 fallback: None,
+                write_error: None,
+                resizes: 0,
             }),
         }
     }
@@ -151,6 +157,16 @@ impl PodDirectory {
         pods.remove(uid);
         let n = pods.len();
         self.status.lock().unwrap_or_else(|e| e.into_inner()).pods = n;
+    }
+
+    /// Records the outcome of a write (resize or Event) for `/v1/status`.
+    pub fn note_write(&self, what: &str, result: &Result<(), String>) {
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(()) if what == "resize" => s.resizes += 1,
+            Ok(()) => {}
+            Err(e) => s.write_error = Some(format!("{what}: {e}")),
+        }
     }
 
     fn failed(&self, error: String) {

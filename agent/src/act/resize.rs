@@ -172,7 +172,9 @@ impl Resizer {
             message,
             warning,
         };
-        if let Err(err) = self.call(self.api.pod_event(&e))
+        let result = self.call(self.api.pod_event(&e));
+        self.pods.note_write("event", &result);
+        if let Err(err) = result
             && self.logged.insert("event".into())
         {
             tracing::warn!(error = %err, "cannot record Kubernetes Events; decisions are still logged here and in /v1/decisions");
@@ -254,12 +256,14 @@ impl Resizer {
                 )));
             }
         }
-        match self.call(self.api.resize_cpu_limit(
+        let result = self.call(self.api.resize_cpu_limit(
             &pod.namespace,
             &pod.name,
             container,
             Some(target),
-        )) {
+        ));
+        self.pods.note_write("resize", &result);
+        match result {
             Ok(()) => {
                 self.set.insert(
                     k,
