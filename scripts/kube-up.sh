@@ -151,18 +151,21 @@ port_free_or_ours() { # the port is free, or held by a process this cluster star
   die "port $port is in use by $(cat /proc/"$pid"/comm 2>/dev/null || echo "pid $pid"); stop it or run kube-down"
 }
 
+# A cluster some of whose components still run is reused as it is (certificates included);
+# whatever stopped is started again below.
 running=false
-if alive kube-apiserver && curl -sf --cacert "$STATE/pki/ca.crt" https://127.0.0.1:6443/livez >/dev/null; then
-  running=true
+for component in etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy; do
+  alive "$component" && running=true
+done
+if $running; then
   say "a cluster is already running; reusing it"
-else
-  for port in "$ETCD_PORT" 6443 10250 10248 10256 10257 10259; do port_free_or_ours "$port"; done
 fi
+for port in "$ETCD_PORT" 6443 10250 10248 10256 10257 10259; do port_free_or_ours "$port"; done
 
 # --- first start: host record, certificates, configuration --------------------------------------
 if ! $running; then
   if [ -d "$STATE/pids" ] && ls "$STATE"/pids/* >/dev/null 2>&1; then
-    say "a previous cluster did not stop cleanly; running kube-down first"
+    say "a previous cluster stopped without kube-down; cleaning up first"
     flock -u 9
     "$REPO/scripts/kube-down.sh"
     flock -n 9 || die "lock $LOCK taken while cleaning up"

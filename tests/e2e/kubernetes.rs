@@ -699,10 +699,53 @@ fn deploy_runs_on_a_real_kubernetes_node() {
         Some(700),
         "a limit someone else set was restored over"
     );
-    cluster.ready_pods("headroom", "app.kubernetes.io/name=headroom-agent", 1);
+    // The DaemonSet's new agent pod, at its own address.
+    let agent_ip = pod_ip(
+        &cluster
+            .ready_pods("headroom", "app.kubernetes.io/name=headroom-agent", 1)
+            .remove(0),
+    );
+    wait_for(Duration::from_secs(60), || {
+        http_get_at(&agent_ip, 9810, "/readyz")
+            .ok()
+            .filter(|(c, _)| *c == 200)
+    })
+    .expect("the new agent pod is ready");
 
-    // A second kube-up while one runs starts no second cluster.
-    let mut first = kube_up()
+    // The API server goes away: the agent says so on /v1/status and keeps sampling.
+    let agent_status = || -> Option<serde_json::Value> {
+        let (code, body) = http_get_at(&agent_ip, 9810, "/v1/status").ok()?;
+        (code == 200).then(|| serde_json::from_str(&body).ok())?
+    };
+    let apiserver: i32 = std::fs::read_to_string("/var/lib/headroom-kube/pids/kube-apiserver")
+        .expect("kube-apiserver pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    // SAFETY: kill with a pid this cluster started and a valid signal number.
+    unsafe { libc::kill(apiserver, libc::SIGKILL) };
+    let down = wait_for(Duration::from_secs(60), || {
+        let s = agent_status()?;
+        (s["kubernetes_api"]["state"] == "error").then_some(s)
+    })
+    .expect("the agent never reported the API server as down");
+    eprintln!(
+        "API server down, agent says: {}",
+        down["kubernetes_api"]["error"]
+    );
+    let before = down["last_sample_at"].as_f64().expect("last_sample_at");
+    std::thread::sleep(Duration::from_secs(3));
+    let after = agent_status().expect("the agent still serves /v1/status")["last_sample_at"]
+        .as_f64()
+        .expect("last_sample_at");
+    assert!(
+        after > before + 1.0,
+        "sampling stopped with the API server down"
+    );
+
+    // A second kube-up while one runs starts no second cluster (the first one also starts the
+    // API server again, reusing the running cluster's certificates and state).
+    let first = kube_up()
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -715,10 +758,19 @@ fn deploy_runs_on_a_real_kubernetes_node() {
         "concurrent kube-up: {}",
         text(&second)
     );
-    let first_status = first.wait().expect("wait for kube-up");
+    let first_out = first.wait_with_output().expect("wait for kube-up");
     assert!(
-        first_status.success(),
-        "re-running kube-up on a running cluster failed"
+        first_out.status.success(),
+        "re-running kube-up on a running cluster failed:\n{}",
+        text(&first_out)
+    );
+    let back = wait_for(Duration::from_secs(120), || {
+        (agent_status()?["kubernetes_api"]["state"] == "synced").then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "the agent's API watch did not recover: {:?}",
+        agent_status()
     );
 
     cluster.down();
