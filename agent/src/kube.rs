@@ -19,6 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 
 use crate::config::KubernetesConfig;
+use headroom_aggregator::client::error_chain;
 
 /// Where Kubernetes mounts a pod's service account credentials.
 const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -761,20 +762,6 @@ async fn list_and_watch(client: &mut Watcher, dir: &PodDirectory) -> Result<(), 
             }
         }
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let msg = c.to_string();
-        if !out.contains(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        cur = c.source();
-    }
-    out
 }
 
 // The few fields of the API's objects the agent reads.

@@ -486,7 +486,7 @@ fn http_client(cfg: &ClientConfig) -> Result<Http, ClientError> {
 
 /// An error with its causes: hyper's own message ("client error (Connect)") says nothing of the
 /// certificate or the refused connection underneath.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

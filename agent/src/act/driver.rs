@@ -229,17 +229,7 @@ impl Driver {
     /// Changes Kubernetes containers' CPU limits through the API from now on; first puts back
     /// what a previous run resized and did not restore (a crash).
     pub fn set_resizer(&mut self, mut r: super::resize::Resizer) {
-        if r.pending_restores() > 0 {
-            let (n, errors) = r.restore_all();
-            for e in &errors {
-                tracing::error!(error = %e, "cannot restore a pod's original CPU limit");
-            }
-            tracing::info!(
-                restored = n,
-                failed = errors.len(),
-                "restored pods' CPU limits a previous run had resized"
-            );
-        }
+        r.restore_logged();
         self.resizer = Some(r);
     }
 
@@ -550,18 +540,8 @@ impl Driver {
         if let Some(a) = self.actuator.as_mut() {
             restore_logged(a);
         }
-        if let Some(r) = self.resizer.as_mut()
-            && r.pending_restores() > 0
-        {
-            let (n, errors) = r.restore_all();
-            for e in &errors {
-                tracing::error!(error = %e, "cannot restore a pod's original CPU limit");
-            }
-            tracing::info!(
-                restored = n,
-                failed = errors.len(),
-                "restored pods' original CPU limits through pods/resize"
-            );
+        if let Some(r) = self.resizer.as_mut() {
+            r.restore_logged();
         }
     }
 }

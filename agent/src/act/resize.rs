@@ -133,11 +133,6 @@ impl Resizer {
         }
     }
 
-    /// Containers whose original limit is recorded (changed, or about to be).
-    pub fn pending_restores(&self) -> usize {
-        self.originals.len()
-    }
-
     fn save(&self) -> Result<(), String> {
         let bytes = serde_json::to_vec(&self.originals).map_err(|e| e.to_string())?;
         self.dir.save(RESIZES, &bytes).map_err(|e| e.to_string())
@@ -359,6 +354,22 @@ impl Resizer {
                 }
             }
         }
+    }
+
+    /// [`Resizer::restore_all`], logged; does nothing when nothing is recorded.
+    pub fn restore_logged(&mut self) {
+        if self.originals.is_empty() {
+            return;
+        }
+        let (n, errors) = self.restore_all();
+        for e in &errors {
+            tracing::error!(error = %e, "cannot restore a pod's original CPU limit");
+        }
+        tracing::info!(
+            restored = n,
+            failed = errors.len(),
+            "restored pods' original CPU limits through pods/resize"
+        );
     }
 
     /// Puts every original limit back through the API; returns how many, and the failures.
