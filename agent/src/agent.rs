@@ -764,12 +764,86 @@ fn hostname(config: &Config) -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// What the configuration alone cannot tell, checked before anything starts (the caller exits
+/// with 2): the name this node reports under, and the aggregator endpoints.
+pub fn preflight(config: &Config) -> Result<(), String> {
+    let a = &config.aggregator;
+    if a.endpoints.is_empty() {
+        return Ok(());
+    }
+    let node = hostname(config);
+    let probe = headroom_aggregator::HintBatch {
+        schema: headroom_aggregator::SCHEMA_V1.into(),
+        node: node.clone(),
+        epoch: 0,
+        seq: 1,
+        time: 1.0,
+        interval_s: 1.0,
+        hints: Vec::new(),
+    };
+    if headroom_aggregator::schema::validate(&probe).is_err() {
+        return Err(format!(
+            "hostname: `{node}` is not a Kubernetes node name (lowercase DNS subdomain); set `hostname` in the config to report hints"
+        ));
+    }
+    for e in &a.endpoints {
+        let ok = e
+            .parse::<hyper::Uri>()
+            .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+        if !ok {
+            return Err(format!(
+                "aggregator.endpoints: {e:?} is not an http:// or https:// URL"
+            ));
+        }
+    }
+    if let Some(ca) = &a.ca_file
+        && let Err(err) = std::fs::metadata(ca)
+    {
+        return Err(format!("aggregator.ca_file: {}: {err}", ca.display()));
+    }
+    Ok(())
+}
+
 /// `headroom agent --restore`: puts back every cgroup value a previous run changed, then exits.
+/// Pods resized through the API go back the same way, when the agent runs in a pod with access.
 pub fn restore_only(config: &Config) -> anyhow::Result<()> {
     let dir = StateDir::open(&config.state_dir)?;
-    let mut a = crate::act::Actuator::open(dir)?;
+    let mut a = crate::act::Actuator::open(dir.clone())?;
     let pending = a.changed().count();
     let (n, errors) = a.restore_all();
+    let resized = dir.path().join(crate::act::resize::RESIZES.file);
+    if crate::act::resize::recorded(&dir) > 0 {
+        match crate::kube::ApiConfig::in_cluster(&config.kubernetes, &hostname(config))
+            .map(|api| crate::kube::Api::new(&api))
+        {
+            Some(Ok(api)) => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let mut r = crate::act::resize::Resizer::open(
+                    api,
+                    Arc::new(crate::kube::PodDirectory::new()),
+                    runtime.handle().clone(),
+                    hostname(config),
+                    dir,
+                );
+                let (_, failed) = r.restore_all();
+                for e in &failed {
+                    tracing::error!(error = %e, "cannot restore a pod's original CPU limit");
+                }
+                if !failed.is_empty() {
+                    anyhow::bail!("{} pod CPU limit(s) could not be restored", failed.len());
+                }
+            }
+            Some(Err(e)) => {
+                anyhow::bail!("pods were resized, but the Kubernetes API is unusable: {e}")
+            }
+            None => anyhow::bail!(
+                "pods were resized through the Kubernetes API (recorded in {}), which is not reachable from here; run --restore in the agent's pod",
+                resized.display()
+            ),
+        }
+    }
     for e in &errors {
         tracing::error!(error = %e, "cannot restore an original value");
     }

@@ -96,7 +96,8 @@ pub struct PodDirectory {
 }
 
 impl PodDirectory {
-    fn new() -> PodDirectory {
+    /// An empty directory that has not been listed yet.
+    pub fn new() -> PodDirectory {
         PodDirectory {
             pods: RwLock::new(HashMap::new()),
             status: Mutex::new(ApiStatus {
@@ -302,7 +303,7 @@ struct Watcher {
 }
 
 impl Api {
-    fn new(api: &ApiConfig) -> Result<Api, KubeError> {
+    pub fn new(api: &ApiConfig) -> Result<Api, KubeError> {
         let tls = headroom_aggregator::tls::client_config(Some(&api.ca_file))
             .map_err(|e| KubeError::Tls(e.to_string()))?;
         let mut connector = HttpConnector::new();

@@ -208,6 +208,10 @@ fn main() -> ExitCode {
                 print!("{}", config.to_toml());
                 return ExitCode::SUCCESS;
             }
+            if let Err(e) = headroom::agent::preflight(&config) {
+                eprintln!("headroom: {e}");
+                return ExitCode::from(2);
+            }
             init_logging(config.log_format);
             // The running binary itself, even if its file was replaced since it started.
             config.ebpf.loader = Some(PathBuf::from("/proc/self/exe"));

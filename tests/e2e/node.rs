@@ -402,6 +402,39 @@ fn config_errors_name_the_key_and_exit_2() {
     assert_eq!(code, 2);
     assert!(err.contains("--listen"), "{err}");
 
+    // Found before any state is touched or any port bound.
+    let state = tmp.path().join("untouched-state");
+    let bad_name = tmp.path().join("bad-name.toml");
+    std::fs::write(
+        &bad_name,
+        format!(
+            "hostname = \"Not_A_Node\"\nstate_dir = {state:?}\nlisten = \"127.0.0.1:0\"\n[aggregator]\nendpoints = [\"http://127.0.0.1:9\"]\n"
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = run_cli(&["agent", "--config", bad_name.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("hostname") && err.contains("Not_A_Node"),
+        "{err}"
+    );
+    assert!(
+        !state.exists(),
+        "the state directory was created before the error"
+    );
+    let bad_url = tmp.path().join("bad-url.toml");
+    std::fs::write(
+        &bad_url,
+        format!(
+            "hostname = \"node-a\"\nstate_dir = {state:?}\n[aggregator]\nendpoints = [\"aggregator:9470\"]\n"
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = run_cli(&["agent", "--config", bad_url.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("aggregator"), "{err}");
+    assert!(!state.exists());
+
     let good = tmp.path().join("good.toml");
     std::fs::write(
         &good,

@@ -96,6 +96,15 @@ pub struct Resizer {
     logged: std::collections::HashSet<String>,
 }
 
+/// How many containers' original limits `dir` records (resized and not yet restored).
+pub fn recorded(dir: &StateDir) -> usize {
+    dir.load(RESIZES)
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice::<BTreeMap<String, Original>>(&b).ok())
+        .map_or(0, |m| m.len())
+}
+
 fn key(uid: &str, container: &str) -> String {
     format!("{uid}/{container}")
 }
