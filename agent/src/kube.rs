@@ -95,6 +95,12 @@ pub struct PodDirectory {
     status: Mutex<ApiStatus>,
 }
 
+impl Default for PodDirectory {
+    fn default() -> Self {
+        PodDirectory::new()
+    }
+}
+
 impl PodDirectory {
     /// An empty directory that has not been listed yet.
     pub fn new() -> PodDirectory {
