@@ -159,9 +159,13 @@ static __always_inline void record(void *map, const void *key, u64 ns, u32 which
 			return;
 		}
 	}
-	u32 idx = bucket_of(ns);
-	if (idx >= NBUCKETS)
-		idx = NBUCKETS - 1;
+	u64 idx = bucket_of(ns);
+	/* Compared and clamped in one register: in C, clang tests a zero-extended copy of the index
+	 * and then indexes with the original, and the 5.10 and 6.1 verifiers lose the bound across
+	 * that copy ("R1 unbounded memory access"). */
+	asm volatile("if %[i] < %[n] goto +1\n\t%[i] = %[last]"
+		     : [i] "+r"(idx)
+		     : [n] "i"(NBUCKETS), [last] "i"(NBUCKETS - 1));
 	__sync_fetch_and_add(&h->buckets[idx], 1);
 	__sync_fetch_and_add(&h->sum_ns, ns);
 }

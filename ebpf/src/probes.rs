@@ -325,17 +325,23 @@ fn error_text(err: &dyn std::error::Error) -> String {
         }
         source = s.source();
     }
-    // Verifier logs can run to megabytes; the first line or so says why.
-    const MAX: usize = 400;
-    if text.len() > MAX {
-        let mut cut = MAX;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
+    // Verifier logs can run to megabytes. Their first line names the call that failed and their
+    // last lines why the verifier stopped (an early line such as "reg type unsupported for
+    // arg#0" is only a note), so both ends are kept.
+    const HEAD: usize = 160;
+    const TAIL: usize = 360;
+    if text.len() > HEAD + TAIL + 8 {
+        let mut head = HEAD;
+        while !text.is_char_boundary(head) {
+            head -= 1;
         }
-        text.truncate(cut);
-        text.push_str(" …");
+        let mut tail = text.len() - TAIL;
+        while !text.is_char_boundary(tail) {
+            tail += 1;
+        }
+        text = format!("{} … {}", &text[..head], &text[tail..]);
     }
-    text
+    text.replace('\n', " | ")
 }
 
 fn attach_hook(ebpf: &mut Ebpf, hook: Hook, btf: Option<&Btf>) -> Result<OwnedFd, String> {
