@@ -57,7 +57,12 @@ impl fmt::Display for Attach {
     }
 }
 
-/// The default fallback chain.
+/// The default fallback chain, cheapest per event first (ebpf/README.md has the figures per
+/// kernel): `tp_btf` reads its typed arguments directly and keeps per-socket state in local
+/// storage; `fentry`/`fexit` add a trampoline and read the socket through a probe-read helper,
+/// and on Linux 5.10 to 6.2 they are the only request-latency hooks that exist (the sock
+/// tracepoints are 6.3+); `raw_tracepoint` reads every field through helpers and keeps state in
+/// hash maps, and serves only where the kernel has the tracepoints but refuses BTF programs.
 pub const DEFAULT_CHAIN: [Attach; 3] = [Attach::TpBtf, Attach::Fentry, Attach::RawTracepoint];
 
 /// The probe groups, as named in status and in `headroom_ebpf_program_up{program}`.
@@ -505,7 +510,15 @@ pub(crate) fn log_outcome(object: Option<&str>, status: &[ProgramStatus]) {
         }
         match st.attached {
             Some(how) => {
-                tracing::info!(program = st.program, attach = %how, "eBPF program attached")
+                // The chain is ordered cheapest first (see DEFAULT_CHAIN); what was tried says
+                // how far down this kernel sent the group.
+                let tried = st
+                    .attempts
+                    .iter()
+                    .map(|a| a.attach.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" > ");
+                tracing::info!(program = st.program, attach = %how, order = %tried, "eBPF program attached (attach types tried cheapest first)")
             }
             None => tracing::warn!(
                 program = st.program,
@@ -736,5 +749,49 @@ impl Probes {
             dropped.get(&1, 0).map_err(err("dropped"))?,
         );
         Ok(reading)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[derive(Debug)]
+    struct Text(String);
+    impl std::fmt::Display for Text {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+    impl std::error::Error for Text {}
+
+    #[test]
+    fn a_long_verifier_log_keeps_its_first_note_and_its_verdict() {
+        let mut log = String::from(
+            "the BPF_PROG_LOAD syscall failed. Verifier output: reg type unsupported for arg#0\n",
+        );
+        for i in 0..2000 {
+            log.push_str(&format!("{i}: (b7) r2 = 24 ; R2_w=24\n"));
+        }
+        log.push_str("R1 unbounded memory access, make sure to bounds check any such access\n");
+        log.push_str("processed 910 insns (limit 1000000)");
+        let text = error_text(&Text(log));
+        assert!(text.len() < 600, "{} bytes", text.len());
+        assert!(
+            text.starts_with("the BPF_PROG_LOAD syscall failed"),
+            "{text}"
+        );
+        assert!(text.contains("R1 unbounded memory access"), "{text}");
+        assert!(
+            text.ends_with("processed 910 insns (limit 1000000)"),
+            "{text}"
+        );
+        assert!(!text.contains('\n'), "{text}");
+    }
+
+    #[test]
+    fn a_short_error_is_kept_whole() {
+        let text = error_text(&Text("no such program\nsecond line".into()));
+        assert_eq!(text, "no such program | second line");
     }
 }
