@@ -123,12 +123,20 @@ fn hooks(group: &str, how: Attach) -> Option<&'static [Hook]> {
             function: "tcp_set_state",
         },
         Hook::FExit {
-            prog: "fe_sock_recv",
-            function: "sock_recvmsg",
+            prog: "fe_inet_recv",
+            function: "inet_recvmsg",
         },
         Hook::FExit {
-            prog: "fe_sock_send",
-            function: "sock_sendmsg",
+            prog: "fe_inet6_recv",
+            function: "inet6_recvmsg",
+        },
+        Hook::FExit {
+            prog: "fe_inet_send",
+            function: "inet_sendmsg",
+        },
+        Hook::FExit {
+            prog: "fe_inet6_send",
+            function: "inet6_sendmsg",
         },
     ];
     const REQ_RAW: &[Hook] = &[
