@@ -32,7 +32,21 @@ fn release_agent() -> PathBuf {
         return PathBuf::from(p);
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
+    let mut build = Command::new(cargo);
+    // `cargo test` gives this process the test crate's CARGO_PKG_*, CARGO_MANIFEST_* and so on;
+    // build scripts that watch such variables (ring's does) would see a change and rebuild the
+    // whole TLS stack, so the nested build gets the environment a plain `cargo build` has.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_")
+            && key != "CARGO_HOME"
+            && key != "CARGO_TARGET_DIR"
+            && !key.starts_with("CARGO_TERM_")
+        {
+            build.env_remove(key.as_ref());
+        }
+    }
+    let status = build
         .args([
             "build",
             "--release",

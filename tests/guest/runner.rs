@@ -522,7 +522,8 @@ fn runqueue() -> Value {
 }
 
 /// A burner held to 0.3 CPU by cpu.max and a process holding 64 MiB: the agent's CPU seconds
-/// over a window within 10 % of cpu.stat's, its memory usage within 5 % of memory.current.
+/// over a window (the burner frozen at both ends) within 10 % of cpu.stat's, its memory usage
+/// within 5 % of memory.current.
 fn cgroup_sampling() -> Value {
     let cpu = TestCgroup::create("cpu", false, true);
     cpu.write_v2("cpu.max", "30000 100000");
@@ -539,12 +540,18 @@ fn cgroup_sampling() -> Value {
             .or_else(|| metric(m, "headroom_container_cpu_seconds", &cpu_labels))
             .unwrap_or_else(|| panic!("no CPU seconds for {}", cpu.rel))
     };
+    // The burner is frozen at both ends of the window, so the agent's sample and this read of
+    // cpu.stat see the same counter value however late this process gets to run (under
+    // emulation on a loaded host, hundreds of milliseconds).
+    cpu.write_v2("cgroup.freeze", "1");
     next_sample(&agent);
     let (a0, k0) = (
         agent_cpu(&agent.metrics()),
         stat_field(&cpu, "cpu.stat", "usage_usec"),
     );
+    cpu.write_v2("cgroup.freeze", "0");
     std::thread::sleep(Duration::from_secs(4));
+    cpu.write_v2("cgroup.freeze", "1");
     next_sample(&agent);
     let m = agent.metrics();
     let (a1, k1) = (agent_cpu(&m), stat_field(&cpu, "cpu.stat", "usage_usec"));
