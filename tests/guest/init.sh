@@ -19,5 +19,8 @@ for c in $(cat /sys/fs/cgroup/cgroup.controllers); do
 done
 echo "HEADROOM-GUEST-START kernel=$(uname -r) controllers=$(cat /sys/fs/cgroup/cgroup.subtree_control | tr ' ' ,)"
 HEADROOM_BIN=/bin/headroom /bin/headroom-guest "$@"
-echo "HEADROOM-GUEST-END rc=$?"
+rc=$?
+# Kernel warnings the checks provoked (the console is quiet, so they are only in the ring buffer).
+dmesg | grep -A2 -E "WARNING:|BUG:" | sed 's/^/HEADROOM-GUEST-DMESG /' | head -n 30
+echo "HEADROOM-GUEST-END rc=$rc"
 poweroff -f
