@@ -511,10 +511,14 @@ pub(crate) fn log_outcome(object: Option<&str>, status: &[ProgramStatus]) {
     if let Some(object) = object {
         tracing::info!(object, "eBPF object loaded");
     }
+    // What a kernel cannot do is named with the kernel, so a fleet's logs say which ones lack it.
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
     for st in status {
         for attempt in &st.attempts {
             if let Some(reason) = attempt.result.strip_prefix("refused: ") {
-                tracing::warn!(program = st.program, attach = %attempt.attach, %reason, "eBPF program type refused; trying the next in the chain");
+                tracing::warn!(program = st.program, attach = %attempt.attach, %kernel, %reason, "eBPF program type refused; trying the next in the chain");
             }
         }
         match st.attached {
@@ -531,6 +535,7 @@ pub(crate) fn log_outcome(object: Option<&str>, status: &[ProgramStatus]) {
             }
             None => tracing::warn!(
                 program = st.program,
+                %kernel,
                 "eBPF program not attached by any way in the chain; running without it"
             ),
         }
