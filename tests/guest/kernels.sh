@@ -24,7 +24,7 @@ root="$(cd "$here/../.." && pwd)"
 cache="${HEADROOM_KERNEL_CACHE:-/var/cache/headroom/kernels}"
 suites=(bullseye bookworm trixie)
 
-die() { echo "kernels.sh: $*" >&2; exit "${2:-1}"; }
+die() { echo "kernels.sh: $1" >&2; exit "${2:-1}"; }
 
 apt_opts() {
     echo "-o Dir::Etc::sourcelist=$cache/apt/sources.list -o Dir::Etc::sourceparts=-" \
