@@ -26,6 +26,7 @@ typedef __u16 __be16;
 typedef __u32 __be32;
 typedef __u32 __wsum;
 typedef _Bool bool;
+typedef unsigned long size_t;
 #define true 1
 #define false 0
 
@@ -71,6 +72,13 @@ struct task_struct {
 	unsigned int flags;
 	int pid;
 	struct css_set *cgroups;
+} __attribute__((preserve_access_index));
+
+/* Before Linux 5.14 the task state was `volatile long state` (renamed to __state, an unsigned
+ * int, in 5.14). A "___flavor" suffix is ignored by CO-RE matching, so this names the same
+ * kernel struct with the old field. */
+struct task_struct___pre514 {
+	long state;
 } __attribute__((preserve_access_index));
 
 struct sock_common {
