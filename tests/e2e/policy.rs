@@ -387,28 +387,21 @@ fn predictive_throttles_less_than_reactive_at_no_more_quota_than_static() {
     }
     // Azure's LLM code-completion service (Azure LLM inference trace 2023, CC-BY 4.0): tokens
     // per 10 s, bursty on/off load; the first 160 points scaled to 0.2..1.2 cores and
-    // compressed to 250 ms per point (40 s). HEADROOM_POLICY_TRACE picks another shared trace.
+    // compressed to 250 ms per point (40 s). The repository's copy in tests/data/traces unless
+    // HEADROOM_TRACES_DIR names another folder of the same layout; HEADROOM_POLICY_TRACE picks
+    // another trace (a path relative to that folder).
     let rel = std::env::var("HEADROOM_POLICY_TRACE")
         .unwrap_or_else(|_| "azure_llm_2023/series_code_tokens_per_10s.csv".into());
-    let dirs = [
-        std::env::var_os("HEADROOM_TRACES_DIR").map(PathBuf::from),
-        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/traces")),
-        Some(PathBuf::from("/work/shared/data/traces")),
-    ];
-    let Some(trace) = dirs
-        .into_iter()
-        .flatten()
-        .map(|d| d.join(&rel))
-        .find(|p| p.is_file())
-    else {
-        if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
-            panic!("{test}: shared trace {rel} not found (set HEADROOM_TRACES_DIR)");
-        }
-        eprintln!("SKIP {test}: shared trace {rel} not found (set HEADROOM_TRACES_DIR)");
-        return;
-    };
-    let text = std::fs::read_to_string(&trace)
-        .unwrap_or_else(|e| panic!("read trace {}: {e}", trace.display()));
+    let dir = std::env::var_os("HEADROOM_TRACES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("data/traces"));
+    let trace = dir.join(&rel);
+    let text = std::fs::read_to_string(&trace).unwrap_or_else(|e| {
+        panic!(
+            "{test}: read trace {}: {e} (HEADROOM_TRACES_DIR names a traces folder; unset, tests/data/traces)",
+            trace.display()
+        )
+    });
     let raw: Vec<f64> = text
         .lines()
         .skip(1)
