@@ -19,10 +19,10 @@ fn series() -> (Vec<f64>, String) {
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces"));
     let p = dir.join("nasa_http_1995/series_jul_requests_per_min.csv");
-    if let Ok(text) = std::fs::read_to_string(&p) {
-        if let Ok(t) = parse_trace(&text) {
-            return (t.values, format!("{}", p.display()));
-        }
+    if let Ok(text) = std::fs::read_to_string(&p)
+        && let Ok(t) = parse_trace(&text)
+    {
+        return (t.values, format!("{}", p.display()));
     }
     let v = (0..WEEK * 3)
         .map(|i| {
