@@ -372,9 +372,9 @@ struct Run {
 
 /// CPU weight of the scenario's cgroups (the v1 maximum). On a node shared with other work the
 /// kernel divides CPU between cgroups, and with autogroup between sessions, by weight before a
-/// task's nice value counts, so at the default 1024 a busy machine took a quarter of the burner's
-/// demand and with it most of the throttling the policies are compared on. A container with a
-/// CPU guarantee has this kind of weight.
+/// task's nice value counts, so at the default 1024 a busy machine took over a fifth of the
+/// burner's demand and with it most of the throttling the policies are compared on. A container
+/// with a CPU guarantee has this kind of weight.
 const SCENARIO_SHARES: &str = "262144";
 
 /// One run of the acceptance scenario: the burner follows `demand` (cores per `step_ms`, also
@@ -510,10 +510,9 @@ fn predictive_throttles_less_than_reactive_at_no_more_quota_than_static() {
     let reactive = ("\"rule\", \"event\"", "util_high_ratio = 1.0\n");
     let predictive = ("\"predictive\", \"event\"", "");
     // One run of one policy is at the mercy of where the agent's samples fall against the
-    // bursts (its decisions move in 250 ms samples and 0.75 s cool-downs), so the two policies
-    // are compared on the totals of two runs each, in the order reactive, predictive,
-    // predictive, reactive, so that a load that grows or fades during the test weighs on both
-    // alike.
+    // bursts (its decisions move in 250 ms samples and 0.75 s cool-downs): each policy runs
+    // twice, in the order reactive, predictive, predictive, reactive, so that a load that grows
+    // or fades during the test weighs on both alike.
     let plan = [
         ("static", None),
         ("reactive", Some(reactive)),
@@ -565,58 +564,58 @@ fn predictive_throttles_less_than_reactive_at_no_more_quota_than_static() {
         "trace {}: mean demand {mean_demand:.3} cores, peak {peak}",
         trace.display()
     );
-    // Per policy: shortfalls, their error bounds and throttled times summed over its runs;
-    // the highest of its runs' mean quotas.
-    let total = |name: &str| {
-        runs.iter().filter(|(n, _)| *n == name).fold(
-            Run {
-                throttled_s: 0.0,
-                shortfall: 0.0,
-                shortfall_err: 0.0,
-                mean_quota: 0.0,
-                used: None,
-            },
-            |t, (_, r)| Run {
-                throttled_s: t.throttled_s + r.throttled_s,
-                shortfall: t.shortfall + r.shortfall,
-                shortfall_err: t.shortfall_err + r.shortfall_err,
-                mean_quota: t.mean_quota.max(r.mean_quota),
-                used: None,
-            },
-        )
+    let of = |name: &str| -> Vec<&Run> {
+        runs.iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, r)| r)
+            .collect()
     };
-    let (s, b, c) = (total("static"), total("reactive"), total("predictive"));
+    let (statik, reactive, predictive) = (of("static"), of("reactive"), of("predictive"));
+    let mean =
+        |rs: &[&Run], f: fn(&Run) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / rs.len() as f64;
+    let (p_mean, p_err) = (
+        mean(&predictive, |r| r.shortfall),
+        mean(&predictive, |r| r.shortfall_err),
+    );
+    let r_best = reactive
+        .iter()
+        .min_by(|a, b| a.shortfall.total_cmp(&b.shortfall))
+        .expect("reactive runs");
+    let throttled = |rs: &[&Run]| rs.iter().map(|r| r.throttled_s).sum::<f64>();
     eprintln!(
-        "totals: reactive shortfall {:.3} ± {:.3} core-s, throttled {:.3} s; \
-         predictive shortfall {:.3} ± {:.3} core-s, throttled {:.3} s",
-        b.shortfall, b.shortfall_err, b.throttled_s, c.shortfall, c.shortfall_err, c.throttled_s
+        "predictive: mean shortfall {p_mean:.3} ± {p_err:.3} core-s, throttled {:.3} s in all; \
+         reactive: best run's shortfall {:.3} ± {:.3} core-s, throttled {:.3} s in all",
+        throttled(&predictive),
+        r_best.shortfall,
+        r_best.shortfall_err,
+        throttled(&reactive)
     );
     // The kernel confirms that the quota the reactive rule left bit: without throttling there
     // the scenario compares nothing.
     assert!(
-        b.throttled_s > 0.0,
-        "the reactive runs were never throttled (shortfall {:.3} core-s)",
-        b.shortfall
+        throttled(&reactive) > 0.0,
+        "the reactive runs were never throttled (best shortfall {:.3} core-s)",
+        r_best.shortfall
     );
-    // Predictive must leave less demand above its quota than reactive, by more than the two
-    // totals can be off from reading the quota between its writes. (Throttled time, printed
-    // above, says the same when the burner gets its CPU, but counts in whole throttled periods
-    // and shrinks when other work takes the burner's CPU.)
+    // Predictive must on average leave less demand above its quota than reactive did in its
+    // best run, by more than either can be off from reading the quota between its writes: the
+    // spread between a policy's own runs is the margin, so two runs of the same policy rarely
+    // pass this. (Throttled time, printed above, says the same when the burner gets its CPU,
+    // but counts whole throttled periods and shrinks when other work takes the burner's CPU.)
     assert!(
-        c.shortfall + c.shortfall_err + b.shortfall_err < b.shortfall,
-        "predictive shortfall {:.3} ± {:.3} core-s, reactive {:.3} ± {:.3} core-s \
-         (throttled {:.3} s and {:.3} s)",
-        c.shortfall,
-        c.shortfall_err,
-        b.shortfall,
-        b.shortfall_err,
-        c.throttled_s,
-        b.throttled_s
+        p_mean + p_err < r_best.shortfall - r_best.shortfall_err,
+        "predictive mean shortfall {p_mean:.3} ± {p_err:.3} core-s, reactive's best run \
+         {:.3} ± {:.3} core-s (throttled {:.3} s and {:.3} s in all)",
+        r_best.shortfall,
+        r_best.shortfall_err,
+        throttled(&predictive),
+        throttled(&reactive)
     );
+    let max_quota = |rs: &[&Run]| rs.iter().map(|r| r.mean_quota).fold(0.0, f64::max);
     assert!(
-        c.mean_quota <= s.mean_quota + 1e-6,
+        max_quota(&predictive) <= max_quota(&statik) + 1e-6,
         "predictive mean quota {:.3} above static {:.3}",
-        c.mean_quota,
-        s.mean_quota
+        max_quota(&predictive),
+        max_quota(&statik)
     );
 }
