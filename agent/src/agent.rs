@@ -693,17 +693,17 @@ pub fn sampling_loop(
         let t_ms = unix_ms(snapshot.at);
         record_pass(shared, forecasts.as_mut(), &mut snapshot, t_ms, stale_ms);
         pass += 1;
-        if let Some(tx) = shared.hint_tx.get() {
-            if pass.is_multiple_of(u64::from(config.aggregator.report_every)) {
-                let built = shared
-                    .history
-                    .lock()
-                    .ok()
-                    .map(|h| crate::report::hints::build_hints(config, &snapshot, &h));
-                if let Some(batch) = built {
-                    // The receiver lives as long as the runtime; a send error means shutdown.
-                    let _ = tx.send(batch);
-                }
+        if let Some(tx) = shared.hint_tx.get()
+            && pass.is_multiple_of(u64::from(config.aggregator.report_every))
+        {
+            let built = shared
+                .history
+                .lock()
+                .ok()
+                .map(|h| crate::report::hints::build_hints(config, &snapshot, &h));
+            if let Some(batch) = built {
+                // The receiver lives as long as the runtime; a send error means shutdown.
+                let _ = tx.send(batch);
             }
         }
         policy.tick(&snapshot, samplers.cgroups(), &shared.decisions);

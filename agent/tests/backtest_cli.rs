@@ -4,12 +4,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The repository's copy of the real traces, or `$HEADROOM_TRACES_DIR` (same layout).
 fn traces_dir() -> PathBuf {
     std::env::var("HEADROOM_TRACES_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/traces")
-        })
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces"))
 }
 
 fn backtest(input: &Path, emit: &Path, model: &str) -> Output {
@@ -61,7 +60,7 @@ fn truncated_input_gives_identical_capacities() {
         let src = traces_dir().join(rel);
         let text = std::fs::read_to_string(&src).unwrap_or_else(|e| {
             panic!(
-                "{}: {e} (set HEADROOM_TRACES_DIR to the shared traces folder)",
+                "{}: {e} (HEADROOM_TRACES_DIR names a traces folder; unset, tests/data/traces)",
                 src.display()
             )
         });

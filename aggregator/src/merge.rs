@@ -399,10 +399,11 @@ impl Registry {
 
     /// Applies a validated batch unless it is a replay.
     pub fn apply(&mut self, batch: HintBatch, now: f64) -> Applied {
-        if let Some(prev) = self.nodes.get(&batch.node) {
-            if prev.epoch == batch.epoch && batch.seq <= prev.seq {
-                return Applied::Duplicate { last_seq: prev.seq };
-            }
+        if let Some(prev) = self.nodes.get(&batch.node)
+            && prev.epoch == batch.epoch
+            && batch.seq <= prev.seq
+        {
+            return Applied::Duplicate { last_seq: prev.seq };
         }
         // Workloads the node's previous batch touched stay in place while empty, so one that the
         // new batch reports again is updated, not removed and re-created.

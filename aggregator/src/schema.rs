@@ -175,15 +175,14 @@ pub fn decode_batch(body: &[u8]) -> Result<HintBatch, SchemaError> {
     if let Ok(Probe {
         schema: Some(schema),
     }) = serde_json::from_slice::<Probe>(body)
+        && schema.as_str() != Some(SCHEMA_V1)
     {
-        if schema.as_str() != Some(SCHEMA_V1) {
-            return Err(SchemaError::UnsupportedSchema {
-                found: match schema {
-                    serde_json::Value::String(s) => s.chars().take(64).collect(),
-                    other => other.to_string().chars().take(64).collect(),
-                },
-            });
-        }
+        return Err(SchemaError::UnsupportedSchema {
+            found: match schema {
+                serde_json::Value::String(s) => s.chars().take(64).collect(),
+                other => other.to_string().chars().take(64).collect(),
+            },
+        });
     }
     let batch: HintBatch =
         serde_json::from_slice(body).map_err(|e| SchemaError::Malformed(e.to_string()))?;

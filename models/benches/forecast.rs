@@ -2,8 +2,8 @@
 //! ridge refit, one observe+forecast step, state size, and the CPU share of 500 series at 1 Hz.
 //! Times are this thread's CPU time (so a busy shared machine does not inflate them by the time
 //! the thread waited), with wall time alongside.
-//! Uses the NASA July 1995 trace from the shared traces when present (`HEADROOM_TRACES_DIR` or
-//! `../shared/data/traces`), else a synthetic diurnal series of the same shape.
+//! Uses the NASA July 1995 trace (`HEADROOM_TRACES_DIR`, else the repository's copy in
+//! `tests/data/traces`), or a synthetic diurnal series of the same shape when it cannot be read.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -17,14 +17,12 @@ const WEEK: usize = 10_080;
 fn series() -> (Vec<f64>, String) {
     let dir = std::env::var("HEADROOM_TRACES_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/traces")
-        });
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces"));
     let p = dir.join("nasa_http_1995/series_jul_requests_per_min.csv");
-    if let Ok(text) = std::fs::read_to_string(&p) {
-        if let Ok(t) = parse_trace(&text) {
-            return (t.values, format!("{}", p.display()));
-        }
+    if let Ok(text) = std::fs::read_to_string(&p)
+        && let Ok(t) = parse_trace(&text)
+    {
+        return (t.values, format!("{}", p.display()));
     }
     let v = (0..WEEK * 3)
         .map(|i| {

@@ -119,33 +119,33 @@ fn real_main() -> Result<(), String> {
                     s.violation_rate, s.relative_slack
                 ));
             }
-            if target == 0.05 {
-                if let Some((_, show)) = PLOTS.iter().find(|(p, _)| *p == rel) {
-                    let lo = n.saturating_sub(*show).max(from);
-                    let di = r.models.iter().position(|m| *m == "default").unwrap_or(0);
-                    let vi = r.models.iter().position(|m| *m == "vpa").unwrap_or(0);
-                    let bi = r
-                        .models
-                        .iter()
-                        .position(|m| *m == c.hindsight_best)
-                        .unwrap_or(0);
-                    let best_label = format!("{} (as published)", c.hindsight_best);
-                    let svg = svg_plot(
-                        &format!("{rel}: last {} steps, target violation 0.05", n - lo),
-                        &tr.values,
-                        &[
-                            ("headroom default", &r.capacity[di]),
-                            ("vpa (as published)", &r.capacity[vi]),
-                            (&best_label, &r.capacity[bi]),
-                        ],
-                        lo,
-                        n,
-                    );
-                    let name = rel.replace('/', "__").replace(".csv", ".svg");
-                    let p = plots.join(&name);
-                    std::fs::write(&p, svg).map_err(|e| format!("{}: {e}", p.display()))?;
-                    let _ = writeln!(per_trace, "![{rel}]({plots_rel}/{name})\n");
-                }
+            if target == 0.05
+                && let Some((_, show)) = PLOTS.iter().find(|(p, _)| *p == rel)
+            {
+                let lo = n.saturating_sub(*show).max(from);
+                let di = r.models.iter().position(|m| *m == "default").unwrap_or(0);
+                let vi = r.models.iter().position(|m| *m == "vpa").unwrap_or(0);
+                let bi = r
+                    .models
+                    .iter()
+                    .position(|m| *m == c.hindsight_best)
+                    .unwrap_or(0);
+                let best_label = format!("{} (as published)", c.hindsight_best);
+                let svg = svg_plot(
+                    &format!("{rel}: last {} steps, target violation 0.05", n - lo),
+                    &tr.values,
+                    &[
+                        ("headroom default", &r.capacity[di]),
+                        ("vpa (as published)", &r.capacity[vi]),
+                        (&best_label, &r.capacity[bi]),
+                    ],
+                    lo,
+                    n,
+                );
+                let name = rel.replace('/', "__").replace(".csv", ".svg");
+                let p = plots.join(&name);
+                std::fs::write(&p, svg).map_err(|e| format!("{}: {e}", p.display()))?;
+                let _ = writeln!(per_trace, "![{rel}]({plots_rel}/{name})\n");
             }
             all[ti].push(c);
         }

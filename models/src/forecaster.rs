@@ -367,40 +367,39 @@ impl Forecaster for SeriesForecaster {
         let k = 2.0 / (COST_SPAN + 1.0);
         // 1. Outcomes of the forecasts issued `lead` steps ago (their buffers are reused below).
         let mut spare = None;
-        if self.pending.len() >= lead {
-            if let Some(PendingStep(scale, applied, zs, uppers)) = self.pending.pop_front() {
-                for ((c, pz), pu) in self.candidates.iter_mut().zip(&zs).zip(&uppers) {
-                    let (pz, pu) = (*pz, *pu);
-                    let Some(pz) = pz else { continue };
-                    let z = c.kind.transform().apply(value);
-                    let sc = if c.kind.scaled() {
-                        f64::from(scale)
-                    } else {
-                        1.0
-                    };
-                    c.scores.push((z - f64::from(pz)) / sc);
-                    if let Some(u) = pu {
-                        let u = f64::from(u);
-                        let first = c.outcomes == 0;
-                        let mix =
-                            |old: f64, new: f64| if first { new } else { old + k * (new - old) };
-                        c.cost = mix(c.cost, pinball(value, u, tau));
-                        c.viol = mix(c.viol, if value > u { 1.0 } else { 0.0 });
-                        c.slack = mix(c.slack, (u - value).max(0.0));
-                        c.demand = mix(c.demand, value.abs());
-                        c.outcomes = c.outcomes.saturating_add(1);
-                    }
-                    if c.kind == Kind::RidgeSqrt {
-                        let e = (z - f64::from(pz)).abs();
-                        self.err_fast += 0.1 * (e - self.err_fast);
-                        self.err_slow += 0.005 * (e - self.err_slow);
-                    }
+        if self.pending.len() >= lead
+            && let Some(PendingStep(scale, applied, zs, uppers)) = self.pending.pop_front()
+        {
+            for ((c, pz), pu) in self.candidates.iter_mut().zip(&zs).zip(&uppers) {
+                let (pz, pu) = (*pz, *pu);
+                let Some(pz) = pz else { continue };
+                let z = c.kind.transform().apply(value);
+                let sc = if c.kind.scaled() {
+                    f64::from(scale)
+                } else {
+                    1.0
+                };
+                c.scores.push((z - f64::from(pz)) / sc);
+                if let Some(u) = pu {
+                    let u = f64::from(u);
+                    let first = c.outcomes == 0;
+                    let mix = |old: f64, new: f64| if first { new } else { old + k * (new - old) };
+                    c.cost = mix(c.cost, pinball(value, u, tau));
+                    c.viol = mix(c.viol, if value > u { 1.0 } else { 0.0 });
+                    c.slack = mix(c.slack, (u - value).max(0.0));
+                    c.demand = mix(c.demand, value.abs());
+                    c.outcomes = c.outcomes.saturating_add(1);
                 }
-                if let Some(u) = applied {
-                    self.level.update(value > u);
+                if c.kind == Kind::RidgeSqrt {
+                    let e = (z - f64::from(pz)).abs();
+                    self.err_fast += 0.1 * (e - self.err_fast);
+                    self.err_slow += 0.005 * (e - self.err_slow);
                 }
-                spare = Some((zs, uppers));
             }
+            if let Some(u) = applied {
+                self.level.update(value > u);
+            }
+            spare = Some((zs, uppers));
         }
 
         // 2. The models learn the new sample.

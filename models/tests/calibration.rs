@@ -1,5 +1,5 @@
-//! Calibration on the shared real traces: at a 5 % target, every trace with at least 500 scored
-//! steps must realise between 3 % and 7 % violations (at most 7 % where demand is zero on more
+//! Calibration on real traces (`tests/data/traces`, or `$HEADROOM_TRACES_DIR`): at a 5 % target,
+//! every trace there with at least 500 scored steps must realise between 3 % and 7 % violations (at most 7 % where demand is zero on more
 //! than half the steps), and the default must stay close to the best baseline on each.
 
 use std::path::PathBuf;
@@ -7,12 +7,11 @@ use std::path::PathBuf;
 use headroom_models::backtest::{MODELS, lead_steps, parse_trace, run, scored_from, summarize};
 use headroom_models::report::compare;
 
+/// The repository's copy of the real traces, or `$HEADROOM_TRACES_DIR` (same layout).
 fn traces_dir() -> PathBuf {
     std::env::var("HEADROOM_TRACES_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/traces")
-        })
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces"))
 }
 
 #[test]
@@ -21,7 +20,7 @@ fn five_percent_target_is_met_on_every_long_trace() {
     let mut files = Vec::new();
     for sub in std::fs::read_dir(&dir).unwrap_or_else(|e| {
         panic!(
-            "{}: {e} (set HEADROOM_TRACES_DIR to the shared traces folder)",
+            "{}: {e} (HEADROOM_TRACES_DIR names a traces folder; unset, tests/data/traces)",
             dir.display()
         )
     }) {

@@ -5,20 +5,20 @@ use std::path::PathBuf;
 
 use headroom_models::backtest::{MODELS, Trace, lead_steps, parse_trace, run};
 
-/// The shared real traces: `$HEADROOM_TRACES_DIR`, else `../shared/data/traces` beside the
-/// repository. Missing data fails the test rather than skipping it.
+/// The real traces: `$HEADROOM_TRACES_DIR`, else the repository's copy in `tests/data/traces`.
+/// Missing data fails the test rather than skipping it.
 fn traces_dir() -> PathBuf {
     if let Ok(d) = std::env::var("HEADROOM_TRACES_DIR") {
         return PathBuf::from(d);
     }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/traces")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/traces")
 }
 
 fn load(rel: &str) -> Trace {
     let p = traces_dir().join(rel);
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| {
         panic!(
-            "{}: {e} (set HEADROOM_TRACES_DIR to the shared traces folder)",
+            "{}: {e} (HEADROOM_TRACES_DIR names a traces folder; unset, tests/data/traces)",
             p.display()
         )
     });

@@ -1,7 +1,8 @@
 //! Right-sizing on a real node: real cgroups (v1 here, as the node mounts them) and real
-//! processes whose demand follows a shared trace; the agent's policy decides and, in enforce
-//! mode, writes; the kernel's own counters judge the outcome. Also: observe mode writes
-//! nothing, originals come back on SIGTERM, after `kill -9` and with `--restore`.
+//! processes whose demand follows a real trace; the agent's policy decides and, in enforce
+//! mode, writes; the quota the kernel enforces and its own counters judge the outcome. Also:
+//! observe mode writes nothing, originals come back on SIGTERM, after `kill -9` and with
+//! `--restore`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -351,10 +352,48 @@ fn originals_come_back_on_sigterm_after_kill_9_and_with_restore() {
     stop(&mut filler);
 }
 
-/// One run of the acceptance scenario: the burner follows `shape` in `cg`; returns
-/// (throttled seconds, mean quota in cores) from the kernel's counters and the quota file.
-fn run_shape(cg: &TestCgroup, shape: &Path, step_ms: u64) -> (f64, f64) {
+/// What one run of the acceptance scenario measured.
+struct Run {
+    /// Seconds the kernel throttled the cgroup (`throttled_time` in `cpu.stat`).
+    throttled_s: f64,
+    /// Core-seconds of the shape's demand above the quota in force: what the policy left
+    /// unprovisioned. It depends only on the policy's writes, not on how much CPU a busy machine
+    /// let the burner have.
+    shortfall: f64,
+    /// How far `shortfall` can be off because the quota is read every few milliseconds rather
+    /// than when it is written: each change is placed within the gap between two reads, so the
+    /// error is at most the sum over changes of |change| × gap.
+    shortfall_err: f64,
+    /// Time-weighted mean quota, cores.
+    mean_quota: f64,
+    /// CPU the burner got (`cpuacct.usage`), core-seconds, where that hierarchy is mounted.
+    used: Option<f64>,
+}
+
+/// CPU weight of the scenario's cgroups (the v1 maximum). On a node shared with other work the
+/// kernel divides CPU between cgroups, and with autogroup between sessions, by weight before a
+/// task's nice value counts, so at the default 1024 a busy machine took over a fifth of the
+/// burner's demand and with it most of the throttling the policies are compared on. A container
+/// with a CPU guarantee has this kind of weight.
+const SCENARIO_SHARES: &str = "262144";
+
+/// One run of the acceptance scenario: the burner follows `demand` (cores per `step_ms`, also
+/// written to `shape`) in `cg` while the quota file is read every few milliseconds.
+fn run_shape(cg: &TestCgroup, shape: &Path, demand: &[f64], step_ms: u64) -> Run {
     let thr0 = throttled_ns(cg);
+    let cpuacct = |cg: &TestCgroup| -> Option<f64> {
+        let d = cg.dir("cpuacct")?;
+        let ns: f64 = std::fs::read_to_string(d.join("cpuacct.usage"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(ns / 1e9)
+    };
+    let used0 = cpuacct(cg);
+    // The burner's clock starts a few milliseconds after this one (fork, exec, reading the
+    // shape), the same for every policy.
+    let t0 = Instant::now();
     let mut burner = cg.spawn(
         &workload_binary(),
         &[
@@ -364,18 +403,46 @@ fn run_shape(cg: &TestCgroup, shape: &Path, step_ms: u64) -> (f64, f64) {
             "2",
         ],
     );
-    let mut quotas = Vec::new();
-    while burner.try_wait().expect("wait burner").is_none() {
+    let quota = || -> f64 {
         let q: i64 = read(cg, "cpu", "cpu.cfs_quota_us").parse().expect("quota");
         let p: f64 = read(cg, "cpu", "cpu.cfs_period_us")
             .parse()
             .expect("period");
         assert!(q > 0, "quota became unlimited");
-        quotas.push(q as f64 / p);
-        std::thread::sleep(Duration::from_millis(100));
+        q as f64 / p
+    };
+    // (seconds since t0, quota in cores) at every read.
+    let mut reads = vec![(0.0, quota())];
+    while burner.try_wait().expect("wait burner").is_none() {
+        std::thread::sleep(Duration::from_millis(5));
+        reads.push((t0.elapsed().as_secs_f64(), quota()));
     }
-    let thr = (throttled_ns(cg) - thr0) as f64 / 1e9;
-    (thr, quotas.iter().sum::<f64>() / quotas.len().max(1) as f64)
+    let throttled_s = (throttled_ns(cg) - thr0) as f64 / 1e9;
+    let used = cpuacct(cg).zip(used0).map(|(b, a)| b - a);
+    let step_s = step_ms as f64 / 1000.0;
+    let end = reads.last().map_or(0.0, |r| r.0);
+    let (mut shortfall, mut shortfall_err, mut quota_s) = (0.0, 0.0, 0.0);
+    for w in reads.windows(2) {
+        let ((a, q), (b, q_next)) = (w[0], w[1]);
+        quota_s += q * (b - a);
+        shortfall_err += (q_next - q).abs() * (b - a);
+        // Demand is constant within a step: integrate max(0, demand - q) over [a, b) piecewise.
+        let mut t = a;
+        while t < b {
+            let i = (t / step_s) as usize;
+            let until = ((i + 1) as f64 * step_s).min(b);
+            let d = demand.get(i).copied().unwrap_or(0.0);
+            shortfall += (d - q).max(0.0) * (until - t);
+            t = until;
+        }
+    }
+    Run {
+        throttled_s,
+        shortfall,
+        shortfall_err,
+        mean_quota: quota_s / end.max(f64::MIN_POSITIVE),
+        used,
+    }
 }
 
 #[test]
@@ -387,28 +454,21 @@ fn predictive_throttles_less_than_reactive_at_no_more_quota_than_static() {
     }
     // Azure's LLM code-completion service (Azure LLM inference trace 2023, CC-BY 4.0): tokens
     // per 10 s, bursty on/off load; the first 160 points scaled to 0.2..1.2 cores and
-    // compressed to 250 ms per point (40 s). HEADROOM_POLICY_TRACE picks another shared trace.
+    // compressed to 250 ms per point (40 s). The repository's copy in tests/data/traces unless
+    // HEADROOM_TRACES_DIR names another folder of the same layout; HEADROOM_POLICY_TRACE picks
+    // another trace (a path relative to that folder).
     let rel = std::env::var("HEADROOM_POLICY_TRACE")
         .unwrap_or_else(|_| "azure_llm_2023/series_code_tokens_per_10s.csv".into());
-    let dirs = [
-        std::env::var_os("HEADROOM_TRACES_DIR").map(PathBuf::from),
-        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/traces")),
-        Some(PathBuf::from("/work/shared/data/traces")),
-    ];
-    let Some(trace) = dirs
-        .into_iter()
-        .flatten()
-        .map(|d| d.join(&rel))
-        .find(|p| p.is_file())
-    else {
-        if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
-            panic!("{test}: shared trace {rel} not found (set HEADROOM_TRACES_DIR)");
-        }
-        eprintln!("SKIP {test}: shared trace {rel} not found (set HEADROOM_TRACES_DIR)");
-        return;
-    };
-    let text = std::fs::read_to_string(&trace)
-        .unwrap_or_else(|e| panic!("read trace {}: {e}", trace.display()));
+    let dir = std::env::var_os("HEADROOM_TRACES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("data/traces"));
+    let trace = dir.join(&rel);
+    let text = std::fs::read_to_string(&trace).unwrap_or_else(|e| {
+        panic!(
+            "{test}: read trace {}: {e} (HEADROOM_TRACES_DIR names a traces folder; unset, tests/data/traces)",
+            trace.display()
+        )
+    });
     let raw: Vec<f64> = text
         .lines()
         .skip(1)
@@ -447,36 +507,56 @@ fn predictive_throttles_less_than_reactive_at_no_more_quota_than_static() {
             5.0 * step_s,
         )
     };
-    let mut results = Vec::new();
-    for (name, strategies) in [
+    let reactive = ("\"rule\", \"event\"", "util_high_ratio = 1.0\n");
+    let predictive = ("\"predictive\", \"event\"", "");
+    // One run of one policy is at the mercy of where the agent's samples fall against the
+    // bursts (its decisions move in 250 ms samples and 0.75 s cool-downs): each policy runs
+    // twice, in the order reactive, predictive, predictive, reactive, so that a load that grows
+    // or fades during the test weighs on both alike.
+    let plan = [
         ("static", None),
-        (
-            "reactive",
-            Some(("\"rule\", \"event\"", "util_high_ratio = 1.0\n")),
-        ),
-        ("predictive", Some(("\"predictive\", \"event\"", ""))),
-    ] {
-        let cg = TestCgroup::create(&format!("accept-{name}"), true, false);
+        ("reactive", Some(reactive)),
+        ("predictive", Some(predictive)),
+        ("predictive", Some(predictive)),
+        ("reactive", Some(reactive)),
+    ];
+    let total_demand = demand.iter().sum::<f64>() * step_s;
+    let mut runs: Vec<(&str, Run)> = Vec::new();
+    for (k, (name, strategies)) in plan.into_iter().enumerate() {
+        let cg = TestCgroup::create(&format!("accept-{k}-{name}"), true, false);
+        cg.write("cpu", "cpu.shares", SCENARIO_SHARES);
         cg.write("cpu", "cpu.cfs_period_us", "100000");
         cg.write(
             "cpu",
             "cpu.cfs_quota_us",
             &((peak * 1e5) as u64).to_string(),
         );
+        // The agent gets the same weight in a cgroup of its own, so a busy machine delays its
+        // samples no more than it slows the burner. Dropped after the agent, in tuple order.
         let agent = strategies.map(|(s, extra)| {
-            let dir = tmp.path().join(name);
+            let dir = tmp.path().join(format!("{k}-{name}"));
             std::fs::create_dir_all(&dir).expect("config dir");
             let cfg = config(&dir, &policy_cfg(s, extra));
-            Agent::start(&["--config", &cfg.display().to_string(), "--manage", &cg.rel])
+            let a = Agent::start(&["--config", &cfg.display().to_string(), "--manage", &cg.rel]);
+            let agent_cg = TestCgroup::create(&format!("accept-{k}-agent"), true, false);
+            agent_cg.write("cpu", "cpu.shares", SCENARIO_SHARES);
+            agent_cg.add(a.child.id());
+            (a, agent_cg)
         });
-        let (thr, quota) = run_shape(&cg, &shape, step_ms);
+        let r = run_shape(&cg, &shape, &demand, step_ms);
         let n = agent
             .as_ref()
-            .map(|a| decisions(a).iter().filter(|d| d["applied"] == true).count());
+            .map(|(a, _)| decisions(a).iter().filter(|d| d["applied"] == true).count());
         eprintln!(
-            "{name:>10}: throttled {thr:.3} s, mean quota {quota:.3} cores, decisions applied {n:?}"
+            "{name:>10}: throttled {:.3} s, shortfall {:.3} ± {:.3} core-s, mean quota {:.3} cores, \
+             burner got {} of {total_demand:.3} core-s, decisions applied {n:?}",
+            r.throttled_s,
+            r.shortfall,
+            r.shortfall_err,
+            r.mean_quota,
+            r.used.map_or("?".into(), |u| format!("{u:.3}")),
         );
-        results.push((name, thr, quota));
+        runs.push((name, r));
         drop(agent);
     }
     let mean_demand = demand.iter().sum::<f64>() / demand.len() as f64;
@@ -484,17 +564,58 @@ fn predictive_throttles_less_than_reactive_at_no_more_quota_than_static() {
         "trace {}: mean demand {mean_demand:.3} cores, peak {peak}",
         trace.display()
     );
-    let (s, b, c) = (results[0], results[1], results[2]);
-    assert!(
-        c.1 < b.1,
-        "predictive throttled {:.3} s, reactive {:.3} s",
-        c.1,
-        b.1
+    let of = |name: &str| -> Vec<&Run> {
+        runs.iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, r)| r)
+            .collect()
+    };
+    let (statik, reactive, predictive) = (of("static"), of("reactive"), of("predictive"));
+    let mean =
+        |rs: &[&Run], f: fn(&Run) -> f64| rs.iter().map(|r| f(r)).sum::<f64>() / rs.len() as f64;
+    let (p_mean, p_err) = (
+        mean(&predictive, |r| r.shortfall),
+        mean(&predictive, |r| r.shortfall_err),
     );
+    let r_best = reactive
+        .iter()
+        .min_by(|a, b| a.shortfall.total_cmp(&b.shortfall))
+        .expect("reactive runs");
+    let throttled = |rs: &[&Run]| rs.iter().map(|r| r.throttled_s).sum::<f64>();
+    eprintln!(
+        "predictive: mean shortfall {p_mean:.3} ± {p_err:.3} core-s, throttled {:.3} s in all; \
+         reactive: best run's shortfall {:.3} ± {:.3} core-s, throttled {:.3} s in all",
+        throttled(&predictive),
+        r_best.shortfall,
+        r_best.shortfall_err,
+        throttled(&reactive)
+    );
+    // The kernel confirms that the quota the reactive rule left bit: without throttling there
+    // the scenario compares nothing.
     assert!(
-        c.2 <= s.2 + 1e-6,
+        throttled(&reactive) > 0.0,
+        "the reactive runs were never throttled (best shortfall {:.3} core-s)",
+        r_best.shortfall
+    );
+    // Predictive must on average leave less demand above its quota than reactive did in its
+    // best run, by more than either can be off from reading the quota between its writes: the
+    // spread between a policy's own runs is the margin, so two runs of the same policy rarely
+    // pass this. (Throttled time, printed above, says the same when the burner gets its CPU,
+    // but counts whole throttled periods and shrinks when other work takes the burner's CPU.)
+    assert!(
+        p_mean + p_err < r_best.shortfall - r_best.shortfall_err,
+        "predictive mean shortfall {p_mean:.3} ± {p_err:.3} core-s, reactive's best run \
+         {:.3} ± {:.3} core-s (throttled {:.3} s and {:.3} s in all)",
+        r_best.shortfall,
+        r_best.shortfall_err,
+        throttled(&predictive),
+        throttled(&reactive)
+    );
+    let max_quota = |rs: &[&Run]| rs.iter().map(|r| r.mean_quota).fold(0.0, f64::max);
+    assert!(
+        max_quota(&predictive) <= max_quota(&statik) + 1e-6,
         "predictive mean quota {:.3} above static {:.3}",
-        c.2,
-        s.2
+        max_quota(&predictive),
+        max_quota(&statik)
     );
 }

@@ -87,16 +87,14 @@ pub fn pod_owner(pod: &str) -> (&'static str, String) {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
     };
     if let Some((rest, suffix)) = pod.rsplit_once('-') {
-        if hashy(suffix, 5, 5) {
-            if let Some((deploy, rs)) = rest.rsplit_once('-') {
-                if hashy(rs, 6, 10)
-                    && rs
-                        .bytes()
-                        .any(|b| b.is_ascii_digit() || b"bcdfghjklmnpqrstvwxz".contains(&b))
-                {
-                    return ("Deployment", deploy.to_owned());
-                }
-            }
+        if hashy(suffix, 5, 5)
+            && let Some((deploy, rs)) = rest.rsplit_once('-')
+            && hashy(rs, 6, 10)
+            && rs
+                .bytes()
+                .any(|b| b.is_ascii_digit() || b"bcdfghjklmnpqrstvwxz".contains(&b))
+        {
+            return ("Deployment", deploy.to_owned());
         }
         if !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit()) {
             return ("StatefulSet", rest.to_owned());

@@ -247,11 +247,11 @@ fn pct(v: f64) -> c_uint {
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlInit_v2() -> nvmlReturn_t {
     let mut guard = lock();
-    if let Some(st) = guard.as_mut() {
-        if st.init_count > 0 {
-            st.init_count += 1;
-            return SUCCESS;
-        }
+    if let Some(st) = guard.as_mut()
+        && st.init_count > 0
+    {
+        st.init_count += 1;
+        return SUCCESS;
     }
     let Some(path) = script_path() else {
         eprintln!(

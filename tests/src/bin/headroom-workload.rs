@@ -91,6 +91,8 @@ fn burn_trace(values: &[f64], step: Duration, threads: usize) {
     use std::time::Instant;
     // Demand is the shape's, not whatever other processes on a busy node leave over: a high
     // priority (best effort; threads inherit it) keeps CPU contention from hiding the quota.
+    // Nice only ranks tasks within one cgroup (and autogroup); against other cgroups and
+    // sessions the cgroup's CPU weight counts, which the policy test raises.
     // SAFETY: setpriority on the calling thread with constant arguments.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -15) };
     let share = Arc::new(AtomicU64::new(0f64.to_bits()));

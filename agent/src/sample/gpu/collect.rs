@@ -576,19 +576,19 @@ fn gpm<'n>(
         *prev_sample = None;
         return;
     };
-    if let Some(prev) = prev_sample.take() {
-        if let Some(results) = ctx.run("nvmlGpmMetricsGet", || {
+    if let Some(prev) = prev_sample.take()
+        && let Some(results) = ctx.run("nvmlGpmMetricsGet", || {
             nvml_wrapper::gpm::gpm_metrics_get(nvml, &prev, &cur, &GPM_METRICS)
-        }) {
-            for r in results.into_iter().flatten() {
-                let v = Some(r.value / 100.0);
-                match r.metric_id {
-                    GpmMetricId::SmUtil => s.gpm_sm_activity_ratio = v,
-                    GpmMetricId::SmOccupancy => s.gpm_sm_occupancy_ratio = v,
-                    GpmMetricId::AnyTensorUtil => s.gpm_tensor_activity_ratio = v,
-                    GpmMetricId::DramBwUtil => s.gpm_dram_bandwidth_ratio = v,
-                    _ => {}
-                }
+        })
+    {
+        for r in results.into_iter().flatten() {
+            let v = Some(r.value / 100.0);
+            match r.metric_id {
+                GpmMetricId::SmUtil => s.gpm_sm_activity_ratio = v,
+                GpmMetricId::SmOccupancy => s.gpm_sm_occupancy_ratio = v,
+                GpmMetricId::AnyTensorUtil => s.gpm_tensor_activity_ratio = v,
+                GpmMetricId::DramBwUtil => s.gpm_dram_bandwidth_ratio = v,
+                _ => {}
             }
         }
     }
