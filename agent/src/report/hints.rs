@@ -121,14 +121,11 @@ pub fn workload_of(cfg: &AggregatorConfig, ident: &Identity) -> Option<WorkloadR
         .rsplit('/')
         .find(|s| !s.is_empty())
         .unwrap_or("root");
-    let (namespace, kind, name) = match (&ident.namespace, &ident.pod) {
+    let owner = ident.owner_kind.as_deref().zip(ident.owner_name.as_ref());
+    let (namespace, kind, name) = match (&ident.namespace, &ident.pod, owner) {
         // The API server's answer, when the agent has it.
-        (Some(ns), Some(_))
-            if let (Some(kind), Some(name)) = (&ident.owner_kind, &ident.owner_name) =>
-        {
-            (ns.clone(), kind.as_str(), name.clone())
-        }
-        (Some(ns), Some(pod)) => {
+        (Some(ns), Some(_), Some((kind, name))) => (ns.clone(), kind, name.clone()),
+        (Some(ns), Some(pod), _) => {
             let (kind, name) = pod_owner(pod);
             (ns.clone(), kind, name)
         }
