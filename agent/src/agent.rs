@@ -764,6 +764,24 @@ fn hostname(config: &Config) -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// Hints name their node; the aggregator takes only Kubernetes node names.
+fn check_node_name(node: &str) -> Result<(), String> {
+    let probe = headroom_aggregator::HintBatch {
+        schema: headroom_aggregator::SCHEMA_V1.into(),
+        node: node.to_owned(),
+        epoch: 0,
+        seq: 1,
+        time: 1.0,
+        interval_s: 1.0,
+        hints: Vec::new(),
+    };
+    headroom_aggregator::schema::validate(&probe).map_err(|_| {
+        format!(
+            "`{node}` is not a Kubernetes node name (lowercase DNS subdomain); set `hostname` in the config to report hints"
+        )
+    })
+}
+
 /// What the configuration alone cannot tell, checked before anything starts (the caller exits
 /// with 2): the name this node reports under, and the aggregator endpoints.
 pub fn preflight(config: &Config) -> Result<(), String> {
@@ -771,21 +789,7 @@ pub fn preflight(config: &Config) -> Result<(), String> {
     if a.endpoints.is_empty() {
         return Ok(());
     }
-    let node = hostname(config);
-    let probe = headroom_aggregator::HintBatch {
-        schema: headroom_aggregator::SCHEMA_V1.into(),
-        node: node.clone(),
-        epoch: 0,
-        seq: 1,
-        time: 1.0,
-        interval_s: 1.0,
-        hints: Vec::new(),
-    };
-    if headroom_aggregator::schema::validate(&probe).is_err() {
-        return Err(format!(
-            "hostname: `{node}` is not a Kubernetes node name (lowercase DNS subdomain); set `hostname` in the config to report hints"
-        ));
-    }
+    check_node_name(&hostname(config)).map_err(|e| format!("hostname: {e}"))?;
     for e in &a.endpoints {
         let ok = e
             .parse::<hyper::Uri>()
@@ -1011,20 +1015,7 @@ fn start_hint_client(
     if a.endpoints.is_empty() {
         return Ok(());
     }
-    let probe = headroom_aggregator::HintBatch {
-        schema: headroom_aggregator::SCHEMA_V1.into(),
-        node: node.to_owned(),
-        epoch: 0,
-        seq: 1,
-        time: 1.0,
-        interval_s: 1.0,
-        hints: Vec::new(),
-    };
-    if headroom_aggregator::schema::validate(&probe).is_err() {
-        anyhow::bail!(
-            "host name `{node}` is not a Kubernetes node name (lowercase DNS subdomain); set `hostname` in the config to report hints"
-        );
-    }
+    check_node_name(node).map_err(|e| anyhow::anyhow!("host name {e}"))?;
     let mut cc = headroom_aggregator::client::ClientConfig::new(
         node,
         a.endpoints.clone(),
