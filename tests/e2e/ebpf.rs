@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use headroom_ebpf::hist::bucket_of;
 use headroom_ebpf::{Attach, Histogram, Options, Probes, RequestKey, cgroup_id_of};
-use headroom_tests::{Agent, Sample, find, wait_for};
+use headroom_tests::{Agent, PromHist, find, prom_hist, wait_for};
 
 fn require_privileged() -> bool {
     std::env::var("HEADROOM_REQUIRE_PRIVILEGED_TESTS").is_ok_and(|v| v == "1")
@@ -341,65 +341,6 @@ fn newest(agent: &Agent, name: &str, rel: &str, port: u16) -> f64 {
         .last()
         .map(|p| p.1)
         .unwrap_or_else(|| panic!("no {name} history for {rel}:{port}: {}", agent.log_text()))
-}
-
-/// One histogram family's `_count`, `_sum` and buckets for a label set, from /metrics.
-struct PromHist {
-    count: f64,
-    sum: f64,
-    buckets: Vec<(f64, f64)>,
-}
-
-fn prom_hist(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> Option<PromHist> {
-    let one = |suffix: &str| {
-        find(samples, &format!("{name}{suffix}"), want)
-            .first()
-            .map(|s| s.value)
-    };
-    let mut buckets: Vec<(f64, f64)> = find(samples, &format!("{name}_bucket"), want)
-        .iter()
-        .map(|s| {
-            let le = &s.labels["le"];
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().expect("le")
-            };
-            (le, s.value)
-        })
-        .collect();
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    Some(PromHist {
-        count: one("_count")?,
-        sum: one("_sum")?,
-        buckets,
-    })
-}
-
-impl PromHist {
-    /// Prometheus' histogram_quantile: linear interpolation inside the bucket holding the rank.
-    fn quantile(&self, q: f64) -> f64 {
-        let total = self.buckets.last().map_or(0.0, |b| b.1);
-        let rank = q * total;
-        let mut prev = (0.0, 0.0);
-        for &(le, cum) in &self.buckets {
-            if cum >= rank {
-                if le.is_infinite() {
-                    return prev.0;
-                }
-                return prev.0 + (le - prev.0) * (rank - prev.1) / (cum - prev.1).max(1.0);
-            }
-            prev = (le, cum);
-        }
-        prev.0
-    }
-
-    fn bucket_of(&self, v: f64) -> usize {
-        self.buckets
-            .iter()
-            .position(|b| v <= b.0)
-            .unwrap_or(self.buckets.len())
-    }
 }
 
 /// Interval long enough that a whole load (at most ~2.1 s) runs inside one sampling window, so

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use headroom_tests::{Agent, Sample, TestCgroup, find, wait_for};
+use headroom_tests::{Agent, Sample, TestCgroup, find, prom_hist, wait_for};
 use serde_json::{Value, json};
 
 const CHECKS: [&str; 5] = ["request_latency", "runqueue", "cgroup", "enforce", "cost"];
@@ -276,50 +276,6 @@ fn newest(agent: &Agent, name: &str, rel: &str, port: Option<u16>) -> f64 {
 
 fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     find(samples, name, labels).first().map(|s| s.value)
-}
-
-struct PromHist {
-    count: f64,
-    buckets: Vec<(f64, f64)>,
-}
-
-fn prom_hist(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<PromHist> {
-    let mut buckets: Vec<(f64, f64)> = find(samples, &format!("{name}_bucket"), labels)
-        .iter()
-        .map(|s| {
-            let le = &s.labels["le"];
-            (le.parse().unwrap_or(f64::INFINITY), s.value)
-        })
-        .collect();
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    Some(PromHist {
-        count: metric(samples, &format!("{name}_count"), labels)?,
-        buckets,
-    })
-}
-
-impl PromHist {
-    fn quantile(&self, q: f64) -> f64 {
-        let rank = q * self.buckets.last().map_or(0.0, |b| b.1);
-        let mut prev = (0.0, 0.0);
-        for &(le, cum) in &self.buckets {
-            if cum >= rank {
-                if le.is_infinite() {
-                    return prev.0;
-                }
-                return prev.0 + (le - prev.0) * (rank - prev.1) / (cum - prev.1).max(1.0);
-            }
-            prev = (le, cum);
-        }
-        prev.0
-    }
-
-    fn bucket_of(&self, v: f64) -> usize {
-        self.buckets
-            .iter()
-            .position(|b| v <= b.0)
-            .unwrap_or(self.buckets.len())
-    }
 }
 
 /// What `/v1/status` says about each eBPF program: how it is attached and what was refused.

@@ -578,3 +578,63 @@ pub fn plotted_points(dom: &str, title: &str, class: &str) -> Vec<usize> {
         })
         .collect()
 }
+
+/// One histogram family's `_count`, `_sum` and buckets for a label set, from /metrics.
+pub struct PromHist {
+    pub count: f64,
+    pub sum: f64,
+    /// (upper bound `le`, cumulative count), ascending.
+    pub buckets: Vec<(f64, f64)>,
+}
+
+pub fn prom_hist(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> Option<PromHist> {
+    let one = |suffix: &str| {
+        find(samples, &format!("{name}{suffix}"), want)
+            .first()
+            .map(|s| s.value)
+    };
+    let mut buckets: Vec<(f64, f64)> = find(samples, &format!("{name}_bucket"), want)
+        .iter()
+        .map(|s| {
+            let le = &s.labels["le"];
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().expect("le")
+            };
+            (le, s.value)
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Some(PromHist {
+        count: one("_count")?,
+        sum: one("_sum")?,
+        buckets,
+    })
+}
+
+impl PromHist {
+    /// Prometheus' histogram_quantile: linear interpolation inside the bucket holding the rank.
+    pub fn quantile(&self, q: f64) -> f64 {
+        let total = self.buckets.last().map_or(0.0, |b| b.1);
+        let rank = q * total;
+        let mut prev = (0.0, 0.0);
+        for &(le, cum) in &self.buckets {
+            if cum >= rank {
+                if le.is_infinite() {
+                    return prev.0;
+                }
+                return prev.0 + (le - prev.0) * (rank - prev.1) / (cum - prev.1).max(1.0);
+            }
+            prev = (le, cum);
+        }
+        prev.0
+    }
+
+    pub fn bucket_of(&self, v: f64) -> usize {
+        self.buckets
+            .iter()
+            .position(|b| v <= b.0)
+            .unwrap_or(self.buckets.len())
+    }
+}
