@@ -312,14 +312,7 @@ impl Api {
     pub fn new(api: &ApiConfig) -> Result<Api, KubeError> {
         let tls = headroom_aggregator::tls::client_config(Some(&api.ca_file))
             .map_err(|e| KubeError::Tls(e.to_string()))?;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(REQUEST_TIMEOUT));
-        connector.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
+        let https = headroom_aggregator::tls::https_connector(tls, REQUEST_TIMEOUT);
         Ok(Api {
             http: Client::builder(TokioExecutor::new()).build(https),
             base: api.base.trim_end_matches('/').to_string(),

@@ -471,16 +471,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// One pooled HTTP/1 client for every endpoint; `https://` URLs go through rustls.
 fn http_client(cfg: &ClientConfig) -> Result<Http, ClientError> {
     let tls = crate::tls::client_config(cfg.ca_file.as_deref())?;
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(cfg.request_timeout));
-    // The TLS layer needs the TCP connector to accept https:// URIs too.
-    connector.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(connector);
+    let https = crate::tls::https_connector(tls, cfg.request_timeout);
     Ok(Client::builder(TokioExecutor::new()).build(https))
 }
 

@@ -76,6 +76,24 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Tls
         .with_no_client_auth())
 }
 
+/// An HTTP/1 connector that takes both `http://` and `https://` URLs, the latter through
+/// rustls with `tls`; TCP connects give up after `connect_timeout`.
+pub fn https_connector(
+    tls: rustls::ClientConfig,
+    connect_timeout: std::time::Duration,
+) -> hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector> {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    // The TLS layer needs the TCP connector to accept https:// URIs too.
+    connector.enforce_http(false);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector)
+}
+
 /// Server settings for the aggregator's HTTP API: the certificate chain in `cert` (leaf first)
 /// and the private key in `key` (PKCS#8, PKCS#1 or SEC1 PEM).
 pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
