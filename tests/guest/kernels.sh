@@ -80,6 +80,8 @@ fetch() {
     [ -n "$pkg" ] || die "no linux-image-cloud-amd64 in $suite"
     local tmp
     tmp="$(mktemp -d "$cache/.fetch.XXXXXX")"
+    # A failed download leaves no half-fetched folder in the cache.
+    trap "rm -rf '$tmp'" EXIT
     # shellcheck disable=SC2046
     (cd "$tmp" && apt-get $(apt_opts) download -qq "$pkg" >/dev/null) || die "apt-get download $pkg failed"
     dpkg-deb --fsys-tarfile "$tmp"/*.deb | tar -x -C "$tmp" --wildcards './boot/vmlinuz-*'
@@ -87,6 +89,7 @@ fetch() {
     mv "$tmp"/boot/vmlinuz-* "$cache/$suite/vmlinuz"
     echo "$pkg" >"$cache/$suite/package"
     rm -rf "$tmp"
+    trap - EXIT
     echo "kernels.sh: $suite: $pkg cached in $cache/$suite" >&2
 }
 
