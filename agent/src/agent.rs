@@ -62,6 +62,8 @@ pub struct Shared {
     pub policy_mode: crate::config::PolicyMode,
     /// This node's pods from the Kubernetes API, when the agent watches it.
     pub pods: std::sync::OnceLock<Arc<crate::kube::PodDirectory>>,
+    /// Which devices the kubelet allocated to which container (pod-resources API).
+    pub devices: std::sync::OnceLock<Arc<crate::kube::pod_resources::DeviceAllocations>>,
 }
 
 impl Shared {
@@ -82,6 +84,7 @@ impl Shared {
             decisions: Default::default(),
             policy_mode: config.policy.mode,
             pods: std::sync::OnceLock::new(),
+            devices: std::sync::OnceLock::new(),
         }
     }
 
@@ -137,6 +140,7 @@ impl Shared {
             "containers": { "count": containers.len(), "items": containers },
             "ebpf": snapshot.as_ref().map(|s| &s.ebpf.status),
             "kubernetes_api": self.pods.get().map(|p| p.status()),
+            "gpu_attribution": snapshot.as_ref().map(|s| gpu_attribution(&s.gpu, self.devices.get())),
             "history": { "series": series, "points": points },
         })
     }
@@ -469,6 +473,9 @@ impl Samplers {
             },
         );
         let mut gpu = self.gpu.sample(at);
+        if let Some(d) = shared.devices.get() {
+            gpu.attach_allocations(&d.by_uuid());
+        }
         // A process's cgroup as /proc shows it may be nested in its container's, or relative to
         // the agent's own cgroup namespace: name it by the container's key.
         if let Some(c) = &self.cgroups {
@@ -508,6 +515,34 @@ impl Samplers {
             forecasts: Vec::new(),
         }
     }
+}
+
+/// Who GPU use was attributed to, and by which source, for `/v1/status`: devices the kubelet
+/// allocated (pod-resources) and NVML processes resolved to a container through their cgroup.
+fn gpu_attribution(
+    gpu: &gpu::GpuSnapshot,
+    devices: Option<&Arc<crate::kube::pod_resources::DeviceAllocations>>,
+) -> serde_json::Value {
+    let uuid = |i: usize| gpu.gpus.get(i).map(|g| g.id.uuid.as_str());
+    let allocations: Vec<_> = gpu
+        .allocations
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "gpu": uuid(a.gpu), "device_id": a.device_id, "resource": a.resource,
+                "namespace": a.namespace, "pod": a.pod, "container": a.container,
+            })
+        })
+        .collect();
+    let resolved = gpu.processes.iter().filter(|p| p.cgroup.is_some()).count();
+    serde_json::json!({
+        "pod_resources": devices.map(|d| d.status()),
+        "allocations": allocations,
+        "nvml_processes": {
+            "attributed": resolved,
+            "unattributed": gpu.processes.len() - resolved,
+        },
+    })
 }
 
 /// Series that go into history from one snapshot.
@@ -941,6 +976,12 @@ pub fn start(
         }
         None => None,
     };
+    let devices = if config.kubernetes.pod_resources {
+        crate::kube::pod_resources::start(&config.kubernetes.pod_resources_socket, runtime.handle())
+    } else {
+        crate::kube::pod_resources::off(&config.kubernetes.pod_resources_socket)
+    };
+    let _ = shared.devices.set(devices);
     let handle = runtime.handle().clone();
 
     let (stop_tx, stop_rx) = std::sync::mpsc::channel();

@@ -96,6 +96,12 @@ pub struct KubernetesConfig {
     pub api: bool,
     /// API server URL; unset means the in-cluster address (`KUBERNETES_SERVICE_HOST`).
     pub api_server: Option<String>,
+    /// Ask the kubelet's pod-resources API which devices (GPUs, MIG devices, time-sliced
+    /// replicas) it allocated to which container, and label GPU series with them.
+    pub pod_resources: bool,
+    /// The kubelet's pod-resources socket. In a pod, mount its folder (not the socket: the
+    /// kubelet recreates it when it restarts).
+    pub pod_resources_socket: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -348,6 +354,8 @@ impl Default for KubernetesConfig {
             log_dir: PathBuf::from("/var/log/containers"),
             api: true,
             api_server: None,
+            pod_resources: true,
+            pod_resources_socket: PathBuf::from(crate::kube::pod_resources::DEFAULT_SOCKET),
         }
     }
 }

@@ -5,6 +5,8 @@
 //! container id. Reads only; without API access (a systemd install, no RBAC) the agent says so
 //! once and keeps naming containers from kubelet's log directory.
 
+pub mod pod_resources;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -26,6 +28,9 @@ const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount
 /// Pod annotation: `"true"` lets the policy manage the pod's containers, `"false"` keeps it out
 /// whatever `policy.manage` says.
 pub const ANNOTATION_MANAGE: &str = "headroom.dev/manage";
+/// Pod annotation: the latency SLO of the pod's requests (`"50ms"`, `"0.2s"`, `"0.2"` seconds),
+/// overriding `policy.latency_slo_s` for its containers.
+pub const ANNOTATION_LATENCY_SLO: &str = "headroom.dev/latency-slo";
 /// A watch ends after this long and is resumed from its last resource version.
 const WATCH_TIMEOUT_S: u64 = 290;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -47,6 +52,10 @@ pub struct PodInfo {
     pub containers: HashMap<String, String>,
     /// `Some(true|false)` from the [`ANNOTATION_MANAGE`] annotation.
     pub manage: Option<bool>,
+    /// Microseconds, from the [`ANNOTATION_LATENCY_SLO`] annotation.
+    pub latency_slo_us: Option<u64>,
+    /// Annotations of ours whose value is not understood (ignored, logged once).
+    pub annotation_errors: Vec<String>,
     /// Container name → its CPU request and limit as the spec says (millicores).
     pub spec_cpu: HashMap<String, CpuResources>,
     /// Container name → the CPU limit the kubelet reports as applied (millicores).
@@ -70,6 +79,20 @@ pub fn parse_cpu_millis(q: &str) -> Option<u64> {
     }
     let cores: f64 = q.parse().ok()?;
     (cores.is_finite() && cores >= 0.0).then(|| (cores * 1000.0).round() as u64)
+}
+
+/// `"50ms"`, `"0.2s"`, `"0.2"` → seconds.
+fn parse_seconds(v: &str) -> Option<f64> {
+    let v = v.trim();
+    let (num, scale) = if let Some(ms) = v.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else if let Some(s) = v.strip_suffix('s') {
+        (s, 1.0)
+    } else {
+        (v, 1.0)
+    };
+    let n: f64 = num.trim().parse().ok()?;
+    n.is_finite().then_some(n * scale)
 }
 
 /// Where the API stands, for `/v1/status`.
@@ -283,6 +306,7 @@ pub fn start(
         api: client.clone(),
         node: api.node.clone(),
         owners: HashMap::new(),
+        logged: Default::default(),
     };
     runtime.spawn(watch_pods(watcher, dir.clone()));
     Some(Kube {
@@ -304,6 +328,8 @@ pub struct Api {
 struct Watcher {
     api: Api,
     node: String,
+    /// Annotation errors already logged.
+    logged: std::collections::HashSet<String>,
     /// Controllers already resolved: (namespace, kind, name) → the workload above them.
     owners: HashMap<(String, String, String), Owner>,
 }
@@ -562,7 +588,14 @@ impl Watcher {
     async fn pod_info(&mut self, pod: Pod) -> Option<PodInfo> {
         let namespace = pod.metadata.namespace.clone()?;
         let owner = self.owner_of(&namespace, &pod.metadata).await;
-        Some(pod_info(pod, namespace, owner))
+        let info = pod_info(pod, namespace, owner);
+        for e in &info.annotation_errors {
+            let what = format!("{}/{}: {e}", info.namespace, info.name);
+            if self.logged.insert(what.clone()) {
+                tracing::warn!(pod = %what, "pod annotation ignored");
+            }
+        }
+        Some(info)
     }
 }
 
@@ -579,14 +612,30 @@ fn pod_info(pod: Pod, namespace: String, owner: Owner) -> PodInfo {
             Some((id.to_string(), c.name.clone()))
         })
         .collect();
-    let manage = pod
-        .metadata
-        .annotations
+    let mut annotation_errors = Vec::new();
+    let annotations = &pod.metadata.annotations;
+    let manage = annotations
         .get(ANNOTATION_MANAGE)
         .and_then(|v| match v.as_str() {
             "true" => Some(true),
             "false" => Some(false),
-            _ => None,
+            _ => {
+                annotation_errors.push(format!(
+                    "{ANNOTATION_MANAGE}: {v:?} is neither \"true\" nor \"false\""
+                ));
+                None
+            }
+        });
+    let latency_slo_s = annotations
+        .get(ANNOTATION_LATENCY_SLO)
+        .and_then(|v| match parse_seconds(v) {
+            Some(s) if (1e-6..=3600.0).contains(&s) => Some((s * 1e6).round() as u64),
+            _ => {
+                annotation_errors.push(format!(
+                    "{ANNOTATION_LATENCY_SLO}: {v:?} is not a duration from 1us to 1h (\"50ms\", \"0.2s\")"
+                ));
+                None
+            }
         });
     let cpu = |r: &Option<ResourceList>| {
         r.as_ref()
@@ -628,6 +677,8 @@ fn pod_info(pod: Pod, namespace: String, owner: Owner) -> PodInfo {
         owner,
         containers,
         manage,
+        latency_slo_us: latency_slo_s,
+        annotation_errors,
         spec_cpu,
         applied_cpu_limit,
         resize,
@@ -898,6 +949,46 @@ mod tests {
         {"name": "sidecar", "containerID": "containerd://bbbb"},
         {"name": "starting"}]}
     }"#;
+
+    #[test]
+    fn annotations_name_management_and_the_slo_and_bad_values_are_named() {
+        let with = |manage: &str, slo: &str| {
+            let mut pod: Pod = serde_json::from_str(POD).unwrap();
+            pod.metadata
+                .annotations
+                .insert(ANNOTATION_MANAGE.into(), manage.into());
+            pod.metadata
+                .annotations
+                .insert(ANNOTATION_LATENCY_SLO.into(), slo.into());
+            let owner = Owner {
+                kind: "Pod".into(),
+                name: "p".into(),
+            };
+            pod_info(pod, "shop".into(), owner)
+        };
+        let ok = with("false", "50ms");
+        assert_eq!(
+            (ok.manage, ok.latency_slo_us, ok.annotation_errors.len()),
+            (Some(false), Some(50_000), 0)
+        );
+        assert_eq!(with("true", "0.2s").latency_slo_us, Some(200_000));
+        assert_eq!(with("true", "1").latency_slo_us, Some(1_000_000));
+        let bad = with("yes", "fast");
+        assert_eq!((bad.manage, bad.latency_slo_us), (None, None));
+        assert_eq!(
+            bad.annotation_errors.len(),
+            2,
+            "{:?}",
+            bad.annotation_errors
+        );
+        assert!(bad.annotation_errors[0].contains("headroom.dev/manage: \"yes\""));
+        assert!(bad.annotation_errors[1].contains("headroom.dev/latency-slo: \"fast\""));
+        for out_of_range in ["0", "-5ms", "2h", "NaN", "inf"] {
+            let p = with("true", out_of_range);
+            assert_eq!(p.latency_slo_us, None, "{out_of_range}");
+            assert_eq!(p.annotation_errors.len(), 1, "{out_of_range}");
+        }
+    }
 
     #[test]
     fn pods_decode_with_containers_and_annotations() {

@@ -404,9 +404,22 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(
     buf: *mut c_char,
     len: c_uint,
 ) -> nvmlReturn_t {
+    if let Some((i, k)) = mig_handle(device) {
+        return with_state(None, "nvmlDeviceGetUUID", |st, _| {
+            let gpu = st.script.gpus.get(i).ok_or(INVALID_ARG)?;
+            let uuid = format!("MIG-{}-{k}", gpu.uuid.trim_start_matches("GPU-"));
+            unsafe { out_str(buf, len, &uuid) }
+        });
+    }
     with_state(Some(device), "nvmlDeviceGetUUID", |st, i| unsafe {
         out_str(buf, len, &st.script.gpus[i].uuid)
     })
+}
+
+/// GPU index and MIG index of a MIG device handle (see `nvmlDeviceGetMigDeviceHandleByIndex`).
+fn mig_handle(device: nvmlDevice_t) -> Option<(usize, usize)> {
+    let h = (device as usize).checked_sub(MIG_BASE)?;
+    Some((h / 0x100, h % 0x100))
 }
 
 #[unsafe(no_mangle)]

@@ -341,6 +341,7 @@ impl<'n> Collector<'n> {
             gpus,
             processes,
             containers,
+            allocations: Vec::new(),
             events: Vec::new(),
         }
     }
@@ -501,13 +502,16 @@ fn slow_stats(ctx: &mut CallCtx<'_>, dev: &Device<'_>) -> GpuStats {
             for k in 0..max {
                 let found = ctx.run("nvmlDeviceGetMigDeviceHandleByIndex", || {
                     match dev.mig_device_by_index(k) {
-                        Ok(_) => Ok(true),
-                        Err(NvmlError::NotFound) => Ok(false),
+                        Ok(mig) => Ok(Some(mig.uuid())),
+                        Err(NvmlError::NotFound) => Ok(None),
                         Err(e) => Err(e),
                     }
                 });
-                if found == Some(true) {
+                if let Some(Some(uuid)) = found {
                     n += 1;
+                    if let Ok(uuid) = uuid {
+                        s.mig_uuids.push(uuid);
+                    }
                 }
             }
             s.mig_instances = Some(n);
@@ -546,6 +550,7 @@ fn merge_slow(s: &mut GpuStats, slow: &GpuStats) {
     s.remapped_rows_uncorrectable = slow.remapped_rows_uncorrectable;
     s.mig_enabled = slow.mig_enabled;
     s.mig_instances = slow.mig_instances;
+    s.mig_uuids.clone_from(&slow.mig_uuids);
 }
 
 const GPM_METRICS: [GpmMetricId; 4] = [

@@ -21,8 +21,8 @@ use nvml_wrapper::error::NvmlError;
 pub use cgroup::{CgroupResolver, parse_cgroup_file};
 pub use collect::{CallTracker, Collector, InCall, Limits};
 pub use snapshot::{
-    ContainerUsage, Gpu, GpuIdentity, GpuSnapshot, GpuStats, Health, HealthEvent, NvmlStatus,
-    ProcessUsage, Series,
+    Allocation, ContainerUsage, Gpu, GpuIdentity, GpuSnapshot, GpuStats, Health, HealthEvent,
+    NvmlStatus, ProcessUsage, Series,
 };
 
 /// The library loaded when none is configured: the runtime name the driver installs (the bare

@@ -57,6 +57,8 @@ pub struct GpuStats {
     pub remapped_rows_uncorrectable: Option<u64>,
     pub mig_enabled: Option<bool>,
     pub mig_instances: Option<u32>,
+    /// UUIDs of the MIG devices on this GPU (what a MIG device plugin advertises).
+    pub mig_uuids: Vec<String>,
     pub gpm_sm_activity_ratio: Option<f64>,
     pub gpm_sm_occupancy_ratio: Option<f64>,
     pub gpm_tensor_activity_ratio: Option<f64>,
@@ -109,6 +111,20 @@ pub struct ContainerUsage {
     pub memory_utilization_ratio: f64,
 }
 
+/// A device the kubelet allocated to a container (pod-resources API): the whole GPU, a MIG
+/// device on it, or a time-sliced replica of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allocation {
+    /// Index into `GpuSnapshot::gpus`.
+    pub gpu: usize,
+    /// The id its device plugin advertised (`GPU-…`, `MIG-…`, `GPU-…::N`).
+    pub device_id: String,
+    pub resource: String,
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+}
+
 /// A GPU's health changed; consumed by the stages that react (policy, reporter).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthEvent {
@@ -128,6 +144,8 @@ pub struct GpuSnapshot {
     pub gpus: Vec<Gpu>,
     pub processes: Vec<ProcessUsage>,
     pub containers: Vec<ContainerUsage>,
+    /// Devices of these GPUs the kubelet allocated to containers; empty off Kubernetes.
+    pub allocations: Vec<Allocation>,
     /// Health changes since the previous `sample()`.
     pub events: Vec<HealthEvent>,
 }
@@ -221,6 +239,7 @@ impl GpuSnapshot {
             gpus: Vec::new(),
             processes: Vec::new(),
             containers: Vec::new(),
+            allocations: Vec::new(),
             events: Vec::new(),
         }
     }
@@ -442,11 +461,36 @@ impl GpuSnapshot {
             "1 for each NVML call this GPU or driver does not support",
             Gauge,
         );
-        for g in &self.gpus {
-            let l = gpu_labels(&g.id, hostname);
-            for (fam, get) in &mut fams {
-                fam.push(l.clone(), get(g));
+        let mut allocation = Family::new(
+            "headroom_gpu_allocation",
+            "1 for each device of this GPU the kubelet allocated to a container (pod-resources API)",
+            Gauge,
+        );
+        for a in &self.allocations {
+            let Some(g) = self.gpus.get(a.gpu) else {
+                continue;
+            };
+            let mut l = gpu_labels(&g.id, hostname);
+            for (k, v) in [
+                ("namespace", &a.namespace),
+                ("pod", &a.pod),
+                ("container", &a.container),
+                ("resource", &a.resource),
+                ("device_id", &a.device_id),
+            ] {
+                l.push((k.into(), v.clone().into()));
             }
+            allocation.push(l, Some(1.0));
+        }
+        for (i, g) in self.gpus.iter().enumerate() {
+            // Like dcgm-exporter: a GPU held by containers is labelled with each of them (a GPU
+            // shared by time-slicing or MIG gets one series per container).
+            for l in self.owner_labels(i, gpu_labels(&g.id, hostname)) {
+                for (fam, get) in &mut fams {
+                    fam.push(l.clone(), get(g));
+                }
+            }
+            let l = gpu_labels(&g.id, hostname);
             ecc.push(
                 with(l.clone(), "type", "corrected"),
                 f(g.stats.ecc_corrected_errors),
@@ -486,6 +530,7 @@ impl GpuSnapshot {
         for (fam, _) in &fams {
             fam.encode(enc)?;
         }
+        allocation.encode(enc)?;
         for fam in [&ecc, &retired, &remapped, &throttle, &unsupported] {
             fam.encode(enc)?;
         }
@@ -571,6 +616,59 @@ impl GpuSnapshot {
             fam.encode(enc)?;
         }
         Ok(())
+    }
+
+    /// `base` with namespace, pod and container added once per distinct container the kubelet
+    /// allocated GPU `gpu` (or a device on it) to; `base` alone when none.
+    fn owner_labels(&self, gpu: usize, base: Labels) -> Vec<Labels> {
+        let mut owners: Vec<(&str, &str, &str)> = self
+            .allocations
+            .iter()
+            .filter(|a| a.gpu == gpu)
+            .map(|a| (a.namespace.as_str(), a.pod.as_str(), a.container.as_str()))
+            .collect();
+        owners.sort_unstable();
+        owners.dedup();
+        if owners.is_empty() {
+            return vec![base];
+        }
+        owners
+            .into_iter()
+            .map(|(ns, pod, c)| {
+                with(
+                    with(
+                        with(base.clone(), "namespace", ns.to_owned()),
+                        "pod",
+                        pod.to_owned(),
+                    ),
+                    "container",
+                    c.to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Attaches the kubelet's allocations (device UUID → holders): a device is on a GPU when it
+    /// is the GPU, one of its MIG devices, or a time-sliced replica of either.
+    pub fn attach_allocations(
+        &mut self,
+        by_uuid: &std::collections::BTreeMap<String, Vec<crate::kube::pod_resources::DeviceOwner>>,
+    ) {
+        self.allocations.clear();
+        for (i, g) in self.gpus.iter().enumerate() {
+            for uuid in std::iter::once(&g.id.uuid).chain(&g.stats.mig_uuids) {
+                for o in by_uuid.get(uuid).into_iter().flatten() {
+                    self.allocations.push(Allocation {
+                        gpu: i,
+                        device_id: o.device_id.clone(),
+                        resource: o.resource.clone(),
+                        namespace: o.namespace.clone(),
+                        pod: o.pod.clone(),
+                        container: o.container.clone(),
+                    });
+                }
+            }
+        }
     }
 
     /// The values that go into history, named like the agent's other history series:

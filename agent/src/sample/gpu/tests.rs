@@ -198,6 +198,13 @@ fn reports_every_metric_from_the_script() {
     assert_eq!(b.stats.utilization_ratio, Some(0.41));
     assert_eq!(b.stats.mig_enabled, Some(true));
     assert_eq!(b.stats.mig_instances, Some(3));
+    let mig_base = format!("MIG-{}", b.id.uuid.trim_start_matches("GPU-"));
+    assert_eq!(
+        b.stats.mig_uuids,
+        (0..3)
+            .map(|k| format!("{mig_base}-{k}"))
+            .collect::<Vec<_>>()
+    );
     assert_eq!(b.stats.pcie_tx_bytes_per_second, None);
     assert_eq!(b.stats.ecc_corrected_errors, None);
     assert_eq!(
@@ -707,5 +714,84 @@ fn permission_denied_is_not_a_fault() {
         snap.gpus[0]
             .unsupported
             .contains(&"nvmlDeviceGetTotalEnergyConsumption")
+    );
+}
+
+/// The kubelet's allocations label a GPU's series with each container holding it (a whole GPU,
+/// a MIG device on it, a time-sliced replica), list each device once in
+/// `headroom_gpu_allocation`, and leave unallocated GPUs unlabelled.
+#[test]
+fn allocations_label_the_gpus_they_hold() {
+    use crate::kube::pod_resources::DeviceOwner;
+    let mut g1 = gpu(1);
+    g1["mig_mode"] = json!(1);
+    g1["mig_instances"] = json!(2);
+    let fake = Fake::new(&json!({"gpus": [gpu(0), g1, gpu(2)]}));
+    let mut s = GpuSampler::new(&fake.cfg(), Path::new("/proc"));
+    let mut snap = until(&mut s, "MIG UUIDs", |s| {
+        s.gpus.get(1).is_some_and(|g| g.stats.mig_uuids.len() == 2)
+    });
+    let (u0, mig) = (
+        snap.gpus[0].id.uuid.clone(),
+        snap.gpus[1].stats.mig_uuids[1].clone(),
+    );
+    let owner = |pod: &str, id: &str, resource: &str| DeviceOwner {
+        namespace: "ml".into(),
+        pod: pod.into(),
+        container: "main".into(),
+        resource: resource.into(),
+        device_id: id.into(),
+    };
+    let alloc = crate::kube::pod_resources::DeviceAllocations::from_owners([
+        owner("a", &format!("{u0}::0"), "nvidia.com/gpu.shared"),
+        owner("b", &format!("{u0}::1"), "nvidia.com/gpu.shared"),
+        owner("c", &mig, "nvidia.com/mig-1g.18gb"),
+        owner("gone", "GPU-not-on-this-node", "nvidia.com/gpu"),
+    ]);
+    snap.attach_allocations(&alloc.by_uuid());
+    assert_eq!(snap.allocations.len(), 3, "{:?}", snap.allocations);
+    let text = encoded(&snap);
+    let util = "headroom_gpu_utilization_ratio";
+    for pod in ["a", "b"] {
+        let want = format!("pod=\"{pod}\"");
+        assert!(
+            metric(
+                &text,
+                util,
+                &["gpu=\"0\"", "namespace=\"ml\"", &want, "container=\"main\""]
+            )
+            .is_some(),
+            "GPU 0 labelled with pod {pod}:\n{text}"
+        );
+    }
+    assert!(
+        metric(&text, util, &["gpu=\"1\"", "pod=\"c\""]).is_some(),
+        "MIG holder: {text}"
+    );
+    assert!(
+        metric(&text, util, &["gpu=\"2\""]).is_some_and(|_| !text
+            .lines()
+            .any(|l| l.starts_with(util) && l.contains("gpu=\"2\"") && l.contains("pod="))),
+        "an unallocated GPU has no pod labels: {text}"
+    );
+    let mig_label = format!("device_id=\"{mig}\"");
+    assert_eq!(
+        metric(
+            &text,
+            "headroom_gpu_allocation",
+            &[
+                "gpu=\"1\"",
+                &mig_label,
+                "resource=\"nvidia.com/mig-1g.18gb\""
+            ]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("headroom_gpu_allocation{"))
+            .count(),
+        3,
+        "{text}"
     );
 }
