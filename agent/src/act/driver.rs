@@ -271,6 +271,10 @@ impl Driver {
         if let Some(l) = o.latency_slo_s {
             params.latency_slo_s = (l > 0.0).then_some(l);
         }
+        // The pod's own `headroom.dev/latency-slo` annotation overrides the configuration.
+        if let Some(us) = id.latency_slo_us {
+            params.latency_slo_s = Some(us as f64 / 1e6);
+        }
         let cap = |v: f64, node: f64| if v > 0.0 { v.min(node) } else { node };
         let mut cpu = Envelope {
             floor: o.cpu_floor_cores.unwrap_or(self.config.cpu_floor_cores),
@@ -621,14 +625,7 @@ mod tests {
             containers,
             ebpf: Default::default(),
             cgroup_ids: Default::default(),
-            gpu: GpuSnapshot {
-                at: SystemTime::now(),
-                status: NvmlStatus::Disabled,
-                gpus: Vec::new(),
-                processes: Vec::new(),
-                containers: Vec::new(),
-                events: Vec::new(),
-            },
+            gpu: GpuSnapshot::empty(SystemTime::now(), NvmlStatus::Disabled),
             gone: Vec::new(),
             forecasts: Vec::new(),
         }

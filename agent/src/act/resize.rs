@@ -225,6 +225,17 @@ impl Resizer {
             );
             if reason == "Infeasible" || reason == "Error" {
                 self.hold.insert(k.clone(), Instant::now() + RETRY_AFTER);
+                let refused = format!(
+                    "{}/{} {container}: the kubelet answered {what}",
+                    pod.namespace, pod.name
+                );
+                self.pods.note_write("resize", &Err(refused.clone()));
+                if self
+                    .logged
+                    .insert(format!("refused:{uid}:{container}:{what}"))
+                {
+                    tracing::warn!(error = %refused, "in-place resize refused by the kubelet; retrying in {} s", RETRY_AFTER.as_secs());
+                }
                 self.event(
                     &pod,
                     "HeadroomResizeRefused",

@@ -562,6 +562,7 @@ mod tests {
             owner_kind: None,
             owner_name: None,
             manage: None,
+            latency_slo_us: None,
         };
         let w = workload_of(
             &cfg,

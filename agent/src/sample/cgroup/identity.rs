@@ -37,6 +37,9 @@ pub struct Identity {
     pub owner_name: Option<String>,
     /// The pod's `headroom.dev/manage` annotation, where the API told it.
     pub manage: Option<bool>,
+    /// The pod's `headroom.dev/latency-slo` annotation, in microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_slo_us: Option<u64>,
 }
 
 impl Identity {
@@ -53,6 +56,7 @@ impl Identity {
             owner_kind: None,
             owner_name: None,
             manage: None,
+            latency_slo_us: None,
         }
     }
 

@@ -329,6 +329,7 @@ impl CgroupSampler {
             ident.owner_kind = Some(pod.owner.kind.clone());
             ident.owner_name = Some(pod.owner.name.clone());
             ident.manage = pod.manage;
+            ident.latency_slo_us = pod.latency_slo_us;
             return;
         }
         if let Some(n) = self.kube.lookup(id) {
