@@ -122,32 +122,6 @@ fn stable(v: &serde_json::Value) -> serde_json::Value {
     serde_json::json!({"id": v["id"], "nodes": v["nodes"], "current_replicas": v["current_replicas"], "resources": resources})
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace")
-        .to_path_buf()
-}
-
-/// The fake NVML library (crate `fake-nvml`), built once (`FAKE_NVML_LIB` overrides).
-fn fake_nvml() -> PathBuf {
-    if let Some(p) = std::env::var_os("FAKE_NVML_LIB") {
-        return PathBuf::from(p);
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--locked", "-p", "fake-nvml"])
-        .current_dir(workspace_root())
-        .status()
-        .expect("run cargo build -p fake-nvml");
-    assert!(status.success(), "building fake-nvml failed");
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-        .join("debug")
-        .join("libnvidia_ml_fake.so")
-}
-
 fn spooled(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .map(|d| {
@@ -180,7 +154,7 @@ fn three_agents_in_netns_merge_at_one_aggregator_and_survive_its_outage() {
         .unwrap_or(30);
     let bin = agent_binary();
     let w = workload_binary();
-    let fake = fake_nvml();
+    let fake = fake_nvml_lib();
     let tmp = tempfile::tempdir().expect("tempdir");
     let token = tmp.path().join("token");
     std::fs::write(&token, format!("{TOKEN}\n")).expect("token file");

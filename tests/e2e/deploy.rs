@@ -11,17 +11,10 @@ use std::time::{Duration, Instant};
 
 use headroom_tests::*;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace")
-        .to_path_buf()
-}
-
 /// The unit as installed: its `/usr/local/bin/headroom` replaced by the binary just built, so
 /// `verify` checks a command that exists. Nothing else in the unit changes.
 fn installed_unit(dir: &Path, name: &str) -> PathBuf {
-    let text = std::fs::read_to_string(repo().join("systemd").join(name))
+    let text = std::fs::read_to_string(workspace_root().join("systemd").join(name))
         .unwrap_or_else(|e| panic!("read systemd/{name}: {e}"));
     assert!(
         text.contains("ExecStart=/usr/local/bin/headroom "),
@@ -97,7 +90,7 @@ fn units_verify_clean_and_agent_is_hardened() {
         "the aggregator needs no privilege, so it must score no worse than the agent: {scores:?}"
     );
     // The agent keeps only the capabilities its features need; the aggregator has none.
-    let agent = std::fs::read_to_string(repo().join("systemd/headroom-agent.service"))
+    let agent = std::fs::read_to_string(workspace_root().join("systemd/headroom-agent.service"))
         .expect("read agent unit");
     let caps = agent
         .lines()
@@ -139,7 +132,7 @@ fn sysusers_and_tmpfiles_create_the_state_directory() {
         let out = Command::new(tool)
             .arg(format!("--root={}", root.path().display()))
             .args(extra)
-            .arg(repo().join("systemd").join(file))
+            .arg(workspace_root().join("systemd").join(file))
             .output()
             .unwrap_or_else(|e| panic!("run {tool}: {e}"));
         assert!(
@@ -176,7 +169,7 @@ fn sysusers_and_tmpfiles_create_the_state_directory() {
 fn example_config_is_accepted() {
     let out = Command::new(agent_binary())
         .args(["agent", "--print-config", "--config"])
-        .arg(repo().join("systemd/headroom.toml"))
+        .arg(workspace_root().join("systemd/headroom.toml"))
         .output()
         .expect("run headroom agent --print-config");
     assert!(
@@ -287,7 +280,7 @@ fn kubernetes_manifests_validate() {
         return;
     }
     let out = Command::new("python3")
-        .arg(repo().join("scripts/validate-manifests.py"))
+        .arg(workspace_root().join("scripts/validate-manifests.py"))
         .arg("--agent-bin")
         .arg(agent_binary())
         .output()
@@ -298,7 +291,7 @@ fn kubernetes_manifests_validate() {
     assert!(out.status.success(), "manifest validation failed:\n{text}");
     // Every manifest file took part, for both Kubernetes versions.
     for dir in ["deploy", "deploy/optional"] {
-        for f in std::fs::read_dir(repo().join(dir)).expect(dir) {
+        for f in std::fs::read_dir(workspace_root().join(dir)).expect(dir) {
             let name = f.expect("entry").file_name().to_string_lossy().into_owned();
             if name.ends_with(".yaml") && name != "kustomization.yaml" {
                 assert!(
@@ -316,19 +309,10 @@ fn kubernetes_manifests_validate() {
 /// A private copy of the fake NVML (`tests/fake-nvml`) as `libnvidia-ml.so.1` in `dir`, with a
 /// script beside it: two H200s, one replaying a real GPU utilisation trace, `pid` using both.
 fn fake_nvml(dir: &Path, pid: u32) -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--locked", "-p", "fake-nvml"])
-        .current_dir(repo())
-        .status()
-        .expect("run cargo build -p fake-nvml");
-    assert!(status.success(), "building fake-nvml failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"));
     let lib = dir.join("libnvidia-ml.so.1");
-    std::fs::copy(target.join("debug/libnvidia_ml_fake.so"), &lib).expect("copy the fake NVML");
-    let trace = repo().join("tests/fake-nvml/traces/alibaba_gpu_util_mean_57s_head120.csv");
+    std::fs::copy(fake_nvml_lib(), &lib).expect("copy the fake NVML");
+    let trace =
+        workspace_root().join("tests/fake-nvml/traces/alibaba_gpu_util_mean_57s_head120.csv");
     let script = serde_json::json!({
         "driver_version": "550.54.15",
         "gpus": [
@@ -549,7 +533,7 @@ fn source_metric_names() -> std::collections::BTreeSet<String> {
     let mut names = std::collections::BTreeSet::new();
     let mut stack: Vec<PathBuf> = ["agent", "aggregator", "ebpf", "models"]
         .iter()
-        .map(|d| repo().join(d))
+        .map(|d| workspace_root().join(d))
         .filter(|d| d.is_dir())
         .collect();
     while let Some(d) = stack.pop() {
@@ -587,7 +571,7 @@ fn grafana_dashboard_names_exported_metrics_and_runs_in_prometheus() {
     if !require_root(test) || !require_tool(test, "prometheus") {
         return;
     }
-    let text = std::fs::read_to_string(repo().join("deploy/grafana/headroom.json"))
+    let text = std::fs::read_to_string(workspace_root().join("deploy/grafana/headroom.json"))
         .expect("read deploy/grafana/headroom.json");
     let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
     assert_eq!(dash["uid"], "headroom");

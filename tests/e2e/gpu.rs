@@ -5,40 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use headroom_tests::*;
 use serde_json::{Value, json};
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace")
-        .to_path_buf()
-}
-
-/// The fake library, built once per test process (`FAKE_NVML_LIB` overrides).
-fn fake_lib() -> PathBuf {
-    static LIB: OnceLock<PathBuf> = OnceLock::new();
-    LIB.get_or_init(|| {
-        if let Some(p) = std::env::var_os("FAKE_NVML_LIB") {
-            return PathBuf::from(p);
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--locked", "-p", "fake-nvml"])
-            .current_dir(workspace_root())
-            .status()
-            .expect("run cargo build -p fake-nvml");
-        assert!(status.success(), "building fake-nvml failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
-        target.join("debug").join("libnvidia_ml_fake.so")
-    })
-    .clone()
-}
 
 /// A private copy of the fake as `libnvidia-ml.so.1`, with its script beside it.
 struct Fake {
@@ -50,7 +20,7 @@ impl Fake {
     fn new(script: &Value) -> Fake {
         let dir = tempfile::tempdir().expect("tempdir");
         let lib = dir.path().join("libnvidia-ml.so.1");
-        std::fs::copy(fake_lib(), &lib).expect("copy the fake library");
+        std::fs::copy(fake_nvml_lib(), &lib).expect("copy the fake library");
         let f = Fake { dir, lib };
         f.write(script);
         f

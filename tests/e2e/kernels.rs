@@ -8,22 +8,15 @@
 //! reason otherwise unless `HEADROOM_REQUIRE_PRIVILEGED_TESTS=1`.
 //! `HEADROOM_KERNEL_SUITES=bookworm,trixie` runs a subset.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use headroom_tests::{require_root, require_tool, skip_or_fail};
+use headroom_tests::{require_root, require_tool, skip_or_fail, workspace_root};
 use serde_json::Value;
 
 const SUITES: [&str; 3] = ["bullseye", "bookworm", "trixie"];
 const CHECKS: [&str; 5] = ["request_latency", "runqueue", "cgroup", "enforce", "cost"];
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace")
-        .to_path_buf()
-}
 
 /// The release agent (`HEADROOM_BIN` overrides): the binary users install, and the one small
 /// enough to carry into an initramfs.

@@ -13,13 +13,6 @@ use headroom_tests::*;
 
 const CONTAINERD_SOCK: &str = "/run/headroom-kube/containerd/containerd.sock";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the repository")
-        .to_path_buf()
-}
-
 fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
@@ -32,13 +25,13 @@ fn now_ms() -> u64 {
 }
 
 fn kube_up() -> Command {
-    let mut c = Command::new(repo().join("scripts/kube-up.sh"));
+    let mut c = Command::new(workspace_root().join("scripts/kube-up.sh"));
     c.env("HEADROOM_BIN", agent_binary());
     c
 }
 
 fn kube_down() {
-    let out = Command::new(repo().join("scripts/kube-down.sh"))
+    let out = Command::new(workspace_root().join("scripts/kube-down.sh"))
         .output()
         .expect("run scripts/kube-down.sh");
     assert!(out.status.success(), "kube-down failed:\n{}", text(&out));
@@ -76,7 +69,7 @@ impl Cluster {
     }
 
     fn kubectl_output(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut c = Command::new(repo().join("scripts/kubectl"));
+        let mut c = Command::new(workspace_root().join("scripts/kubectl"));
         c.args(args).env("KUBECONFIG", &self.kubeconfig);
         if let Some(input) = stdin {
             c.stdin(Stdio::piped())
@@ -140,7 +133,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if !self.down {
-            let _ = Command::new(repo().join("scripts/kube-down.sh")).status();
+            let _ = Command::new(workspace_root().join("scripts/kube-down.sh")).status();
         }
     }
 }
@@ -282,6 +275,137 @@ spec:
       resources: {requests: {cpu: 100m}, limits: {cpu: 200m}}
 "#;
 
+/// A pod holding `COUNT` of the test device plugin's GPUs, with no GPU process yet.
+const GPU_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: NAME, namespace: hr-test}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: cuda
+      image: localhost/headroom-tools:test
+      imagePullPolicy: Never
+      command: [sleep, "3600"]
+      resources: {limits: {nvidia.com/gpu: COUNT}}
+"#;
+
+const GPU_UUIDS: [&str; 2] = [
+    "GPU-6b1d3e00-0000-4000-8000-00000000000a",
+    "GPU-6b1d3e00-0000-4000-8000-00000000000b",
+];
+/// Where the DaemonSet's agent finds the driver's NVML (`LD_LIBRARY_PATH`, under the GPU
+/// Operator's driver root it mounts).
+const DRIVER_LIB_DIR: &str = "/run/nvidia/driver/usr/lib/x86_64-linux-gnu";
+
+/// Two fake GPUs on the node: the fake NVML where the agent's pod loads the driver's library,
+/// and the test's device plugin advertising them to the real kubelet as `nvidia.com/gpu` (the
+/// second GPU time-sliced into two replicas, `UUID::0` and `UUID::1`). Dropping it stops the
+/// plugin and removes the library.
+struct FakeGpus {
+    plugin: std::process::Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeGpus {
+    fn install() -> FakeGpus {
+        std::fs::create_dir_all(DRIVER_LIB_DIR).expect("driver library folder");
+        std::fs::copy(
+            fake_nvml_lib(),
+            Path::new(DRIVER_LIB_DIR).join("libnvidia-ml.so.1"),
+        )
+        .expect("install the fake NVML");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("allocations.jsonl");
+        let plugin = Command::new("python3")
+            .arg(workspace_root().join("tests/kube/device-plugin/fake_gpu_plugin.py"))
+            .arg("--log")
+            .arg(&log)
+            .args([
+                GPU_UUIDS[0].to_string(),
+                format!("{}::0", GPU_UUIDS[1]),
+                format!("{}::1", GPU_UUIDS[1]),
+            ])
+            .spawn()
+            .expect("start the device plugin");
+        let g = FakeGpus {
+            plugin,
+            log,
+            _dir: dir,
+        };
+        g.processes(&[]);
+        g
+    }
+
+    /// The fake NVML's script: both GPUs, with `(gpu index, host pid)` as GPU processes.
+    fn processes(&self, procs: &[(usize, u32)]) {
+        let gpus: Vec<serde_json::Value> = GPU_UUIDS
+            .iter()
+            .enumerate()
+            .map(|(i, uuid)| {
+                let p: Vec<serde_json::Value> = procs
+                    .iter()
+                    .filter(|(g, _)| *g == i)
+                    .map(|(_, pid)| serde_json::json!({"pid": pid, "memory_used": 3_000_000_000u64, "sm_util": 40}))
+                    .collect();
+                serde_json::json!({
+                    "uuid": uuid, "name": "NVIDIA H200", "pci_bus_id": format!("00000000:{:02X}:00.0", 0x19 + i),
+                    "memory_total": 150_754_820_096u64, "memory_used": 3_000_000_000u64 * p.len() as u64,
+                    "utilization": 40 * p.len(), "processes": p,
+                })
+            })
+            .collect();
+        let tmp = Path::new(DRIVER_LIB_DIR).join("fake-nvml.json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::json!({"driver_version": "550.54.15", "gpus": gpus}).to_string(),
+        )
+        .expect("write the fake NVML script");
+        std::fs::rename(&tmp, Path::new(DRIVER_LIB_DIR).join("fake-nvml.json")).expect("rename");
+    }
+
+    /// Device ids of each Allocate the kubelet made, in order.
+    fn allocations(&self) -> Vec<Vec<String>> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| {
+                v["devices"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|d| d.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+}
+
+impl Drop for FakeGpus {
+    fn drop(&mut self) {
+        // SAFETY: a signal to the child this struct started.
+        unsafe { libc::kill(self.plugin.id() as i32, libc::SIGTERM) };
+        let _ = self.plugin.wait();
+        let _ = std::fs::remove_dir_all("/run/nvidia/driver/usr");
+    }
+}
+
+/// The first process in a container's cgroup (v1 `cpu` controller), as the host sees it.
+fn container_pid(container_id: &str) -> Option<u32> {
+    let dir = container_cgroup(container_id)?;
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 fn cpu_millis(q: &str) -> u64 {
     match q.strip_suffix('m') {
         Some(m) => m.parse().expect("millicores"),
@@ -289,10 +413,9 @@ fn cpu_millis(q: &str) -> u64 {
     }
 }
 
-/// The CFS quota of a container's cgroup (v1 `cpu` controller), in millicores.
-fn cfs_quota_millis(container_id: &str) -> Option<u64> {
-    let root = Path::new("/sys/fs/cgroup/cpu/kubepods");
-    let mut stack = vec![root.to_path_buf()];
+/// A container's cgroup (v1 `cpu` controller), found by its id under `kubepods`.
+fn container_cgroup(container_id: &str) -> Option<PathBuf> {
+    let mut stack = vec![PathBuf::from("/sys/fs/cgroup/cpu/kubepods")];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).ok()?.flatten() {
             let p = e.path();
@@ -300,22 +423,26 @@ fn cfs_quota_millis(container_id: &str) -> Option<u64> {
                 continue;
             }
             if p.file_name().is_some_and(|n| n == container_id) {
-                let q: i64 = std::fs::read_to_string(p.join("cpu.cfs_quota_us"))
-                    .ok()?
-                    .trim()
-                    .parse()
-                    .ok()?;
-                let period: i64 = std::fs::read_to_string(p.join("cpu.cfs_period_us"))
-                    .ok()?
-                    .trim()
-                    .parse()
-                    .ok()?;
-                return (q > 0).then(|| (q * 1000 / period) as u64);
+                return Some(p);
             }
             stack.push(p);
         }
     }
     None
+}
+
+/// The CFS quota of a container's cgroup, in millicores.
+fn cfs_quota_millis(container_id: &str) -> Option<u64> {
+    let dir = container_cgroup(container_id)?;
+    let read = |f: &str| -> Option<i64> {
+        std::fs::read_to_string(dir.join(f))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let (q, period) = (read("cpu.cfs_quota_us")?, read("cpu.cfs_period_us")?);
+    (q > 0).then(|| (q * 1000 / period) as u64)
 }
 
 const WORKLOADS: &str = r#"
@@ -414,6 +541,8 @@ fn deploy_runs_on_a_real_kubernetes_node() {
 
     let firewall_before = firewall_rules();
     let cluster = Cluster::up();
+    // Two GPUs for the agent pods started from here on (the first one found no driver).
+    let gpus = FakeGpus::install();
 
     // The DaemonSet as shipped: not privileged, only the capabilities it lists.
     let agent = cluster
@@ -595,9 +724,55 @@ fn deploy_runs_on_a_real_kubernetes_node() {
 
     // In-place resize (enforce mode in the overlay): pods annotated headroom.dev/manage get
     // their CPU limit raised through pods/resize while throttled.
+    // First with the verb denied (an operator's RBAC without pods/resize): the refusal is
+    // reported on /v1/status, sampling goes on, and the resize happens once the verb is back.
+    let rules = cluster.json(&["get", "clusterrole", "headroom-agent"])["rules"].clone();
+    let resize_rule = rules
+        .as_array()
+        .and_then(|r| {
+            r.iter()
+                .position(|r| r["resources"] == serde_json::json!(["pods/resize"]))
+        })
+        .expect("the agent's ClusterRole grants pods/resize");
+    cluster.kubectl(&[
+        "patch",
+        "clusterrole",
+        "headroom-agent",
+        "--type=json",
+        "-p",
+        &format!(r#"[{{"op":"remove","path":"/rules/{resize_rule}"}}]"#),
+    ]);
     for name in ["squeezed", "squeezed2"] {
         cluster.apply(&SQUEEZED.replace("NAME", name));
     }
+    let first_status = || -> Option<serde_json::Value> {
+        let (code, body) = http_get_at(&agent_ip, 9810, "/v1/status").ok()?;
+        (code == 200).then(|| serde_json::from_str(&body).ok())?
+    };
+    let denied = wait_for(Duration::from_secs(120), || {
+        let s = first_status()?;
+        let e = s["kubernetes_api"]["write_error"].as_str()?.to_string();
+        (e.contains("403") && e.contains("pods/resize")).then_some((e, s))
+    });
+    let (denied, at) = denied
+        .unwrap_or_else(|| panic!("a denied resize is not on /v1/status: {:?}", first_status()));
+    eprintln!("resize denied, agent says: {denied}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        first_status().and_then(|s| s["last_sample_at"].as_f64()) > at["last_sample_at"].as_f64(),
+        "sampling stopped after a denied resize"
+    );
+    cluster.kubectl(&[
+        "patch",
+        "clusterrole",
+        "headroom-agent",
+        "--type=json",
+        "-p",
+        &format!(
+            r#"[{{"op":"add","path":"/rules/{resize_rule}","value":{}}}]"#,
+            rules[resize_rule]
+        ),
+    ]);
     let limit_of = |pod: &str| {
         let p = cluster.json(&["-n", "hr-test", "get", "pod", pod]);
         let spec = p["spec"]["containers"][0]["resources"]["limits"]["cpu"]
@@ -676,6 +851,63 @@ fn deploy_runs_on_a_real_kubernetes_node() {
         Some(700),
         "the manual resize was overwritten"
     );
+    // A resize the kubelet refuses: an operator asked for more CPU than the node has, so the
+    // pod sits in PodResizePending (Infeasible). Once the pod opts in, the agent (wanting more
+    // for it, throttled as it is) reports the refusal and asks nothing.
+    cluster.apply(&SQUEEZED.replace("NAME", "refused").replace(
+        "headroom.dev/manage: \"true\"",
+        "headroom.dev/manage: \"false\"",
+    ));
+    wait_for(Duration::from_secs(120), || {
+        let p = cluster.json(&["-n", "hr-test", "get", "pod", "refused"]);
+        (p["status"]["phase"] == "Running").then_some(())
+    })
+    .expect("the refused pod runs");
+    cluster.kubectl(&[
+        "-n", "hr-test", "patch", "pod", "refused", "--subresource", "resize", "-p",
+        r#"{"spec":{"containers":[{"name":"burn","resources":{"requests":{"cpu":"500"},"limits":{"cpu":"500"}}}]}}"#,
+    ]);
+    wait_for(Duration::from_secs(60), || {
+        let p = cluster.json(&["-n", "hr-test", "get", "pod", "refused"]);
+        p["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "PodResizePending" && c["reason"] == "Infeasible")
+            .then_some(())
+    })
+    .expect("the kubelet marks the resize Infeasible");
+    cluster.kubectl(&[
+        "-n",
+        "hr-test",
+        "annotate",
+        "--overwrite",
+        "pod",
+        "refused",
+        "headroom.dev/manage=true",
+    ]);
+    let refused = wait_for(Duration::from_secs(90), || {
+        let e = first_status()?["kubernetes_api"]["write_error"]
+            .as_str()?
+            .to_string();
+        (e.contains("hr-test/refused") && e.contains("Infeasible")).then_some(e)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "an Infeasible resize is not on /v1/status: {:?}",
+            first_status()
+        )
+    });
+    eprintln!("resize refused, agent says: {refused}");
+    assert!(
+        wait_for(Duration::from_secs(30), || events("refused")
+            .contains("HeadroomResizeRefused")
+            .then_some(()))
+        .is_some(),
+        "no event for the refused resize: {}",
+        events("refused")
+    );
+    cluster.kubectl(&["-n", "hr-test", "delete", "pod", "refused", "--wait=false"]);
+
     // SIGTERM (the pod deleted): the agent puts back what it changed, through the same path.
     cluster.kubectl(&[
         "-n",
@@ -711,27 +943,146 @@ fn deploy_runs_on_a_real_kubernetes_node() {
             .filter(|(c, _)| *c == 200)
     })
     .expect("the new agent pod is ready");
-
-    // The API server goes away: the agent says so on /v1/status and keeps sampling.
     let agent_status = || -> Option<serde_json::Value> {
         let (code, body) = http_get_at(&agent_ip, 9810, "/v1/status").ok()?;
         (code == 200).then(|| serde_json::from_str(&body).ok())?
     };
-    let apiserver: i32 = std::fs::read_to_string("/var/lib/headroom-kube/pids/kube-apiserver")
-        .expect("kube-apiserver pid")
-        .trim()
-        .parse()
-        .expect("pid");
-    // SAFETY: kill with a pid this cluster started and a valid signal number.
-    unsafe { libc::kill(apiserver, libc::SIGKILL) };
+
+    // GPUs through the kubelet: pods get devices from the test's device plugin, and the agent
+    // labels each GPU's series with the pods holding it, from pod-resources, before any GPU
+    // process exists. The plugin's own log of Allocate calls is the truth.
+    let mut held: Vec<(&str, String)> = Vec::new();
+    for (pod, count) in [("gpu-a", 1), ("gpu-b", 2)] {
+        cluster.apply(
+            &GPU_POD
+                .replace("NAME", pod)
+                .replace("COUNT", &count.to_string()),
+        );
+        wait_for(Duration::from_secs(120), || {
+            let p = cluster.json(&["-n", "hr-test", "get", "pod", pod]);
+            (p["status"]["phase"] == "Running").then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{pod} never ran: {}",
+                cluster.kubectl(&["-n", "hr-test", "describe", "pod", pod])
+            )
+        });
+        let ids = gpus
+            .allocations()
+            .get(held.iter().map(|(p, _)| *p).collect::<BTreeSet<_>>().len())
+            .cloned()
+            .unwrap_or_else(|| panic!("no Allocate logged for {pod}: {:?}", gpus.allocations()));
+        assert_eq!(ids.len(), count, "{pod} got {ids:?}");
+        held.extend(ids.into_iter().map(|id| (pod, id)));
+    }
+    let mut last = Vec::new();
+    let labelled = wait_for(Duration::from_secs(60), || {
+        let (_, body) = http_get_at(&agent_ip, 9810, "/metrics").ok()?;
+        last = parse_metrics(&body);
+        held.iter()
+            .all(|(pod, id)| {
+                let uuid = id.split("::").next().unwrap_or(id);
+                let who = [
+                    ("namespace", "hr-test"),
+                    ("pod", *pod),
+                    ("container", "cuda"),
+                ];
+                let mut util = vec![("UUID", uuid)];
+                util.extend(who);
+                let mut alloc = vec![("device_id", id.as_str()), ("resource", "nvidia.com/gpu")];
+                alloc.extend(who);
+                !find(&last, "headroom_gpu_utilization_ratio", &util).is_empty()
+                    && find(&last, "headroom_gpu_allocation", &alloc).len() == 1
+            })
+            .then_some(())
+    });
+    assert!(
+        labelled.is_some(),
+        "GPU series not labelled with their pods {held:?}: {:?}",
+        last.iter()
+            .filter(|s| s.name.starts_with("headroom_gpu_"))
+            .collect::<Vec<_>>()
+    );
+    let status = agent_status().expect("agent /v1/status");
+    let pr = &status["gpu_attribution"]["pod_resources"];
+    assert_eq!(pr["state"], "ok", "{pr}");
+    assert_eq!(pr["devices_allocated"], 3, "{pr}");
+    assert_eq!(pr["devices_allocatable"], 3, "{pr}");
+
+    // A GPU process in gpu-a: NVML's process list resolves to the same pod through its cgroup.
+    let gpu_a = cluster.json(&["-n", "hr-test", "get", "pod", "gpu-a"]);
+    let cid = gpu_a["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .and_then(|c| c.strip_prefix("containerd://"))
+        .expect("gpu-a's container id")
+        .to_string();
+    let pid = container_pid(&cid).expect("gpu-a's process");
+    let a_uuid = held[0].1.split("::").next().unwrap_or_default().to_string();
+    let a_gpu = GPU_UUIDS
+        .iter()
+        .position(|u| *u == a_uuid)
+        .expect("a fake GPU");
+    gpus.processes(&[(a_gpu, pid)]);
+    let used = wait_for(Duration::from_secs(30), || {
+        let (_, body) = http_get_at(&agent_ip, 9810, "/metrics").ok()?;
+        let m = parse_metrics(&body);
+        find(
+            &m,
+            "headroom_gpu_container_memory_used_bytes",
+            &[
+                ("UUID", a_uuid.as_str()),
+                ("namespace", "hr-test"),
+                ("pod", "gpu-a"),
+                ("container", "cuda"),
+            ],
+        )
+        .first()
+        .map(|s| s.value)
+    });
+    assert_eq!(
+        used,
+        Some(3e9),
+        "NVML process of gpu-a (pid {pid}) not attributed to it"
+    );
+    let nvml = &agent_status().expect("status")["gpu_attribution"]["nvml_processes"];
+    assert_eq!(nvml["attributed"], 1, "{nvml}");
+
+    // The API server and the kubelet go away (the pod-resources socket with it): the agent
+    // says so on /v1/status, keeps the last GPU allocations and keeps sampling.
+    let pid_of = |component: &str| -> i32 {
+        std::fs::read_to_string(format!("/var/lib/headroom-kube/pids/{component}"))
+            .unwrap_or_else(|e| panic!("{component} pid: {e}"))
+            .trim()
+            .parse()
+            .expect("pid")
+    };
+    for component in ["kube-apiserver", "kubelet"] {
+        // SAFETY: kill with a pid this cluster started and a valid signal number.
+        unsafe { libc::kill(pid_of(component), libc::SIGKILL) };
+    }
     let down = wait_for(Duration::from_secs(60), || {
         let s = agent_status()?;
-        (s["kubernetes_api"]["state"] == "error").then_some(s)
+        (s["kubernetes_api"]["state"] == "error"
+            && s["gpu_attribution"]["pod_resources"]["state"] == "error")
+            .then_some(s)
     })
-    .expect("the agent never reported the API server as down");
+    .unwrap_or_else(|| {
+        panic!(
+            "the agent never reported the API server and the kubelet down: {:?}",
+            agent_status()
+        )
+    });
     eprintln!(
-        "API server down, agent says: {}",
-        down["kubernetes_api"]["error"]
+        "API server down, agent says: {}\nkubelet down, agent says: {}",
+        down["kubernetes_api"]["error"], down["gpu_attribution"]["pod_resources"]["error"]
+    );
+    assert_eq!(
+        down["gpu_attribution"]["allocations"]
+            .as_array()
+            .map(Vec::len),
+        Some(3),
+        "allocations dropped while the kubelet is away"
     );
     let before = down["last_sample_at"].as_f64().expect("last_sample_at");
     std::thread::sleep(Duration::from_secs(3));
@@ -740,7 +1091,7 @@ fn deploy_runs_on_a_real_kubernetes_node() {
         .expect("last_sample_at");
     assert!(
         after > before + 1.0,
-        "sampling stopped with the API server down"
+        "sampling stopped with the API server and the kubelet down"
     );
 
     // A second kube-up while one runs starts no second cluster (the first one also starts the
@@ -765,14 +1116,18 @@ fn deploy_runs_on_a_real_kubernetes_node() {
         text(&first_out)
     );
     let back = wait_for(Duration::from_secs(120), || {
-        (agent_status()?["kubernetes_api"]["state"] == "synced").then_some(())
+        let s = agent_status()?;
+        (s["kubernetes_api"]["state"] == "synced"
+            && s["gpu_attribution"]["pod_resources"]["state"] == "ok")
+            .then_some(())
     });
     assert!(
         back.is_some(),
-        "the agent's API watch did not recover: {:?}",
+        "the agent's API watch or pod-resources client did not recover: {:?}",
         agent_status()
     );
 
+    drop(gpus);
     cluster.down();
     let left = kubepods_cgroups();
     assert!(left.is_empty(), "kube-down left cgroups: {left:?}");

@@ -47,11 +47,37 @@ pub fn which(tool: &str) -> Option<PathBuf> {
     })
 }
 
-fn workspace_root() -> PathBuf {
+/// The repository's root (the workspace).
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ lives in the workspace")
         .to_path_buf()
+}
+
+/// The fake NVML library (crate `fake-nvml`, `libnvidia_ml_fake.so`), built once per test
+/// process (`FAKE_NVML_LIB` overrides). Copy it as `libnvidia-ml.so.1` into a folder with its
+/// `fake-nvml.json` script.
+pub fn fake_nvml_lib() -> PathBuf {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        if let Some(p) = std::env::var_os("FAKE_NVML_LIB") {
+            return PathBuf::from(p);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--locked", "-p", "fake-nvml"])
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo build -p fake-nvml");
+        assert!(status.success(), "building fake-nvml failed");
+        std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"))
+            .join("debug")
+            .join("libnvidia_ml_fake.so")
+    })
+    .clone()
 }
 
 /// The `headroom` binary, built once per test process (`HEADROOM_BIN` overrides).
@@ -103,10 +129,10 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
 pub fn http_get_at(host: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect((host, port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
+    // One write, as HTTP clients send a request: `write!` on a socket would send each piece of
+    // the format as its own segment, and a server may answer between them.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
