@@ -195,6 +195,7 @@ fn main() {
                     node_burst: 600.0,
                     tls: None,
                     scaler_rt_priority,
+                    external_metrics: None,
                 };
                 let agg = Aggregator::bind(cfg).await.unwrap();
                 addr_tx

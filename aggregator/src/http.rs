@@ -291,6 +291,7 @@ impl HttpServer {
         let path = req.uri().path().to_owned();
         let method = req.method().clone();
         let allowed: &str = match path.as_str() {
+            p if crate::external_metrics::handles(p) => "GET",
             "/v1/hints" => "POST",
             "/" | "/v1/workloads" | "/v1/nodes" | "/openapi.json" | "/metrics" | "/healthz"
             | "/readyz" => "GET",
@@ -321,6 +322,12 @@ impl HttpServer {
             return r;
         }
         match path.as_str() {
+            p if crate::external_metrics::handles(p) => crate::external_metrics::get(
+                &self.shared,
+                p,
+                req.uri().query(),
+                &crate::external_metrics::rfc3339(std::time::SystemTime::now()),
+            ),
             "/" => {
                 let page = self.shared.page(req.uri().query().unwrap_or(""));
                 let mut r = Response::new(Full::new(Bytes::from(page)));
@@ -383,7 +390,7 @@ impl HttpServer {
 }
 
 /// Ids contain `/`; clients may send them raw or percent-encoded.
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -10,6 +10,7 @@
 
 pub mod chart;
 pub mod client;
+pub mod external_metrics;
 pub mod http;
 pub mod keda;
 pub mod merge;
@@ -92,6 +93,25 @@ pub struct AggregatorArgs {
         requires = "tls_cert"
     )]
     pub tls_key: Option<PathBuf>,
+    /// Also serve the Kubernetes external metrics API (and the rest of the HTTP API) over HTTPS
+    /// here, for an APIService (`deploy/optional/external-metrics.yaml`); uses --tls-cert and
+    /// --tls-key, or a self-signed certificate made at start.
+    #[arg(
+        long,
+        env = "HEADROOM_AGGREGATOR_EXTERNAL_METRICS_LISTEN",
+        value_name = "ADDR"
+    )]
+    pub external_metrics_listen: Option<SocketAddr>,
+    /// PEM CA that signs the API server's front-proxy client certificate
+    /// (`--requestheader-client-ca-file`): only its clients are served on
+    /// --external-metrics-listen. Unset: any client (the values are replica counts).
+    #[arg(
+        long,
+        env = "HEADROOM_AGGREGATOR_EXTERNAL_METRICS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "external_metrics_listen"
+    )]
+    pub external_metrics_client_ca: Option<PathBuf>,
     /// Run the KEDA scaler thread under SCHED_FIFO at this priority (1-99; 0: off). Needs
     /// CAP_SYS_NICE; keeps GetMetrics fast when other processes share the aggregator's cores.
     #[arg(
@@ -123,6 +143,8 @@ pub struct AggregatorConfig {
     pub tls: Option<TlsFiles>,
     /// SCHED_FIFO priority of the scaler thread; 0 leaves it a normal thread (see `sched`).
     pub scaler_rt_priority: u8,
+    /// HTTPS listener for the external metrics API, and the CA its clients must be signed by.
+    pub external_metrics: Option<(SocketAddr, Option<PathBuf>)>,
 }
 
 /// A setting that cannot work; names the flag.
@@ -213,6 +235,9 @@ impl AggregatorArgs {
                 _ => return Err(bad("tls-cert", "--tls-cert and --tls-key go together")),
             },
             scaler_rt_priority: self.scaler_rt_priority,
+            external_metrics: self
+                .external_metrics_listen
+                .map(|a| (a, self.external_metrics_client_ca)),
         })
     }
 }
@@ -225,6 +250,8 @@ pub struct Aggregator {
     http_tls: Option<tokio_rustls::TlsAcceptor>,
     http_listener: TcpListener,
     grpc_listener: TcpListener,
+    /// The external metrics API's HTTPS listener, when asked for.
+    external_metrics: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
 }
 
 impl Aggregator {
@@ -249,7 +276,27 @@ impl Aggregator {
                 .await
                 .map_err(|source| ConfigError::Bind { addr, source })
         };
+        let external_metrics = match &cfg.external_metrics {
+            Some((addr, client_ca)) => {
+                let files = cfg
+                    .tls
+                    .as_ref()
+                    .map(|f| (f.cert.as_path(), f.key.as_path()));
+                let tls = external_metrics::server_tls(files, client_ca.as_deref()).map_err(
+                    |reason| ConfigError::Invalid {
+                        flag: "external-metrics-listen",
+                        reason,
+                    },
+                )?;
+                Some((
+                    bind(*addr).await?,
+                    tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+                ))
+            }
+            None => None,
+        };
         Ok(Aggregator {
+            external_metrics,
             http_listener: bind(cfg.listen).await?,
             grpc_listener: bind(cfg.grpc_listen).await?,
             shared,
@@ -307,6 +354,15 @@ impl Aggregator {
             self.http_tls.clone(),
             wait(stop_rx.clone()),
         ));
+        if let Some((listener, tls)) = self.external_metrics {
+            tracing::info!(listen = %listener.local_addr()?, "serving the external metrics API ({}) over HTTPS", external_metrics::GROUP_VERSION);
+            tokio::spawn(http::serve(
+                listener,
+                self.http.clone(),
+                Some(tls),
+                wait(stop_rx.clone()),
+            ));
+        }
         // The scaler gets its own thread and runtime, so KEDA's few calls never queue behind a
         // flood of hint posts on the ingest runtime; with a short time slice (`sched`) the kernel
         // also switches to it at once when it wakes on a core where ingest is running.

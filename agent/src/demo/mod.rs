@@ -249,6 +249,7 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
         node_burst: 600.0,
         tls: None,
         scaler_rt_priority: 0,
+        external_metrics: None,
     };
     let aggregator = runtime
         .block_on(headroom_aggregator::Aggregator::bind(agg_cfg))

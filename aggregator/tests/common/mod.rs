@@ -53,6 +53,7 @@ pub fn config(listen: SocketAddr) -> AggregatorConfig {
         node_burst: 1.0,
         tls: None,
         scaler_rt_priority: 0,
+        external_metrics: None,
     }
 }
 
