@@ -722,6 +722,151 @@ fn deploy_runs_on_a_real_kubernetes_node() {
         );
     }
 
+    // The HPA on headroom's hints without KEDA: the aggregator registered as the external
+    // metrics API. Each HPA must settle on the aggregator's desired replicas (within its
+    // bounds); a workload no node reports is an error the HPA shows, not a zero.
+    cluster.kubectl(&[
+        "apply",
+        "-f",
+        &workspace_root()
+            .join("deploy/optional/external-metrics.yaml")
+            .display()
+            .to_string(),
+    ]);
+    wait_for(Duration::from_secs(90), || {
+        let a = cluster.json(&["get", "apiservice", "v1beta1.external.metrics.k8s.io"]);
+        a["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Available" && c["status"] == "True")
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the external metrics APIService never became Available: {}",
+            cluster.kubectl(&[
+                "get",
+                "apiservice",
+                "v1beta1.external.metrics.k8s.io",
+                "-o",
+                "yaml"
+            ])
+        )
+    });
+    let desired = |name: &str| -> Option<u64> {
+        let (code, body) = http_get_at(
+            &aggregator_ip,
+            9470,
+            &format!("/v1/workloads/hr-test/Deployment/{name}"),
+        )
+        .ok()?;
+        (code == 200).then_some(())?;
+        serde_json::from_str::<serde_json::Value>(&body).ok()?["desired_replicas"].as_u64()
+    };
+    let raw = |selector: &str| {
+        cluster.kubectl_output(
+            &[
+                "get",
+                "--raw",
+                &format!("/apis/external.metrics.k8s.io/v1beta1/namespaces/hr-test/headroom-desired-replicas?labelSelector={selector}"),
+            ],
+            None,
+        )
+    };
+    let through_api = wait_for(Duration::from_secs(30), || {
+        let out = raw("kind%3DDeployment%2Cname%3Dburner");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let got: u64 = v["items"][0]["value"].as_str()?.parse().ok()?;
+        (Some(got) == desired("burner")).then_some(got)
+    });
+    assert!(
+        through_api.is_some(),
+        "the API server's external metric for burner never matched the aggregator's {:?}: {}",
+        desired("burner"),
+        text(&raw("kind%3DDeployment%2Cname%3Dburner"))
+    );
+    let ghost = raw("kind%3DDeployment%2Cname%3Dghost");
+    assert!(
+        !ghost.status.success() && text(&ghost).contains("hr-test/Deployment/ghost"),
+        "a workload no node reports: {}",
+        text(&ghost)
+    );
+    const HPA: &str = r#"
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: NAME, namespace: hr-test}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: TARGET}
+  minReplicas: 1
+  maxReplicas: 3
+  metrics:
+    - type: External
+      external:
+        metric:
+          name: headroom-desired-replicas
+          selector: {matchLabels: {kind: Deployment, name: NAME}}
+        target: {type: AverageValue, averageValue: "1"}
+"#;
+    // ghost's HPA scales web (which exists) on a workload no node reports.
+    for (name, target) in [("burner", "burner"), ("pair", "pair"), ("ghost", "web")] {
+        cluster.apply(&HPA.replace("NAME", name).replace("TARGET", target));
+    }
+    for name in ["burner", "pair"] {
+        let mut seen = (None, None, None);
+        let settled = wait_for(Duration::from_secs(150), || {
+            let hpa = cluster.json(&["-n", "hr-test", "get", "hpa", name]);
+            let want = desired(name)?.clamp(1, 3);
+            let dep = cluster.json(&["-n", "hr-test", "get", "deployment", name]);
+            seen = (
+                Some(want),
+                hpa["status"]["desiredReplicas"].as_u64(),
+                dep["spec"]["replicas"].as_u64(),
+            );
+            (seen.1 == Some(want) && seen.2 == Some(want)).then_some(want)
+        });
+        let replicas = settled.unwrap_or_else(|| {
+            panic!(
+                "HPA {name} never followed the aggregator (aggregator, HPA, Deployment): {seen:?}\n{}",
+                cluster.kubectl(&["-n", "hr-test", "describe", "hpa", name])
+            )
+        });
+        eprintln!("HPA {name}: follows headroom-desired-replicas to {replicas} replica(s)");
+    }
+    let ghost_active = wait_for(Duration::from_secs(90), || {
+        let hpa = cluster.json(&["-n", "hr-test", "get", "hpa", "ghost"]);
+        hpa["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find_map(|c| {
+                (c["type"] == "ScalingActive" && c["status"] == "False")
+                    .then(|| c["message"].as_str().unwrap_or_default().to_string())
+            })
+    })
+    .expect("the HPA of a workload no node reports never said why it is not scaling");
+    assert!(
+        ghost_active.contains("hr-test/Deployment/ghost"),
+        "ScalingActive message: {ghost_active}"
+    );
+    for name in ["burner", "pair", "ghost"] {
+        cluster.kubectl(&["-n", "hr-test", "delete", "hpa", name]);
+    }
+    cluster.kubectl(&[
+        "-n",
+        "hr-test",
+        "scale",
+        "deployment",
+        "burner",
+        "--replicas=1",
+    ]);
+    cluster.kubectl(&[
+        "-n",
+        "hr-test",
+        "scale",
+        "deployment",
+        "pair",
+        "--replicas=2",
+    ]);
+
     // In-place resize (enforce mode in the overlay): pods annotated headroom.dev/manage get
     // their CPU limit raised through pods/resize while throttled.
     // First with the verb denied (an operator's RBAC without pods/resize): the refusal is
