@@ -196,6 +196,7 @@ fn main() {
                     tls: None,
                     scaler_rt_priority,
                     external_metrics: None,
+                    stale_hold_s: headroom_aggregator::state::DEFAULT_STALE_HOLD_S,
                 };
                 let agg = Aggregator::bind(cfg).await.unwrap();
                 addr_tx

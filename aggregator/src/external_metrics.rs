@@ -14,10 +14,11 @@
 //! ```
 //!
 //! The workload is `<the HPA's namespace>/<kind>/<name>`. The value is the merged desired
-//! replicas, the same number the KEDA scaler serves; with `AverageValue: 1` the HPA's
-//! `ceil(value / (target × current))` lands exactly on it. A workload no node reports is a 404
-//! `Status`, never a zero: the HPA then keeps the replicas it has (`ScalingActive` false,
-//! reason `FailedGetExternalMetric`, with this message). Reads the published answers only.
+//! replicas, the same number the KEDA scaler serves (held while its nodes are silent, see
+//! `state::Lookup`); with `AverageValue: 1` the HPA's `ceil(value / (target × current))` lands
+//! exactly on it. A workload no node has reported since start is a 404 `Status`, never a zero:
+//! the HPA then keeps the replicas it has (`ScalingActive` false, reason
+//! `FailedGetExternalMetric`, with this message). Reads the published answers only.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -111,12 +112,12 @@ pub fn get(shared: &Shared, path: &str, query: Option<&str>, now_rfc3339: &str) 
         );
     };
     let id = format!("{namespace}/{kind}/{name}");
-    let Some(answer) = shared.answer(&id) else {
+    let Some((_, desired)) = shared.lookup(&id).replicas() else {
         return status(
             StatusCode::NOT_FOUND,
             "NotFound",
             format!(
-                "no node reports workload {id}; the ids headroom knows are at GET /v1/workloads"
+                "no node has reported workload {id} since the aggregator started; the ids headroom knows are at GET /v1/workloads"
             ),
         );
     };
@@ -128,7 +129,7 @@ pub fn get(shared: &Shared, path: &str, query: Option<&str>, now_rfc3339: &str) 
                 "metricName": DESIRED_REPLICAS,
                 "metricLabels": {"kind": kind, "name": name},
                 "timestamp": now_rfc3339,
-                "value": answer.desired_replicas().to_string(),
+                "value": desired.to_string(),
             }],
         }),
     )

@@ -68,6 +68,10 @@ pub struct AggregatorArgs {
     /// Seconds after which a silent node drops out of every view.
     #[arg(long, env = "HEADROOM_AGGREGATOR_NODE_TTL", default_value_t = 30.0)]
     pub node_ttl: f64,
+    /// Seconds the scalers keep serving a workload's last answer once no node reports it; then
+    /// inactive and 0 replicas.
+    #[arg(long, env = "HEADROOM_AGGREGATOR_STALE_HOLD", default_value_t = state::DEFAULT_STALE_HOLD_S)]
+    pub stale_hold: f64,
     /// Largest accepted POST body, bytes.
     #[arg(long, env = "HEADROOM_AGGREGATOR_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
@@ -145,6 +149,8 @@ pub struct AggregatorConfig {
     pub scaler_rt_priority: u8,
     /// HTTPS listener for the external metrics API, and the CA its clients must be signed by.
     pub external_metrics: Option<(SocketAddr, Option<PathBuf>)>,
+    /// Seconds a silent workload's last answer stands (see `state::Lookup`).
+    pub stale_hold_s: f64,
 }
 
 /// A setting that cannot work; names the flag.
@@ -205,6 +211,9 @@ impl AggregatorArgs {
         if !(self.node_ttl.is_finite() && self.node_ttl > 0.0) {
             return Err(bad("node-ttl", "must be > 0 seconds"));
         }
+        if !(self.stale_hold.is_finite() && self.stale_hold >= 0.0) {
+            return Err(bad("stale-hold", "must be >= 0 seconds"));
+        }
         if self.max_body_bytes < 1024 {
             return Err(bad("max-body-bytes", "must be at least 1024"));
         }
@@ -238,6 +247,7 @@ impl AggregatorArgs {
             external_metrics: self
                 .external_metrics_listen
                 .map(|a| (a, self.external_metrics_client_ca)),
+            stale_hold_s: self.stale_hold,
         })
     }
 }
@@ -264,6 +274,7 @@ impl Aggregator {
             None => None,
         };
         let shared = state::Shared::new(cfg.policy, cfg.node_rate, cfg.node_burst);
+        shared.set_stale_hold(Duration::from_secs_f64(cfg.stale_hold_s));
         let http = Arc::new(http::HttpServer::new(
             shared.clone(),
             http::HttpSettings {

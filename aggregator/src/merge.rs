@@ -326,6 +326,13 @@ impl Answer {
         self.desired_replicas() > 0
     }
 
+    /// An answer that no longer changes: a silent workload's last one.
+    pub fn fixed(desired: u64) -> Arc<Answer> {
+        let a = Answer::default();
+        a.set(desired);
+        Arc::new(a)
+    }
+
     fn set(&self, v: u64) {
         self.desired.store(v, Ordering::Release);
     }
@@ -335,7 +342,8 @@ impl Answer {
 #[derive(Debug, Clone)]
 pub enum IndexChange {
     Added(String, Arc<Answer>),
-    Removed(String),
+    /// With the desired replicas it had before it left.
+    Removed(String, u64),
 }
 
 #[derive(Debug, Default)]
@@ -513,9 +521,11 @@ impl Registry {
         };
         if w.nodes.is_empty() {
             // Readers still holding the cell see zero: no node, no demand.
+            let last = w.answer.desired_replicas();
             w.answer.set(0);
             self.workloads.remove(id);
-            self.index_changes.push(IndexChange::Removed(id.to_owned()));
+            self.index_changes
+                .push(IndexChange::Removed(id.to_owned(), last));
         } else {
             w.publish(&self.policy);
         }
@@ -811,7 +821,7 @@ mod tests {
                 IndexChange::Added(id, cell) => {
                     assert!(index.insert(id, cell).is_none(), "added twice");
                 }
-                IndexChange::Removed(id) => {
+                IndexChange::Removed(id, _) => {
                     assert!(index.remove(&id).is_some(), "removed unknown {id}");
                 }
             }
@@ -837,9 +847,11 @@ mod tests {
         assert!(r.take_index_changes().is_empty());
         assert_eq!(cell.desired_replicas(), 4);
         // It stops reporting the workload: removed, and a reader still holding the cell sees 0.
+        let before = cell.desired_replicas();
         r.apply(batch("a", 3, vec![]), 2.0);
+        // The index learns what it answered last, for the scalers' stale hold.
         assert!(
-            matches!(&r.take_index_changes()[..], [IndexChange::Removed(id)] if id == "ml/Deployment/llm")
+            matches!(&r.take_index_changes()[..], [IndexChange::Removed(id, last)] if id == "ml/Deployment/llm" && *last == before && before > 0)
         );
         assert_eq!(cell.desired_replicas(), 0);
         assert!(!cell.active());

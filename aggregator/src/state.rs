@@ -88,6 +88,55 @@ pub struct Shared {
     ready: AtomicBool,
     /// Recent merged views for the status page, sampled by [`Shared::expire`].
     pub timeline: Mutex<crate::page::Timeline>,
+    /// Workloads no node reports any more: their last answer and when they went silent.
+    silent: Mutex<HashMap<String, Silent>>,
+    /// Seconds a silent workload keeps its last answer (see [`Lookup`]); milliseconds stored.
+    stale_hold_ms: AtomicU64,
+}
+
+/// A workload no node reports any more.
+#[derive(Debug)]
+struct Silent {
+    /// Its last answer, frozen.
+    answer: Arc<Answer>,
+    /// When it went silent, on the registry's clock.
+    since: f64,
+    /// Set once the stale hold has passed and the push streams were told (see `expire`).
+    told: bool,
+}
+
+/// How long a silent workload is remembered at all (its fallback answer); then it is unknown.
+const FORGET_SILENT_S: f64 = 86_400.0;
+/// Default of [`Shared::set_stale_hold`].
+pub const DEFAULT_STALE_HOLD_S: f64 = 300.0;
+
+/// What the aggregator can say about a workload id, for the scalers.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// Nodes report it now.
+    Live(Arc<Answer>),
+    /// No node has reported it for `silent_s` seconds, within the stale hold: its last answer
+    /// stands, so a node or network outage never drops replicas at once.
+    Stale { answer: Arc<Answer>, silent_s: f64 },
+    /// Silent for longer than the hold: the documented fallback, inactive and 0 replicas (a
+    /// workload whose pods all went away is at zero, or its nodes are).
+    Gone { silent_s: f64 },
+    /// No node has reported it since the aggregator started: a wrong id, or a workload that
+    /// never ran here. Scalers answer an error, never a number.
+    Unknown,
+}
+
+impl Lookup {
+    /// Active and desired replicas as the scalers serve them; `None` for [`Lookup::Unknown`].
+    pub fn replicas(&self) -> Option<(bool, u64)> {
+        match self {
+            Lookup::Live(a) | Lookup::Stale { answer: a, .. } => {
+                Some((a.active(), a.desired_replicas()))
+            }
+            Lookup::Gone { .. } => Some((false, 0)),
+            Lookup::Unknown => None,
+        }
+    }
 }
 
 /// Outcome of offering a batch.
@@ -112,7 +161,37 @@ impl Shared {
             metrics: IngestMetrics::default(),
             ready: AtomicBool::new(false),
             timeline: Mutex::new(crate::page::Timeline::default()),
+            silent: Mutex::new(HashMap::new()),
+            stale_hold_ms: AtomicU64::new((DEFAULT_STALE_HOLD_S * 1000.0) as u64),
         })
+    }
+
+    /// How long a workload no node reports keeps its last answer (`--stale-hold`).
+    pub fn set_stale_hold(&self, hold: std::time::Duration) {
+        self.stale_hold_ms
+            .store(hold.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// What the scalers answer for `id`: live, held after its nodes went silent, fallen back,
+    /// or unknown. Never waits for ingest.
+    pub fn lookup(&self, id: &str) -> Lookup {
+        if let Some(a) = self.answer(id) {
+            return Lookup::Live(a);
+        }
+        let silent = self.silent.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(w) = silent.get(id) else {
+            return Lookup::Unknown;
+        };
+        let silent_s = (self.now() - w.since).max(0.0);
+        let hold = self.stale_hold_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        if silent_s <= hold {
+            Lookup::Stale {
+                answer: w.answer.clone(),
+                silent_s,
+            }
+        } else {
+            Lookup::Gone { silent_s }
+        }
     }
 
     /// Seconds since start, the registry's clock.
@@ -132,14 +211,25 @@ impl Shared {
         if changes.is_empty() {
             return;
         }
+        let now = self.now();
         let mut index = self.answers.write().unwrap_or_else(|p| p.into_inner());
+        let mut silent = self.silent.lock().unwrap_or_else(|p| p.into_inner());
         for c in changes {
             match c {
                 IndexChange::Added(id, cell) => {
+                    silent.remove(&id);
                     index.insert(id, cell);
                 }
-                IndexChange::Removed(id) => {
+                IndexChange::Removed(id, last) => {
                     index.remove(&id);
+                    silent.insert(
+                        id,
+                        Silent {
+                            answer: Answer::fixed(last),
+                            since: now,
+                            told: false,
+                        },
+                    );
                 }
             }
         }
@@ -217,8 +307,23 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .prune(now);
+        let hold = self.stale_hold_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        let mut fell_back = false;
+        self.silent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, w| {
+                if !w.told && now - w.since > hold {
+                    w.told = true;
+                    fell_back = true;
+                }
+                now - w.since < FORGET_SILENT_S
+            });
         if n > 0 {
             self.metrics.expired_nodes.inc_by(n as u64);
+        }
+        // Push streams learn of expired nodes and of workloads whose stale hold ran out.
+        if n > 0 || fell_back {
             self.bump();
         }
         n
@@ -309,5 +414,60 @@ mod tests {
         for _ in 0..100 {
             assert!(off.take("a", 0.0).is_ok());
         }
+    }
+
+    /// Nodes go silent: the last answer stands for the hold, then inactive and zero; an id no
+    /// node ever reported is unknown throughout.
+    #[test]
+    fn silent_workloads_hold_their_last_answer_then_fall_back() {
+        let policy = MergePolicy {
+            risk: 0.1,
+            min_confidence: 0.5,
+            node_ttl_s: 0.05,
+        };
+        let shared = Shared::new(policy, 0.0, 1.0);
+        shared.set_stale_hold(std::time::Duration::from_millis(300));
+        let id = "ml/Deployment/llm";
+        use crate::schema::tests::{batch, hint};
+        let b = batch(
+            "node-a",
+            1,
+            vec![hint("ml", "llm", crate::schema::Resource::Gpu, 2.0, 7.0)],
+        );
+        assert!(matches!(shared.ingest(b), Ingest::Applied(_)));
+        let live = shared.lookup(id).replicas().expect("live");
+        assert!(live.0 && live.1 > 1, "{live:?}");
+        assert!(matches!(
+            shared.lookup("ml/Deployment/typo"),
+            Lookup::Unknown
+        ));
+        let mut changes = shared.subscribe();
+        changes.mark_unchanged();
+
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(shared.expire(), 1);
+        assert!(shared.answer(id).is_none(), "the node's hints are gone");
+        match shared.lookup(id) {
+            Lookup::Stale { answer, silent_s } => {
+                assert_eq!((answer.active(), answer.desired_replicas()), live);
+                assert!(silent_s < 0.3, "{silent_s}");
+            }
+            other => panic!("want Stale, got {other:?}"),
+        }
+        assert!(changes.has_changed().unwrap_or(false));
+        changes.mark_unchanged();
+
+        std::thread::sleep(std::time::Duration::from_millis(350));
+        assert_eq!(shared.expire(), 0);
+        assert!(matches!(shared.lookup(id), Lookup::Gone { .. }));
+        assert_eq!(shared.lookup(id).replicas(), Some((false, 0)));
+        assert!(
+            changes.has_changed().unwrap_or(false),
+            "push streams hear of the fallback"
+        );
+        assert!(matches!(
+            shared.lookup("ml/Deployment/typo"),
+            Lookup::Unknown
+        ));
     }
 }

@@ -174,7 +174,20 @@ class ExternalScalerTest(unittest.TestCase):
         self.assertEqual(spec.metricSpecs[0].targetSize, 1)
         self.assertEqual(spec.metricSpecs[0].targetSizeFloat, 1.0)
 
-        # No node reports the workload yet: inactive, zero replicas.
+        # No node has reported the workload yet: a clear NOT_FOUND from each call, never a zero
+        # that would scale a real workload in.
+        for call in (
+            lambda: self.stub.IsActive(self.ref(), timeout=5),
+            lambda: self.metrics(),
+            lambda: next(iter(self.stub.StreamIsActive(self.ref(), timeout=5))),
+        ):
+            with self.assertRaises(self.grpc.RpcError) as ctx:
+                call()
+            self.assertEqual(ctx.exception.code(), self.grpc.StatusCode.NOT_FOUND)
+            self.assertIn("ml/Deployment/llm", ctx.exception.details())
+
+        # A first node reports no demand for it: known, inactive, zero replicas.
+        self.post("node-a", [hint("llm", 0.0)])
         self.assertFalse(self.stub.IsActive(self.ref(), timeout=5).result)
         m = self.metrics()
         self.assertEqual(len(m.metricValues), 1)

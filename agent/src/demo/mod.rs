@@ -250,6 +250,7 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
         tls: None,
         scaler_rt_priority: 0,
         external_metrics: None,
+        stale_hold_s: headroom_aggregator::state::DEFAULT_STALE_HOLD_S,
     };
     let aggregator = runtime
         .block_on(headroom_aggregator::Aggregator::bind(agg_cfg))

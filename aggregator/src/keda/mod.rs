@@ -72,13 +72,15 @@ fn workload_id(r: &ScaledObjectRef) -> Result<String, Status> {
     }
 }
 
-/// Unknown means no live node reports the workload: no demand anywhere, so inactive and zero
-/// replicas rather than an error (scale-to-zero is the normal way to get there).
-/// Reads the published answer, never the registry, so a call never waits behind ingest.
-fn current(shared: &Shared, id: &str) -> (bool, u64) {
-    shared.answer(id).map_or((false, 0), |a| {
-        let desired = a.desired_replicas();
-        (desired > 0, desired)
+/// Active and desired replicas: live, or the last answer while its nodes are silent (the stale
+/// hold), then inactive and zero. A workload no node has reported since the aggregator started
+/// is `NOT_FOUND`, never a zero that would scale a real workload in. Reads the published
+/// answers, never the registry, so a call never waits behind ingest.
+fn current(shared: &Shared, id: &str) -> Result<(bool, u64), Status> {
+    shared.lookup(id).replicas().ok_or_else(|| {
+        Status::not_found(format!(
+            "no node has reported workload {id} since the aggregator started; the ids it knows are at GET /v1/workloads (namespace/Kind/name)"
+        ))
     })
 }
 
@@ -92,7 +94,7 @@ impl ExternalScaler for Scaler {
     ) -> Result<Response<IsActiveResponse>, Status> {
         let id = workload_id(request.get_ref())?;
         Ok(Response::new(IsActiveResponse {
-            result: current(&self.shared, &id).0,
+            result: current(&self.shared, &id)?.0,
         }))
     }
 
@@ -103,13 +105,15 @@ impl ExternalScaler for Scaler {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         let id = workload_id(request.get_ref())?;
+        current(&self.shared, &id)?;
         let shared = self.shared.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut changes = shared.subscribe();
             let mut last: Option<bool> = None;
             loop {
-                let active = current(&shared, &id).0;
+                // Known at open; forgotten only after a day of silence, then inactive.
+                let active = current(&shared, &id).is_ok_and(|(active, _)| active);
                 if last != Some(active) {
                     if tx
                         .send(Ok(IsActiveResponse { result: active }))
@@ -150,7 +154,7 @@ impl ExternalScaler for Scaler {
             .scaled_object_ref
             .ok_or_else(|| Status::invalid_argument("GetMetricsRequest has no scaledObjectRef"))?;
         let id = workload_id(&obj)?;
-        let replicas = current(&self.shared, &id).1;
+        let replicas = current(&self.shared, &id)?.1;
         // KEDA prefixes the name it got from GetMetricSpec (e.g. `s0-`); echo what was asked.
         let name = if req.metric_name.is_empty() {
             metric_name(&id)

@@ -54,6 +54,7 @@ pub fn config(listen: SocketAddr) -> AggregatorConfig {
         tls: None,
         scaler_rt_priority: 0,
         external_metrics: None,
+        stale_hold_s: headroom_aggregator::state::DEFAULT_STALE_HOLD_S,
     }
 }
 
