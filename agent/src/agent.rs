@@ -54,7 +54,7 @@ pub struct Shared {
     pub last_sample_ms: AtomicU64,
     pub sample_interval: Duration,
     /// The sender of scale hints, when aggregators are configured; read for its counters.
-    pub hints: std::sync::OnceLock<Arc<headroom_aggregator::client::HintClient>>,
+    pub hints: std::sync::OnceLock<Arc<headroom_protocol::client::HintClient>>,
     /// Where the sampling thread hands each pass's hints to that sender.
     pub hint_tx: std::sync::OnceLock<HintSender>,
     /// Policy decisions, for `/v1/decisions` and `headroom_decisions_total`.
@@ -230,7 +230,7 @@ impl Shared {
         }
         if let Some(client) = self.hints.get() {
             let stats = client.stats();
-            let rows = |f: fn(&headroom_aggregator::client::StatsSnapshot) -> u64| {
+            let rows = |f: fn(&headroom_protocol::client::StatsSnapshot) -> u64| {
                 stats
                     .iter()
                     .map(move |(e, s)| ([("endpoint", e.clone())], f(s) as f64))
@@ -666,7 +666,7 @@ pub fn record_pass(
 }
 
 /// Hints of one reporting pass, on their way to the aggregator client.
-pub type HintSender = tokio::sync::mpsc::UnboundedSender<Vec<headroom_aggregator::Hint>>;
+pub type HintSender = tokio::sync::mpsc::UnboundedSender<Vec<headroom_protocol::Hint>>;
 
 /// The sampling loop; returns when `stop` receives a message or its sender is dropped.
 pub fn sampling_loop(
@@ -766,16 +766,7 @@ fn hostname(config: &Config) -> String {
 
 /// Hints name their node; the aggregator takes only Kubernetes node names.
 fn check_node_name(node: &str) -> Result<(), String> {
-    let probe = headroom_aggregator::HintBatch {
-        schema: headroom_aggregator::SCHEMA_V1.into(),
-        node: node.to_owned(),
-        epoch: 0,
-        seq: 1,
-        time: 1.0,
-        interval_s: 1.0,
-        hints: Vec::new(),
-    };
-    headroom_aggregator::schema::validate(&probe).map_err(|_| {
+    headroom_protocol::schema::check_node(node).map_err(|_| {
         format!(
             "`{node}` is not a Kubernetes node name (lowercase DNS subdomain); set `hostname` in the config to report hints"
         )
@@ -1016,7 +1007,7 @@ fn start_hint_client(
         return Ok(());
     }
     check_node_name(node).map_err(|e| anyhow::anyhow!("host name {e}"))?;
-    let mut cc = headroom_aggregator::client::ClientConfig::new(
+    let mut cc = headroom_protocol::client::ClientConfig::new(
         node,
         a.endpoints.clone(),
         a.spool_dir
@@ -1030,13 +1021,13 @@ fn start_hint_client(
     let client = {
         let _guard = runtime.enter();
         Arc::new(
-            headroom_aggregator::client::HintClient::start(cc)
+            headroom_protocol::client::HintClient::start(cc)
                 .map_err(|e| anyhow::anyhow!("aggregator client: {e}"))?,
         )
     };
     let _ = shared.hints.set(client.clone());
     tracing::info!(endpoints = ?a.endpoints, node, "sending scale hints");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<headroom_aggregator::Hint>>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<headroom_protocol::Hint>>();
     runtime.spawn(async move {
         while let Some(hints) = rx.recv().await {
             if let Err(e) = client.submit(hints).await {

@@ -22,8 +22,8 @@ use tokio::net::TcpListener;
 
 use crate::merge::Applied;
 use crate::metrics::WorkloadCollector;
-use crate::schema::decode_batch;
 use crate::state::{Ingest, Shared};
+use headroom_protocol::schema::decode_batch;
 
 /// A client trickling its body this slowly is holding a connection, not sending hints.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -238,7 +238,7 @@ impl HttpServer {
             Ok(b) => b,
             Err(e) => {
                 let status = match e {
-                    crate::schema::SchemaError::Malformed(_) => StatusCode::BAD_REQUEST,
+                    headroom_protocol::schema::SchemaError::Malformed(_) => StatusCode::BAD_REQUEST,
                     _ => StatusCode::UNPROCESSABLE_ENTITY,
                 };
                 return self.reject(status, e.code(), e.to_string());

@@ -17,7 +17,7 @@ use prometheus_client::metrics::family::Family;
 use tokio::sync::watch;
 
 use crate::merge::{Answer, Applied, IndexChange, MergePolicy, NodeView, Registry, WorkloadView};
-use crate::schema::HintBatch;
+use headroom_protocol::schema::HintBatch;
 
 /// Token bucket per key: `rate` tokens per second, at most `burst`.
 #[derive(Debug)]
