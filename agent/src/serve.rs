@@ -14,9 +14,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 
-use crate::agent::Shared;
 use crate::history::SeriesKey;
 use crate::report::metrics::AgentCollector;
+use crate::shared::Shared;
 
 pub type Body = Full<Bytes>;
 

@@ -166,7 +166,7 @@ fn warm_up(
         let t = now_t.clone();
         let time: sim::TraceTime = Arc::new(move || f64::from_bits(t.load(Ordering::Relaxed)));
         let samplers = headroom_agent::agent::Samplers::new(c).with_gpu(Box::new(k.gpus(time)));
-        let shared = headroom_agent::agent::Shared::new(
+        let shared = headroom_agent::shared::Shared::new(
             c,
             headroom_agent::agent::new_history(c),
             c.hostname.clone(),
