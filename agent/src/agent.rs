@@ -354,9 +354,7 @@ pub fn save_forecasts(dir: &StateDir, forecasts: &Forecasts) {
 }
 
 pub fn save_history(dir: &StateDir, shared: &Shared) {
-    let Ok(h) = shared.history.lock() else {
-        return;
-    };
+    let h = shared.history();
     match dir.save_with(state::HISTORY, |w| h.write_to(w)) {
         Ok(()) => tracing::debug!(series = h.len(), "history saved"),
         Err(e) => tracing::warn!(error = %e, "cannot save history; will retry at the next save"),
@@ -376,18 +374,17 @@ pub fn record_pass(
     if let Some(f) = forecasts {
         snapshot.forecasts = f.observe(&points);
     }
-    if let Ok(mut h) = shared.history.lock() {
-        for (k, v) in &points {
-            h.record(k, t_ms, *v);
-        }
-        for row in &snapshot.forecasts {
-            h.record(&row.upper_key, t_ms, row.upper);
-        }
-        // A gone container's series end now; series that merely went quiet (no requests, a
-        // GPU process that exited) are kept until they are stale.
-        h.drop_cgroups(&snapshot.gone);
-        h.drop_stale(t_ms, stale_ms);
+    let mut h = shared.history();
+    for (k, v) in &points {
+        h.record(k, t_ms, *v);
     }
+    for row in &snapshot.forecasts {
+        h.record(&row.upper_key, t_ms, row.upper);
+    }
+    // A gone container's series end now; series that merely went quiet (no requests, a
+    // GPU process that exited) are kept until they are stale.
+    h.drop_cgroups(&snapshot.gone);
+    h.drop_stale(t_ms, stale_ms);
 }
 
 /// The sampling loop; returns when `stop` receives a message or its sender is dropped.
@@ -418,21 +415,16 @@ pub fn sampling_loop(
         if let Some(tx) = shared.hint_tx.get()
             && pass.is_multiple_of(u64::from(config.aggregator.report_every))
         {
-            let built = shared
-                .history
-                .lock()
-                .ok()
-                .map(|h| crate::report::hints::build_hints(config, &snapshot, &h));
-            if let Some(batch) = built {
-                // The receiver lives as long as the runtime; a send error means shutdown.
-                let _ = tx.send(batch);
-            }
+            let batch = crate::report::hints::build_hints(config, &snapshot, &shared.history());
+            // The receiver lives as long as the runtime; a send error means shutdown.
+            let _ = tx.send(batch);
         }
         policy.tick(&snapshot, samplers.cgroups(), &shared.decisions);
         shared.publish(snapshot);
         let wall = t0.elapsed().as_secs_f64();
         let cpu = thread_cpu_seconds() - cpu0;
-        if let Ok(mut c) = shared.cost.lock() {
+        {
+            let mut c = shared.cost();
             c.samples += 1;
             c.last_wall_seconds = wall;
             c.last_cpu_seconds = cpu;

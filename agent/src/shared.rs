@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -41,9 +41,12 @@ pub struct Shared {
     pub started_at: SystemTime,
     pub hostname: String,
     latest: RwLock<Option<Arc<Snapshot>>>,
-    pub history: Mutex<History>,
-    pub samplers: RwLock<BTreeMap<&'static str, SamplerHealth>>,
-    pub cost: Mutex<SampleCost>,
+    /// Read and written through [`Shared::history`], which recovers it from a poisoned lock.
+    history: Mutex<History>,
+    samplers: Mutex<BTreeMap<&'static str, SamplerHealth>>,
+    cost: Mutex<SampleCost>,
+    /// Locks taken back after a thread panicked while holding them, by lock.
+    recovered: Mutex<BTreeMap<&'static str, u64>>,
     pub ready: AtomicBool,
     /// Milliseconds since `started` at the end of the newest sample, for liveness.
     pub last_sample_ms: AtomicU64,
@@ -67,8 +70,9 @@ impl Shared {
             hostname,
             latest: RwLock::new(None),
             history: Mutex::new(history),
-            samplers: RwLock::new(BTreeMap::new()),
+            samplers: Mutex::new(BTreeMap::new()),
             cost: Mutex::new(SampleCost::default()),
+            recovered: Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
             last_sample_ms: AtomicU64::new(0),
             sample_interval: Duration::from_secs_f64(config.sample_interval_s),
@@ -96,9 +100,58 @@ impl Shared {
         }
     }
 
+    /// The history, for reading or recording.
+    pub fn history(&self) -> MutexGuard<'_, History> {
+        self.recover("history", &self.history)
+    }
+
+    /// Sampling cost, for the sampling thread to update and the reporters to read.
+    pub fn cost(&self) -> MutexGuard<'_, SampleCost> {
+        self.recover("cost", &self.cost)
+    }
+
+    /// Health of each sampler, as of its newest pass.
+    pub fn samplers(&self) -> BTreeMap<&'static str, SamplerHealth> {
+        self.recover("samplers", &self.samplers).clone()
+    }
+
     pub fn set_health(&self, name: &'static str, h: SamplerHealth) {
-        if let Ok(mut m) = self.samplers.write() {
-            m.insert(name, h);
+        self.recover("samplers", &self.samplers).insert(name, h);
+    }
+
+    /// How often each lock was taken back from a panicked thread (`headroom_agent_lock_recoveries_total`).
+    pub fn recovered(&self) -> BTreeMap<&'static str, u64> {
+        match self.recovered.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Locks `m`, taking it back if a thread panicked while holding it. What these locks guard
+    /// is plain data that every writer leaves whole between statements, so the agent goes on
+    /// recording, saving and serving: ignoring the poison instead would stop all three without
+    /// a word while `/healthz` said ok. A recovery is a bug somewhere; it is logged and counted.
+    fn recover<'a, T>(&self, name: &'static str, m: &'a Mutex<T>) -> MutexGuard<'a, T> {
+        match m.lock() {
+            Ok(g) => g,
+            Err(poisoned) => {
+                m.clear_poison();
+                let n = {
+                    let mut r = match self.recovered.lock() {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                    let n = r.entry(name).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                tracing::error!(
+                    lock = name,
+                    recoveries = n,
+                    "a thread panicked while holding the {name} lock; took it back and carry on with the data as it was left"
+                );
+                poisoned.into_inner()
+            }
         }
     }
 
@@ -116,11 +169,10 @@ impl Shared {
             .as_ref()
             .map(|s| s.containers.iter().map(|c| c.ident.clone()).collect())
             .unwrap_or_default();
-        let (series, points) = self
-            .history
-            .lock()
-            .map(|h| (h.len(), h.points()))
-            .unwrap_or((0, 0));
+        let (series, points) = {
+            let h = self.history();
+            (h.len(), h.points())
+        };
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "hostname": self.hostname,
@@ -128,12 +180,55 @@ impl Shared {
             "started_at": unix_seconds::to_f64(self.started_at),
             "ready": self.ready.load(Ordering::Relaxed),
             "last_sample_at": snapshot.as_ref().map(|s| unix_seconds::to_f64(s.at)),
-            "samplers": self.samplers.read().map(|g| g.clone()).unwrap_or_default(),
-            "sample_cost": self.cost.lock().map(|g| g.clone()).unwrap_or_default(),
+            "samplers": self.samplers(),
+            "sample_cost": self.cost().clone(),
+            "lock_recoveries": self.recovered(),
             "containers": { "count": containers.len(), "items": containers },
             "ebpf": snapshot.as_ref().map(|s| &s.ebpf.status),
             "kubernetes_api": self.pods.get().map(|p| p.status()),
             "history": { "series": series, "points": points },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::SeriesKey;
+
+    #[test]
+    fn a_poisoned_history_is_taken_back_logged_and_counted() {
+        let config = Config::default();
+        let shared = Arc::new(Shared::new(
+            &config,
+            History::new(1000, 10, 60, 10),
+            "node-a".into(),
+        ));
+        let s = shared.clone();
+        let panicked = std::thread::spawn(move || {
+            let _held = s.history();
+            panic!("a bug while holding the history (expected by this test)");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(shared.history.is_poisoned());
+        // Recording goes on, and so does everything else that reads the history.
+        shared
+            .history()
+            .record(&SeriesKey::new("x", Vec::new()), 1_000, 1.0);
+        assert_eq!(shared.history().len(), 1);
+        assert!(!shared.history.is_poisoned());
+        assert_eq!(shared.recovered().get("history"), Some(&1));
+        assert_eq!(shared.status()["lock_recoveries"]["history"], 1);
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(crate::report::metrics::AgentCollector {
+            shared: shared.clone(),
+        }));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(r#"headroom_agent_lock_recoveries_total{lock="history"} 1"#),
+            "{text}"
+        );
     }
 }

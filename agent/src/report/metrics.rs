@@ -73,7 +73,7 @@ fn encode_self(shared: &Shared, enc: &mut DescriptorEncoder) -> fmt::Result {
         "Build of the running agent.",
         [([("version", env!("CARGO_PKG_VERSION"))], 1.0)],
     )?;
-    let cost = shared.cost.lock().map(|g| g.clone()).unwrap_or_default();
+    let cost = shared.cost().clone();
     counters(
         enc,
         "headroom_agent_samples",
@@ -92,11 +92,7 @@ fn encode_self(shared: &Shared, enc: &mut DescriptorEncoder) -> fmt::Result {
         "Wall time of the newest sampling pass.",
         [(none, cost.last_wall_seconds)],
     )?;
-    let samplers = shared
-        .samplers
-        .read()
-        .map(|g| g.clone())
-        .unwrap_or_default();
+    let samplers = shared.samplers();
     gauges(
         enc,
         "headroom_agent_sampler_up",
@@ -106,7 +102,7 @@ fn encode_self(shared: &Shared, enc: &mut DescriptorEncoder) -> fmt::Result {
             .map(|(n, h)| ([("sampler", *n)], if h.healthy { 1.0 } else { 0.0 })),
     )?;
     let (series, containers) = (
-        shared.history.lock().map(|h| h.len()).unwrap_or(0),
+        shared.history().len(),
         shared.latest().map(|s| s.containers.len()).unwrap_or(0),
     );
     gauges(
@@ -139,6 +135,15 @@ fn encode_self(shared: &Shared, enc: &mut DescriptorEncoder) -> fmt::Result {
                     n as f64,
                 )
             }),
+    )?;
+    counters(
+        enc,
+        "headroom_agent_lock_recoveries",
+        "Locks taken back after a thread panicked while holding them (a bug; see the log), by lock.",
+        shared
+            .recovered()
+            .into_iter()
+            .map(|(lock, n)| ([("lock", lock)], n as f64)),
     )?;
     if let Some((rss, cpu)) = self_usage() {
         gauges(
