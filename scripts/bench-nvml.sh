@@ -8,7 +8,7 @@ GPUS=${GPUS:-8}
 PROCS=${PROCS:-32}
 CYCLES=${CYCLES:-500}
 cargo build --release -q -p fake-nvml
-cargo build --release -q -p headroom --example bench_nvml
+cargo build --release -q -p headroom-agent --example bench_nvml
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp target/release/libnvidia_ml_fake.so "$work/libnvidia-ml.so.1"

@@ -27,6 +27,6 @@ files=(
   "$traces/alibaba_genai_2026/series_cluster_qps_generative_57s.csv"
   "$traces/alibaba_genai_2026/series_lora_requests_per_1min.csv"
 )
-cargo build --release --locked -q -p headroom --example policy-sim
+cargo build --release --locked -q -p headroom-agent --example policy-sim
 exec target/release/examples/policy-sim --points "${POINTS:-600}" --peak "${PEAK:-1.6}" \
   --step-s "${STEP_S:-1}" "${files[@]}"

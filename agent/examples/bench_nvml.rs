@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use headroom::sample::gpu::measure_cycle_cost;
+use headroom_agent::sample::gpu::measure_cycle_cost;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);

@@ -1,7 +1,7 @@
 //! Cost of rendering the status page over a full day of history (the history lock is held that
-//! long): `cargo run --release -p headroom --example page_cost -- [CONTAINERS]`.
-use headroom::history::{History, SeriesKey};
-use headroom::report::page::{Header, Options, render};
+//! long): `cargo run --release -p headroom-agent --example page_cost -- [CONTAINERS]`.
+use headroom_agent::history::{History, SeriesKey};
+use headroom_agent::report::page::{Header, Options, render};
 use std::time::Instant;
 
 fn main() {

@@ -3,8 +3,8 @@
 //! side. Usage: `policy-sim [--points N] [--peak CORES] [--step-s S] TRACE.csv...`
 //! (`timestamp_s,value` files; each is scaled so its range maps onto 0.1..=peak cores).
 
-use headroom::policy::sim::{SimConfig, SimForecast, SimPolicy, replay, scale};
-use headroom::policy::{Envelope, Strategy};
+use headroom_agent::policy::sim::{SimConfig, SimForecast, SimPolicy, replay, scale};
+use headroom_agent::policy::{Envelope, Strategy};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -78,7 +78,7 @@ fn main() {
     }
 }
 
-type R = headroom::policy::sim::SimResult;
+type R = headroom_agent::policy::sim::SimResult;
 
 /// The policies of the acceptance scenario side by side: a static quota at the peak and at
 /// the 90th percentile of demand, the reactive rule, and the predictive policy fed by the
@@ -101,9 +101,11 @@ fn compare(demand: &[f64], peak: f64, step_s: f64) -> Vec<R> {
         forecast: SimForecast::Window,
     };
     let reactive =
-        headroom::policy::sim::acceptance_params(&[Strategy::Rule, Strategy::Event], step_s);
-    let predictive =
-        headroom::policy::sim::acceptance_params(&[Strategy::Predictive, Strategy::Event], step_s);
+        headroom_agent::policy::sim::acceptance_params(&[Strategy::Rule, Strategy::Event], step_s);
+    let predictive = headroom_agent::policy::sim::acceptance_params(
+        &[Strategy::Predictive, Strategy::Event],
+        step_s,
+    );
     let models = SimConfig {
         forecast: SimForecast::Models {
             target_violation: 0.05,

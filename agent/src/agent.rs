@@ -4,299 +4,20 @@
 //! The sampling thread owns the samplers; everything it produces is published as an immutable
 //! [`Snapshot`] behind an `Arc`, so a scrape never waits for a sample and never sees half of one.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
-
-use serde::Serialize;
 
 use crate::config::Config;
 use crate::forecast::Forecasts;
 use crate::history::{History, SeriesKey};
-use crate::report::metrics::{counters, gauges};
+use crate::sample::Snapshot;
 use crate::sample::cgroup::CgroupSampler;
 use crate::sample::ebpf::EbpfSampler;
 use crate::sample::gpu::{self, GpuSampler, GpuSource};
 use crate::sample::node::NodeSampler;
-use crate::sample::{Snapshot, unix_seconds};
+use crate::shared::{SamplerHealth, Shared};
 use crate::state::{self, StateDir, StateError};
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct SamplerHealth {
-    pub healthy: bool,
-    pub last_error: Option<String>,
-    pub last_duration_seconds: f64,
-    pub detail: Option<String>,
-}
-
-/// Cost of sampling, for `/v1/status` and self-metrics.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct SampleCost {
-    pub samples: u64,
-    pub last_wall_seconds: f64,
-    pub last_cpu_seconds: f64,
-    pub total_cpu_seconds: f64,
-}
-
-/// State shared between the sampling thread and the HTTP server.
-#[derive(Debug)]
-pub struct Shared {
-    pub started: Instant,
-    pub started_at: SystemTime,
-    pub hostname: String,
-    latest: RwLock<Option<Arc<Snapshot>>>,
-    pub history: Mutex<History>,
-    pub samplers: RwLock<BTreeMap<&'static str, SamplerHealth>>,
-    pub cost: Mutex<SampleCost>,
-    pub ready: AtomicBool,
-    /// Milliseconds since `started` at the end of the newest sample, for liveness.
-    pub last_sample_ms: AtomicU64,
-    pub sample_interval: Duration,
-    /// The sender of scale hints, when aggregators are configured; read for its counters.
-    pub hints: std::sync::OnceLock<Arc<headroom_aggregator::client::HintClient>>,
-    /// Where the sampling thread hands each pass's hints to that sender.
-    pub hint_tx: std::sync::OnceLock<HintSender>,
-    /// Policy decisions, for `/v1/decisions` and `headroom_decisions_total`.
-    pub decisions: crate::act::driver::DecisionLog,
-    pub policy_mode: crate::config::PolicyMode,
-    /// This node's pods from the Kubernetes API, when the agent watches it.
-    pub pods: std::sync::OnceLock<Arc<crate::kube::PodDirectory>>,
-    /// Which devices the kubelet allocated to which container (pod-resources API).
-    pub devices: std::sync::OnceLock<Arc<crate::kube::pod_resources::DeviceAllocations>>,
-}
-
-impl Shared {
-    pub fn new(config: &Config, history: History, hostname: String) -> Shared {
-        Shared {
-            started: Instant::now(),
-            started_at: SystemTime::now(),
-            hostname,
-            latest: RwLock::new(None),
-            history: Mutex::new(history),
-            samplers: RwLock::new(BTreeMap::new()),
-            cost: Mutex::new(SampleCost::default()),
-            ready: AtomicBool::new(false),
-            last_sample_ms: AtomicU64::new(0),
-            sample_interval: Duration::from_secs_f64(config.sample_interval_s),
-            hints: std::sync::OnceLock::new(),
-            hint_tx: std::sync::OnceLock::new(),
-            decisions: Default::default(),
-            policy_mode: config.policy.mode,
-            pods: std::sync::OnceLock::new(),
-            devices: std::sync::OnceLock::new(),
-        }
-    }
-
-    pub fn latest(&self) -> Option<Arc<Snapshot>> {
-        self.latest
-            .read()
-            .map(|g| g.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
-    }
-
-    fn publish(&self, s: Snapshot) {
-        let s = Arc::new(s);
-        match self.latest.write() {
-            Ok(mut g) => *g = Some(s),
-            Err(p) => *p.into_inner() = Some(s),
-        }
-    }
-
-    fn set_health(&self, name: &'static str, h: SamplerHealth) {
-        if let Ok(mut m) = self.samplers.write() {
-            m.insert(name, h);
-        }
-    }
-
-    /// Healthy while the sampling thread has produced a sample within ten intervals.
-    pub fn live(&self) -> bool {
-        let last = self.last_sample_ms.load(Ordering::Relaxed);
-        let now = self.started.elapsed().as_millis() as u64;
-        let budget = (self.sample_interval.as_millis() as u64 * 10).max(10_000);
-        last == 0 && now < 60_000 + budget || now.saturating_sub(last) <= budget
-    }
-
-    pub fn status(&self) -> serde_json::Value {
-        let snapshot = self.latest();
-        let containers: Vec<_> = snapshot
-            .as_ref()
-            .map(|s| s.containers.iter().map(|c| c.ident.clone()).collect())
-            .unwrap_or_default();
-        let (series, points) = self
-            .history
-            .lock()
-            .map(|h| (h.len(), h.points()))
-            .unwrap_or((0, 0));
-        serde_json::json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "hostname": self.hostname,
-            "uptime_seconds": self.started.elapsed().as_secs_f64(),
-            "started_at": unix_seconds::to_f64(self.started_at),
-            "ready": self.ready.load(Ordering::Relaxed),
-            "last_sample_at": snapshot.as_ref().map(|s| unix_seconds::to_f64(s.at)),
-            "samplers": self.samplers.read().map(|g| g.clone()).unwrap_or_default(),
-            "sample_cost": self.cost.lock().map(|g| g.clone()).unwrap_or_default(),
-            "containers": { "count": containers.len(), "items": containers },
-            "ebpf": snapshot.as_ref().map(|s| &s.ebpf.status),
-            "kubernetes_api": self.pods.get().map(|p| p.status()),
-            "gpu_attribution": snapshot.as_ref().map(|s| gpu_attribution(&s.gpu, self.devices.get())),
-            "history": { "series": series, "points": points },
-        })
-    }
-
-    pub fn encode_self(
-        &self,
-        enc: &mut prometheus_client::encoding::DescriptorEncoder,
-    ) -> std::fmt::Result {
-        let none: [(&str, &str); 0] = [];
-        gauges(
-            enc,
-            "headroom_build_info",
-            "Build of the running agent.",
-            [([("version", env!("CARGO_PKG_VERSION"))], 1.0)],
-        )?;
-        let cost = self.cost.lock().map(|g| g.clone()).unwrap_or_default();
-        counters(
-            enc,
-            "headroom_agent_samples",
-            "Sampling passes completed.",
-            [(none, cost.samples as f64)],
-        )?;
-        counters(
-            enc,
-            "headroom_agent_sample_cpu_seconds",
-            "CPU time the sampling thread spent sampling.",
-            [(none, cost.total_cpu_seconds)],
-        )?;
-        gauges(
-            enc,
-            "headroom_agent_sample_duration_seconds",
-            "Wall time of the newest sampling pass.",
-            [(none, cost.last_wall_seconds)],
-        )?;
-        let samplers = self.samplers.read().map(|g| g.clone()).unwrap_or_default();
-        gauges(
-            enc,
-            "headroom_agent_sampler_up",
-            "1 when the sampler's newest pass succeeded.",
-            samplers
-                .iter()
-                .map(|(n, h)| ([("sampler", *n)], if h.healthy { 1.0 } else { 0.0 })),
-        )?;
-        let (series, containers) = (
-            self.history.lock().map(|h| h.len()).unwrap_or(0),
-            self.latest().map(|s| s.containers.len()).unwrap_or(0),
-        );
-        gauges(
-            enc,
-            "headroom_agent_history_series",
-            "Series held in history.",
-            [(none, series as f64)],
-        )?;
-        gauges(
-            enc,
-            "headroom_agent_containers",
-            "Containers found by the newest sample.",
-            [(none, containers as f64)],
-        )?;
-        counters(
-            enc,
-            "headroom_decisions",
-            "Policy decisions, by resource, reason and whether they were written.",
-            self.decisions
-                .counts()
-                .into_iter()
-                .map(|((r, why, applied), n)| {
-                    (
-                        [
-                            ("resource", r),
-                            ("reason", why),
-                            ("applied", if applied { "true" } else { "false" }),
-                        ],
-                        n as f64,
-                    )
-                }),
-        )?;
-        if let Some((rss, cpu)) = self_usage() {
-            gauges(
-                enc,
-                "headroom_agent_resident_memory_bytes",
-                "Resident memory of the agent process.",
-                [(none, rss)],
-            )?;
-            counters(
-                enc,
-                "headroom_agent_cpu_seconds",
-                "CPU time of the agent process.",
-                [(none, cpu)],
-            )?;
-        }
-        if let Some(client) = self.hints.get() {
-            let stats = client.stats();
-            let rows = |f: fn(&headroom_aggregator::client::StatsSnapshot) -> u64| {
-                stats
-                    .iter()
-                    .map(move |(e, s)| ([("endpoint", e.clone())], f(s) as f64))
-                    .collect::<Vec<_>>()
-            };
-            counters(
-                enc,
-                "headroom_agent_hint_batches",
-                "Hint batches the aggregator acknowledged, by endpoint and result.",
-                stats.iter().flat_map(|(e, s)| {
-                    [
-                        ("delivered", s.delivered),
-                        ("duplicate", s.duplicates),
-                        ("rejected", s.rejected),
-                    ]
-                    .map(|(r, v)| {
-                        (
-                            [("endpoint", e.clone()), ("result", r.to_string())],
-                            v as f64,
-                        )
-                    })
-                }),
-            )?;
-            counters(
-                enc,
-                "headroom_agent_hint_send_failures",
-                "Failed attempts to deliver a hint batch (unreachable, timeout, 5xx, 429, 401).",
-                rows(|s| s.failures),
-            )?;
-            gauges(
-                enc,
-                "headroom_agent_hint_spool_batches",
-                "Hint batches waiting in the on-disk spool.",
-                rows(|s| s.spool_len),
-            )?;
-            counters(
-                enc,
-                "headroom_agent_hint_spool_dropped_batches",
-                "Oldest spooled hint batches dropped because the spool was full.",
-                rows(|s| s.dropped_oldest),
-            )?;
-        }
-        gauges(
-            enc,
-            "headroom_agent_start_time_seconds",
-            "When the agent started, seconds since the epoch.",
-            [(none, unix_seconds::to_f64(self.started_at))],
-        )
-    }
-}
-
-/// Resident bytes and CPU seconds of this process, from /proc/self/stat.
-fn self_usage() -> Option<(f64, f64)> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
-    // Fields after the command: state is index 0, utime 11, stime 12, rss 21 (pages).
-    let tps = procfs::ticks_per_second() as f64;
-    let cpu = (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / tps;
-    let rss = f.get(21)?.parse::<f64>().ok()? * procfs::page_size() as f64;
-    Some((rss, cpu))
-}
 
 /// Returns freed heap memory to the kernel (glibc keeps it otherwise).
 pub fn release_free_memory() {
@@ -517,34 +238,6 @@ impl Samplers {
     }
 }
 
-/// Who GPU use was attributed to, and by which source, for `/v1/status`: devices the kubelet
-/// allocated (pod-resources) and NVML processes resolved to a container through their cgroup.
-fn gpu_attribution(
-    gpu: &gpu::GpuSnapshot,
-    devices: Option<&Arc<crate::kube::pod_resources::DeviceAllocations>>,
-) -> serde_json::Value {
-    let uuid = |i: usize| gpu.gpus.get(i).map(|g| g.id.uuid.as_str());
-    let allocations: Vec<_> = gpu
-        .allocations
-        .iter()
-        .map(|a| {
-            serde_json::json!({
-                "gpu": uuid(a.gpu), "device_id": a.device_id, "resource": a.resource,
-                "namespace": a.namespace, "pod": a.pod, "container": a.container,
-            })
-        })
-        .collect();
-    let resolved = gpu.processes.iter().filter(|p| p.cgroup.is_some()).count();
-    serde_json::json!({
-        "pod_resources": devices.map(|d| d.status()),
-        "allocations": allocations,
-        "nvml_processes": {
-            "attributed": resolved,
-            "unattributed": gpu.processes.len() - resolved,
-        },
-    })
-}
-
 /// Series that go into history from one snapshot.
 pub fn history_points(s: &Snapshot) -> Vec<(SeriesKey, f64)> {
     let mut out = Vec::with_capacity(2 + s.containers.len() * 3);
@@ -664,9 +357,7 @@ pub fn save_forecasts(dir: &StateDir, forecasts: &Forecasts) {
 }
 
 pub fn save_history(dir: &StateDir, shared: &Shared) {
-    let Ok(h) = shared.history.lock() else {
-        return;
-    };
+    let h = shared.history();
     match dir.save_with(state::HISTORY, |w| h.write_to(w)) {
         Ok(()) => tracing::debug!(series = h.len(), "history saved"),
         Err(e) => tracing::warn!(error = %e, "cannot save history; will retry at the next save"),
@@ -686,22 +377,18 @@ pub fn record_pass(
     if let Some(f) = forecasts {
         snapshot.forecasts = f.observe(&points);
     }
-    if let Ok(mut h) = shared.history.lock() {
-        for (k, v) in &points {
-            h.record(k, t_ms, *v);
-        }
-        for row in &snapshot.forecasts {
-            h.record(&row.upper_key, t_ms, row.upper);
-        }
-        // A gone container's series end now; series that merely went quiet (no requests, a
-        // GPU process that exited) are kept until they are stale.
-        h.drop_cgroups(&snapshot.gone);
-        h.drop_stale(t_ms, stale_ms);
+    let mut h = shared.history();
+    for (k, v) in &points {
+        h.record(k, t_ms, *v);
     }
+    for row in &snapshot.forecasts {
+        h.record(&row.upper_key, t_ms, row.upper);
+    }
+    // A gone container's series end now; series that merely went quiet (no requests, a
+    // GPU process that exited) are kept until they are stale.
+    h.drop_cgroups(&snapshot.gone);
+    h.drop_stale(t_ms, stale_ms);
 }
-
-/// Hints of one reporting pass, on their way to the aggregator client.
-pub type HintSender = tokio::sync::mpsc::UnboundedSender<Vec<headroom_aggregator::Hint>>;
 
 /// The sampling loop; returns when `stop` receives a message or its sender is dropped.
 pub fn sampling_loop(
@@ -731,21 +418,16 @@ pub fn sampling_loop(
         if let Some(tx) = shared.hint_tx.get()
             && pass.is_multiple_of(u64::from(config.aggregator.report_every))
         {
-            let built = shared
-                .history
-                .lock()
-                .ok()
-                .map(|h| crate::report::hints::build_hints(config, &snapshot, &h));
-            if let Some(batch) = built {
-                // The receiver lives as long as the runtime; a send error means shutdown.
-                let _ = tx.send(batch);
-            }
+            let batch = crate::report::hints::build_hints(config, &snapshot, &shared.history());
+            // The receiver lives as long as the runtime; a send error means shutdown.
+            let _ = tx.send(batch);
         }
         policy.tick(&snapshot, samplers.cgroups(), &shared.decisions);
         shared.publish(snapshot);
         let wall = t0.elapsed().as_secs_f64();
         let cpu = thread_cpu_seconds() - cpu0;
-        if let Ok(mut c) = shared.cost.lock() {
+        {
+            let mut c = shared.cost();
             c.samples += 1;
             c.last_wall_seconds = wall;
             c.last_cpu_seconds = cpu;
@@ -801,16 +483,7 @@ fn hostname(config: &Config) -> String {
 
 /// Hints name their node; the aggregator takes only Kubernetes node names.
 fn check_node_name(node: &str) -> Result<(), String> {
-    let probe = headroom_aggregator::HintBatch {
-        schema: headroom_aggregator::SCHEMA_V1.into(),
-        node: node.to_owned(),
-        epoch: 0,
-        seq: 1,
-        time: 1.0,
-        interval_s: 1.0,
-        hints: Vec::new(),
-    };
-    headroom_aggregator::schema::validate(&probe).map_err(|_| {
+    headroom_protocol::schema::check_node(node).map_err(|_| {
         format!(
             "`{node}` is not a Kubernetes node name (lowercase DNS subdomain); set `hostname` in the config to report hints"
         )
@@ -1057,7 +730,7 @@ fn start_hint_client(
         return Ok(());
     }
     check_node_name(node).map_err(|e| anyhow::anyhow!("host name {e}"))?;
-    let mut cc = headroom_aggregator::client::ClientConfig::new(
+    let mut cc = headroom_protocol::client::ClientConfig::new(
         node,
         a.endpoints.clone(),
         a.spool_dir
@@ -1071,13 +744,13 @@ fn start_hint_client(
     let client = {
         let _guard = runtime.enter();
         Arc::new(
-            headroom_aggregator::client::HintClient::start(cc)
+            headroom_protocol::client::HintClient::start(cc)
                 .map_err(|e| anyhow::anyhow!("aggregator client: {e}"))?,
         )
     };
     let _ = shared.hints.set(client.clone());
     tracing::info!(endpoints = ?a.endpoints, node, "sending scale hints");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<headroom_aggregator::Hint>>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<headroom_protocol::Hint>>();
     runtime.spawn(async move {
         while let Some(hints) = rx.recv().await {
             if let Err(e) = client.submit(hints).await {

@@ -84,6 +84,9 @@ pub struct CgroupConfig {
     pub max_containers: usize,
 }
 
+/// Where the kubelet serves its pod-resources API (`--root-dir` `/var/lib/kubelet`).
+pub const DEFAULT_POD_RESOURCES_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KubernetesConfig {
@@ -355,7 +358,7 @@ impl Default for KubernetesConfig {
             api: true,
             api_server: None,
             pod_resources: true,
-            pod_resources_socket: PathBuf::from(crate::kube::pod_resources::DEFAULT_SOCKET),
+            pod_resources_socket: PathBuf::from(DEFAULT_POD_RESOURCES_SOCKET),
         }
     }
 }
@@ -603,8 +606,14 @@ impl Config {
                     &format!("`{}` must start with `/`", r.cgroup),
                 );
             }
-            if let Err(e) = crate::report::hints::check_workload(&r.namespace, &r.kind, &r.name) {
-                return invalid("aggregator.workloads", &e);
+            let w = headroom_protocol::schema::WorkloadRef {
+                namespace: r.namespace.clone(),
+                kind: r.kind.clone(),
+                name: r.name.clone(),
+            };
+            // Checked as the aggregator will check each hint, so a bad rule fails at start-up.
+            if let Err(e) = headroom_protocol::schema::check_workload(&w) {
+                return invalid("aggregator.workloads", &e.to_string());
             }
         }
         Ok(())
@@ -722,6 +731,24 @@ mod tests {
             e.contains("aggregator.endpoints") && e.contains("ftp://agg:21"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_workload_rule_the_aggregator_would_refuse_is_named() {
+        let mut c = Config::default();
+        c.aggregator.workloads.push(WorkloadRule {
+            cgroup: "/batch/*".into(),
+            namespace: "Bad_NS".into(),
+            kind: "Deployment".into(),
+            name: "web".into(),
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("aggregator.workloads") && e.contains("namespace"),
+            "{e}"
+        );
+        c.aggregator.workloads[0].namespace = "shop".into();
+        c.validate().unwrap();
     }
 
     #[test]

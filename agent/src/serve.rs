@@ -14,9 +14,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 
-use crate::agent::Shared;
 use crate::history::SeriesKey;
 use crate::report::metrics::AgentCollector;
+use crate::shared::Shared;
 
 pub type Body = Full<Bytes>;
 
@@ -97,17 +97,13 @@ impl Routes {
             uptime_seconds: self.shared.started.elapsed().as_secs_f64(),
             samplers: self
                 .shared
-                .samplers
-                .read()
-                .map(|m| {
-                    m.iter()
-                        .map(|(n, h)| {
-                            let detail = h.last_error.clone().or(h.detail.clone());
-                            (n.to_string(), h.healthy, detail.unwrap_or_default())
-                        })
-                        .collect()
+                .samplers()
+                .into_iter()
+                .map(|(n, h)| {
+                    let detail = h.last_error.or(h.detail);
+                    (n.to_string(), h.healthy, detail.unwrap_or_default())
                 })
-                .unwrap_or_default(),
+                .collect(),
         };
         let latest = self.shared.latest();
         let now_ms = std::time::SystemTime::now()
@@ -117,9 +113,7 @@ impl Routes {
         let marks = crate::report::page::marks_from_decisions(
             &self.shared.decisions.json(self.shared.policy_mode, None),
         );
-        let Ok(history) = self.shared.history.lock() else {
-            return text(StatusCode::INTERNAL_SERVER_ERROR, "history unavailable\n");
-        };
+        let history = self.shared.history();
         let html = crate::report::page::render(
             &header,
             &history,
@@ -172,9 +166,7 @@ impl Routes {
                 want.push((k, v));
             }
         }
-        let Ok(h) = self.shared.history.lock() else {
-            return text(StatusCode::INTERNAL_SERVER_ERROR, "history unavailable\n");
-        };
+        let h = self.shared.history();
         let Some(name) = name else {
             let mut names: Vec<&str> = h.keys().map(|k| k.name.as_str()).collect();
             names.sort();

@@ -16,11 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use headroom_aggregator::client::{ClientConfig, HintClient};
 use headroom_aggregator::keda::proto::external_scaler_client::ExternalScalerClient;
 use headroom_aggregator::keda::proto::{GetMetricsRequest, ScaledObjectRef};
-use headroom_aggregator::schema::{Forecast, Hint, Quantile, Resource, WorkloadRef};
 use headroom_aggregator::{Aggregator, AggregatorConfig, MergePolicy};
+use headroom_protocol::client::{ClientConfig, HintClient};
+use headroom_protocol::schema::{Forecast, Hint, Quantile, Resource, WorkloadRef};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 

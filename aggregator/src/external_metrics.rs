@@ -146,7 +146,7 @@ fn label_selector(
         let Some(raw) = pair.strip_prefix("labelSelector=") else {
             continue;
         };
-        let sel = crate::http::percent_decode(raw);
+        let sel = crate::uri::percent_decode(raw);
         for term in sel.split(',').filter(|t| !t.is_empty()) {
             let (k, v) = term
                 .split_once("==")

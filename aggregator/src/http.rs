@@ -22,8 +22,9 @@ use tokio::net::TcpListener;
 
 use crate::merge::Applied;
 use crate::metrics::WorkloadCollector;
-use crate::schema::decode_batch;
 use crate::state::{Ingest, Shared};
+use crate::uri::percent_decode;
+use headroom_protocol::schema::decode_batch;
 
 /// A client trickling its body this slowly is holding a connection, not sending hints.
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -238,7 +239,7 @@ impl HttpServer {
             Ok(b) => b,
             Err(e) => {
                 let status = match e {
-                    crate::schema::SchemaError::Malformed(_) => StatusCode::BAD_REQUEST,
+                    headroom_protocol::schema::SchemaError::Malformed(_) => StatusCode::BAD_REQUEST,
                     _ => StatusCode::UNPROCESSABLE_ENTITY,
                 };
                 return self.reject(status, e.code(), e.to_string());
@@ -387,26 +388,6 @@ impl HttpServer {
             }
         }
     }
-}
-
-/// Ids contain `/`; clients may send them raw or percent-encoded.
-pub(crate) fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            let hex = |c: u8| (c as char).to_digit(16);
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A TLS handshake that has not finished by then is a stalled or confused client.

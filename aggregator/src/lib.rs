@@ -1,15 +1,14 @@
-//! `headroom-aggregator`: the cluster-wide hint service. Agents post versioned scale hints
-//! (`schema`); the aggregator merges them per workload across nodes, expires silent nodes and
-//! computes desired replicas at a configured risk (`merge`), and serves the answer as a JSON API
-//! with an OpenAPI document, Prometheus series (`http`, `metrics`) and a KEDA external scaler
-//! (`keda`). The agent-side sender with its on-disk spool lives in `client`.
+//! `headroom-aggregator`: the cluster-wide hint service. Agents post versioned scale hints (the
+//! schema, its validation and the agent-side sender live in `headroom-protocol`); the aggregator
+//! merges them per workload across nodes, expires silent nodes and computes desired replicas at a
+//! configured risk (`merge`), and serves the answer as a JSON API with an OpenAPI document,
+//! Prometheus series (`http`, `metrics`) and a KEDA external scaler (`keda`). The agent never
+//! depends on this crate: only the `headroom` binary links both.
 //!
 //! The aggregator holds soft state only: everything it knows is re-sent by agents each interval,
 //! so it never writes to disk, never needs a shared store between replicas, and a restart loses
 //! nothing the next interval does not bring back.
 
-pub mod chart;
-pub mod client;
 pub mod external_metrics;
 pub mod http;
 pub mod keda;
@@ -17,9 +16,8 @@ pub mod merge;
 pub mod metrics;
 pub mod page;
 pub mod sched;
-pub mod schema;
 pub mod state;
-pub mod tls;
+pub mod uri;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,7 +27,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 pub use merge::MergePolicy;
-pub use schema::{Hint, HintBatch, SCHEMA_V1};
 
 /// Time slice the scaler thread asks for: short enough that a waking scaler preempts a busy
 /// ingest thread on the same core at once (see `sched`).
@@ -168,7 +165,7 @@ pub enum ConfigError {
     #[error("--{flag}: {reason}")]
     Invalid { flag: &'static str, reason: String },
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] headroom_protocol::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -269,7 +266,7 @@ impl Aggregator {
     pub async fn bind(cfg: AggregatorConfig) -> Result<Self, ConfigError> {
         let http_tls = match &cfg.tls {
             Some(f) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
-                tls::server_config(&f.cert, &f.key)?,
+                headroom_protocol::tls::server_config(&f.cert, &f.key)?,
             ))),
             None => None,
         };

@@ -1,7 +1,7 @@
 //! The aggregator's status page at `/` and the short timeline behind it: per workload, the merged
 //! usage, forecast demand, capacity and desired capacity of each resource, and current against
 //! desired replicas, over the last half hour, with every change of desired replicas marked. One
-//! self-contained HTML document (inline CSS and SVG from [`crate::chart`], no script, no external
+//! self-contained HTML document (inline CSS and SVG from [`headroom_protocol::chart`], no script, no external
 //! asset).
 //!
 //! The timeline is soft state like everything else here: a bounded ring per workload, sampled
@@ -11,9 +11,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write;
 
-use crate::chart::{self, Chart, Line, Mark, Unit, esc, short};
 use crate::merge::{NodeView, WorkloadView};
-use crate::schema::Resource;
+use headroom_protocol::chart::{self, Chart, Line, Mark, Unit, esc, short};
+use headroom_protocol::schema::Resource;
 
 /// Seconds between timeline points.
 pub const STEP_S: f64 = 2.0;

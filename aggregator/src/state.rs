@@ -17,7 +17,7 @@ use prometheus_client::metrics::family::Family;
 use tokio::sync::watch;
 
 use crate::merge::{Answer, Applied, IndexChange, MergePolicy, NodeView, Registry, WorkloadView};
-use crate::schema::HintBatch;
+use headroom_protocol::schema::HintBatch;
 
 /// Token bucket per key: `rate` tokens per second, at most `burst`.
 #[derive(Debug)]
@@ -428,11 +428,17 @@ mod tests {
         let shared = Shared::new(policy, 0.0, 1.0);
         shared.set_stale_hold(std::time::Duration::from_millis(300));
         let id = "ml/Deployment/llm";
-        use crate::schema::tests::{batch, hint};
+        use headroom_protocol::fixtures::{batch, hint};
         let b = batch(
             "node-a",
             1,
-            vec![hint("ml", "llm", crate::schema::Resource::Gpu, 2.0, 7.0)],
+            vec![hint(
+                "ml",
+                "llm",
+                headroom_protocol::schema::Resource::Gpu,
+                2.0,
+                7.0,
+            )],
         );
         assert!(matches!(shared.ingest(b), Ingest::Applied(_)));
         let live = shared.lookup(id).replicas().expect("live");

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
-use headroom_aggregator::client::{ClientConfig, HintClient};
-use headroom_aggregator::schema::Resource;
+use headroom_protocol::client::{ClientConfig, HintClient};
+use headroom_protocol::schema::Resource;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;

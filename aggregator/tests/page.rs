@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use headroom_aggregator::schema::Resource;
+use headroom_protocol::schema::Resource;
 
 #[tokio::test]
 async fn status_page_charts_merged_workloads_over_time() {

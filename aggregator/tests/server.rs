@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use headroom_aggregator::schema::Resource;
+use headroom_protocol::schema::Resource;
 use rand::prelude::*;
 
 #[tokio::test]

@@ -12,8 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use headroom_aggregator::TlsFiles;
-use headroom_aggregator::client::{ClientConfig, HintClient};
-use headroom_aggregator::schema::Resource;
+use headroom_protocol::client::{ClientConfig, HintClient};
+use headroom_protocol::schema::Resource;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -78,7 +78,7 @@ fn client_config(dir: &Path, endpoint: &str, ca: &Path) -> ClientConfig {
 
 /// GET over HTTPS trusting `ca`, as an operator's client would read the API.
 async fn https_get(ca: &Path, url: &str) -> serde_json::Value {
-    let tls = headroom_aggregator::tls::client_config(Some(ca)).unwrap();
+    let tls = headroom_protocol::tls::client_config(Some(ca)).unwrap();
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()

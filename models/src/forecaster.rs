@@ -10,8 +10,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::baselines::{PercentileRecommender, Reactive, seasonal_naive, window_max};
 use crate::conformal::{AdaptiveLevel, ScoreWindow};
-use crate::history::History;
+use crate::history::{History, RAW_CAPACITY, day_steps};
 use crate::ridge::{Ridge, Transform};
+
+/// Raw values a series keeps: a whole day where one fits in [`RAW_CAPACITY`] (seasonal naive
+/// reads the value one day back), otherwise only what the models read: a ridge fit's window
+/// (`LAGS` of features before `TRAIN_ROWS` origins and the lead after them) and the five-minute
+/// window of the moving maximum. Further back, seasonal values come from the coarse buckets.
+fn raw_capacity(step_seconds: f64, lead: u64) -> usize {
+    let day = day_steps(step_seconds);
+    if day > 0 && day as usize <= RAW_CAPACITY {
+        return RAW_CAPACITY;
+    }
+    let fit = crate::ridge::LAGS + crate::ridge::TRAIN_ROWS + lead as usize;
+    let window = crate::baselines::window_steps(step_seconds);
+    (fit.max(window) + 1).min(RAW_CAPACITY)
+}
 
 /// Longest lead time accepted, in steps (pending forecasts are kept for each step of it).
 pub const MAX_LEAD_STEPS: u32 = 1024;
@@ -240,7 +254,10 @@ impl SeriesForecaster {
             })
             .collect();
         Ok(Self {
-            history: History::new(cfg.step_seconds, u64::from(cfg.lead_steps)),
+            history: History::new(
+                cfg.step_seconds,
+                raw_capacity(cfg.step_seconds, u64::from(cfg.lead_steps)),
+            ),
             ridge_id: Ridge::new(Transform::Identity),
             ridge_sqrt: Ridge::new(Transform::SignedSqrt),
             reactive: Reactive::new(),
@@ -571,6 +588,16 @@ mod tests {
             ridge.push(f.candidate_outputs().nth(1).map_or(f64::NAN, |o| o.2));
         }
         (d, cap, ridge)
+    }
+
+    #[test]
+    fn raw_ring_keeps_a_day_where_it_fits_and_what_models_read_otherwise() {
+        assert_eq!(raw_capacity(60.0, 1), RAW_CAPACITY);
+        // 10 s steps: a day is 8,640 steps; the ridge window (64 + 1,024 + lead) is what is read.
+        assert_eq!(raw_capacity(10.0, 6), 64 + 1024 + 6 + 1);
+        // Sub-second steps: the five-minute moving maximum needs more, up to the cap.
+        assert_eq!(raw_capacity(0.25, 8), 1201);
+        assert_eq!(raw_capacity(0.1, 8), RAW_CAPACITY);
     }
 
     #[test]

@@ -13,17 +13,13 @@ pub const BUCKET_CAPACITY: usize = 1008;
 /// Autocorrelation a candidate period needs before the models use it.
 const DETECT_MIN_ACF: f64 = 0.3;
 
-/// Raw values a series keeps: a whole day where one fits in [`RAW_CAPACITY`] (seasonal naive
-/// reads the value one day back), otherwise only what the models read: a ridge fit's window
-/// (`LAGS` of features before `TRAIN_ROWS` origins and the lead after them) and the five-minute
-/// window of the moving maximum. Further back, seasonal values come from the coarse buckets.
-fn raw_capacity(step_seconds: f64, day_steps: u64, lead: u64) -> usize {
-    if day_steps > 0 && day_steps as usize <= RAW_CAPACITY {
-        return RAW_CAPACITY;
+/// Steps in a day at `step_seconds` (0 when a day is not a whole number of steps up to an hour).
+pub fn day_steps(step_seconds: f64) -> u64 {
+    if step_seconds > 0.0 && step_seconds <= 3600.0 {
+        (86_400.0 / step_seconds).round() as u64
+    } else {
+        0
     }
-    let fit = crate::ridge::LAGS + crate::ridge::TRAIN_ROWS + lead as usize;
-    let window = crate::baselines::window_steps(step_seconds);
-    (fit.max(window) + 1).min(RAW_CAPACITY)
 }
 
 /// Fixed-capacity ring buffer.
@@ -182,12 +178,10 @@ pub struct History {
 
 impl History {
     /// History for forecasts up to `lead` steps ahead.
-    pub fn new(step_seconds: f64, lead: u64) -> Self {
-        let day = if step_seconds > 0.0 && step_seconds <= 3600.0 {
-            (86_400.0 / step_seconds).round() as u64
-        } else {
-            0
-        };
+    /// A history of steps of `step_seconds` keeping `raw_capacity` raw values: as many as the
+    /// models that read it need (the forecaster decides), at most [`RAW_CAPACITY`].
+    pub fn new(step_seconds: f64, raw_capacity: usize) -> Self {
+        let day = day_steps(step_seconds);
         let week = day * 7;
         let bucket_steps = if week > 0 {
             week.div_ceil((BUCKET_CAPACITY / 2) as u64).max(1)
@@ -196,7 +190,7 @@ impl History {
         };
         Self {
             count: 0,
-            raw: Ring::new(raw_capacity(step_seconds, day, lead)),
+            raw: Ring::new(raw_capacity.clamp(1, RAW_CAPACITY)),
             buckets: Ring::new(BUCKET_CAPACITY),
             bucket_steps,
             bucket_sum: 0.0,
@@ -328,16 +322,6 @@ mod tests {
     }
 
     #[test]
-    fn raw_ring_keeps_a_day_where_it_fits_and_what_models_read_otherwise() {
-        assert_eq!(History::new(60.0, 1).raw.cap, RAW_CAPACITY);
-        // 10 s steps: a day is 8,640 steps; the ridge window (64 + 1,024 + lead) is what is read.
-        assert_eq!(History::new(10.0, 6).raw.cap, 64 + 1024 + 6 + 1);
-        // Sub-second steps: the five-minute moving maximum needs more, up to the cap.
-        assert_eq!(History::new(0.25, 8).raw.cap, 1201);
-        assert_eq!(History::new(0.1, 8).raw.cap, RAW_CAPACITY);
-    }
-
-    #[test]
     fn a_restored_ring_is_checked_and_sized_once() {
         let r: Ring<f32> = serde_json::from_str(r#"{"buf":[1.0,2.0],"cap":2048,"head":0}"#)
             .expect("a partial ring restores");
@@ -352,7 +336,7 @@ mod tests {
 
     #[test]
     fn detects_a_daily_cycle_and_not_noise() {
-        let mut h = History::new(300.0, 1); // 288 steps a day
+        let mut h = History::new(300.0, RAW_CAPACITY); // 288 steps a day
         for i in 0..(288 * 4) {
             let v = 10.0 + 5.0 * (i as f64 * std::f64::consts::TAU / 288.0).sin();
             h.push(v);
@@ -361,7 +345,7 @@ mod tests {
         assert!(h.daily);
         assert!(!h.weekly, "four days cannot show a weekly cycle");
 
-        let mut flat = History::new(300.0, 1);
+        let mut flat = History::new(300.0, RAW_CAPACITY);
         let mut x: u64 = 7;
         for _ in 0..(288 * 4) {
             x = x

@@ -276,7 +276,7 @@ mod tests {
 
     #[test]
     fn learns_a_linear_trend_ahead() {
-        let mut h = History::new(60.0, 1);
+        let mut h = History::new(60.0, crate::history::RAW_CAPACITY);
         for i in 0..500 {
             h.push(100.0 + 2.0 * i as f64);
         }

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 
 use crate::config::KubernetesConfig;
-use headroom_aggregator::client::error_chain;
+use headroom_protocol::client::error_chain;
 
 /// Where Kubernetes mounts a pod's service account credentials.
 const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -336,9 +336,9 @@ struct Watcher {
 
 impl Api {
     pub fn new(api: &ApiConfig) -> Result<Api, KubeError> {
-        let tls = headroom_aggregator::tls::client_config(Some(&api.ca_file))
+        let tls = headroom_protocol::tls::client_config(Some(&api.ca_file))
             .map_err(|e| KubeError::Tls(e.to_string()))?;
-        let https = headroom_aggregator::tls::https_connector(tls, REQUEST_TIMEOUT);
+        let https = headroom_protocol::tls::https_connector(tls, REQUEST_TIMEOUT);
         Ok(Api {
             http: Client::builder(TokioExecutor::new()).build(https),
             base: api.base.trim_end_matches('/').to_string(),

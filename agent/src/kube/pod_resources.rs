@@ -23,8 +23,6 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use proto::pod_resources_lister_client::PodResourcesListerClient;
 use proto::{AllocatableResourcesRequest, ContainerDevices, ListPodResourcesRequest};
 
-/// Where the kubelet serves the API (`--root-dir` `/var/lib/kubelet`).
-pub const DEFAULT_SOCKET: &str = "/var/lib/kubelet/pod-resources/kubelet.sock";
 const REFRESH: Duration = Duration::from_secs(5);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 

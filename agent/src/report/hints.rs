@@ -1,6 +1,6 @@
 //! Scale hints from what the agent measured: per workload and resource, the capacity its replicas
 //! on this node hold, their usage, demand quantiles over the lead time, and what the node could
-//! still give them. Batches go to the aggregator through `headroom_aggregator::client`.
+//! still give them. Batches go to the aggregator through `headroom_protocol::client`.
 //!
 //! Demand comes from the agent's forecasters (expected value and calibrated upper bound over the
 //! lead time) where a series has one, and otherwise from quantiles of the series' own recent
@@ -9,8 +9,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use headroom_aggregator::merge::quantile_at;
-use headroom_aggregator::schema::{Forecast, Hint, Quantile, Resource, WorkloadRef};
+use headroom_protocol::quantile_at;
+use headroom_protocol::schema::{Forecast, Hint, Quantile, Resource, WorkloadRef};
 
 use crate::config::{AggregatorConfig, Config};
 use crate::forecast::ForecastRow;
@@ -23,41 +23,6 @@ const LEVELS: [f64; 4] = [0.5, 0.9, 0.95, 0.99];
 
 /// v1 reports "no limit" as a huge number; anything at or above this is no limit.
 const UNLIMITED_BYTES: u64 = 1 << 62;
-
-/// Checks a workload identity the way the aggregator will, so a bad rule fails at start-up.
-pub fn check_workload(namespace: &str, kind: &str, name: &str) -> Result<(), String> {
-    let mut batch = headroom_aggregator::HintBatch {
-        schema: headroom_aggregator::SCHEMA_V1.into(),
-        node: "check".into(),
-        epoch: 0,
-        seq: 1,
-        time: 1.0,
-        interval_s: 1.0,
-        hints: Vec::new(),
-    };
-    batch.hints.push(Hint {
-        workload: WorkloadRef {
-            namespace: namespace.into(),
-            kind: kind.into(),
-            name: name.into(),
-        },
-        resource: Resource::Cpu,
-        replicas: 0,
-        capacity: 0.0,
-        usage: 0.0,
-        forecast: Forecast {
-            horizon_s: 1.0,
-            quantiles: vec![Quantile { q: 0.5, value: 0.0 }],
-        },
-        local_headroom: 0.0,
-        desired_capacity: 0.0,
-        replica_delta: 0.0,
-        confidence: 0.0,
-        reason: String::new(),
-    });
-    headroom_aggregator::schema::validate(&batch)
-        .map_err(|e| e.to_string().replace("hints[0].workload.", ""))
-}
 
 /// Characters an object name may hold; others become `-`, and the ends are trimmed to alnum.
 fn object_name(raw: &str) -> Option<String> {
@@ -152,7 +117,7 @@ pub fn workload_of(cfg: &AggregatorConfig, ident: &Identity) -> Option<WorkloadR
         kind: kind.to_owned(),
         name: object_name(&name)?,
     };
-    check_workload(&w.namespace, &w.kind, &w.name)
+    headroom_protocol::schema::check_workload(&w)
         .ok()
         .map(|_| w)
 }
@@ -580,11 +545,6 @@ mod tests {
         });
         let w = workload_of(&cfg, &ident("/batch/job one!", Kind::Configured)).unwrap();
         assert_eq!(w.id(), "shop/Deployment/web");
-        assert!(
-            check_workload("Bad_NS", "Deployment", "x")
-                .unwrap_err()
-                .contains("namespace")
-        );
     }
 
     #[test]
@@ -686,8 +646,8 @@ mod tests {
         );
         // Replica a has no history yet: no confidence until it has some.
         assert_eq!(h.confidence, 0.0);
-        let batch = headroom_aggregator::HintBatch {
-            schema: headroom_aggregator::SCHEMA_V1.into(),
+        let batch = headroom_protocol::HintBatch {
+            schema: headroom_protocol::SCHEMA_V1.into(),
             node: "node-a".into(),
             epoch: 1,
             seq: 1,
@@ -695,7 +655,7 @@ mod tests {
             interval_s: 1.0,
             hints,
         };
-        headroom_aggregator::schema::validate(&batch).unwrap();
+        headroom_protocol::schema::validate(&batch).unwrap();
     }
 
     /// Two pods of a Deployment named by the API, each with an app and a sidecar: one workload,

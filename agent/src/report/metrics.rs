@@ -8,8 +8,8 @@ use std::fmt;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 
-use crate::agent::Shared;
-use crate::sample::Snapshot;
+use crate::sample::{Snapshot, unix_seconds};
+use crate::shared::Shared;
 
 pub type Labels = Vec<(String, String)>;
 
@@ -63,6 +63,167 @@ pub fn with(labels: &[(String, String)], key: &str, value: &str) -> Labels {
     l
 }
 
+/// The agent's own series: build, sampling cost, sampler health, history size, decisions,
+/// process usage and the hint sender's counters.
+fn encode_self(shared: &Shared, enc: &mut DescriptorEncoder) -> fmt::Result {
+    let none: [(&str, &str); 0] = [];
+    gauges(
+        enc,
+        "headroom_build_info",
+        "Build of the running agent.",
+        [([("version", env!("CARGO_PKG_VERSION"))], 1.0)],
+    )?;
+    let cost = shared.cost().clone();
+    counters(
+        enc,
+        "headroom_agent_samples",
+        "Sampling passes completed.",
+        [(none, cost.samples as f64)],
+    )?;
+    counters(
+        enc,
+        "headroom_agent_sample_cpu_seconds",
+        "CPU time the sampling thread spent sampling.",
+        [(none, cost.total_cpu_seconds)],
+    )?;
+    gauges(
+        enc,
+        "headroom_agent_sample_duration_seconds",
+        "Wall time of the newest sampling pass.",
+        [(none, cost.last_wall_seconds)],
+    )?;
+    let samplers = shared.samplers();
+    gauges(
+        enc,
+        "headroom_agent_sampler_up",
+        "1 when the sampler's newest pass succeeded.",
+        samplers
+            .iter()
+            .map(|(n, h)| ([("sampler", *n)], if h.healthy { 1.0 } else { 0.0 })),
+    )?;
+    let (series, containers) = (
+        shared.history().len(),
+        shared.latest().map(|s| s.containers.len()).unwrap_or(0),
+    );
+    gauges(
+        enc,
+        "headroom_agent_history_series",
+        "Series held in history.",
+        [(none, series as f64)],
+    )?;
+    gauges(
+        enc,
+        "headroom_agent_containers",
+        "Containers found by the newest sample.",
+        [(none, containers as f64)],
+    )?;
+    counters(
+        enc,
+        "headroom_decisions",
+        "Policy decisions, by resource, reason and whether they were written.",
+        shared
+            .decisions
+            .counts()
+            .into_iter()
+            .map(|((r, why, applied), n)| {
+                (
+                    [
+                        ("resource", r),
+                        ("reason", why),
+                        ("applied", if applied { "true" } else { "false" }),
+                    ],
+                    n as f64,
+                )
+            }),
+    )?;
+    counters(
+        enc,
+        "headroom_agent_lock_recoveries",
+        "Locks taken back after a thread panicked while holding them (a bug; see the log), by lock.",
+        shared
+            .recovered()
+            .into_iter()
+            .map(|(lock, n)| ([("lock", lock)], n as f64)),
+    )?;
+    if let Some((rss, cpu)) = self_usage() {
+        gauges(
+            enc,
+            "headroom_agent_resident_memory_bytes",
+            "Resident memory of the agent process.",
+            [(none, rss)],
+        )?;
+        counters(
+            enc,
+            "headroom_agent_cpu_seconds",
+            "CPU time of the agent process.",
+            [(none, cpu)],
+        )?;
+    }
+    if let Some(client) = shared.hints.get() {
+        let stats = client.stats();
+        let rows = |f: fn(&headroom_protocol::client::StatsSnapshot) -> u64| {
+            stats
+                .iter()
+                .map(move |(e, s)| ([("endpoint", e.clone())], f(s) as f64))
+                .collect::<Vec<_>>()
+        };
+        counters(
+            enc,
+            "headroom_agent_hint_batches",
+            "Hint batches the aggregator acknowledged, by endpoint and result.",
+            stats.iter().flat_map(|(e, s)| {
+                [
+                    ("delivered", s.delivered),
+                    ("duplicate", s.duplicates),
+                    ("rejected", s.rejected),
+                ]
+                .map(|(r, v)| {
+                    (
+                        [("endpoint", e.clone()), ("result", r.to_string())],
+                        v as f64,
+                    )
+                })
+            }),
+        )?;
+        counters(
+            enc,
+            "headroom_agent_hint_send_failures",
+            "Failed attempts to deliver a hint batch (unreachable, timeout, 5xx, 429, 401).",
+            rows(|s| s.failures),
+        )?;
+        gauges(
+            enc,
+            "headroom_agent_hint_spool_batches",
+            "Hint batches waiting in the on-disk spool.",
+            rows(|s| s.spool_len),
+        )?;
+        counters(
+            enc,
+            "headroom_agent_hint_spool_dropped_batches",
+            "Oldest spooled hint batches dropped because the spool was full.",
+            rows(|s| s.dropped_oldest),
+        )?;
+    }
+    gauges(
+        enc,
+        "headroom_agent_start_time_seconds",
+        "When the agent started, seconds since the epoch.",
+        [(none, unix_seconds::to_f64(shared.started_at))],
+    )
+}
+
+/// Resident bytes and CPU seconds of this process, from /proc/self/stat.
+fn self_usage() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // Fields after the command: state is index 0, utime 11, stime 12, rss 21 (pages).
+    let tps = procfs::ticks_per_second() as f64;
+    let cpu = (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / tps;
+    let rss = f.get(21)?.parse::<f64>().ok()? * procfs::page_size() as f64;
+    Some((rss, cpu))
+}
+
 /// The agent's own `prometheus_client` collector.
 #[derive(Debug)]
 pub struct AgentCollector {
@@ -72,7 +233,7 @@ pub struct AgentCollector {
 impl prometheus_client::collector::Collector for AgentCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let snapshot = self.shared.latest();
-        self.shared.encode_self(&mut enc)?;
+        encode_self(&self.shared, &mut enc)?;
         if let Some(s) = snapshot.as_deref() {
             encode_snapshot(s, &self.shared.hostname, &mut enc)?;
         }

@@ -7,12 +7,12 @@
 //! series exist: a forecast or capacity series that is absent is simply not drawn. The newest
 //! fine points come from the fine tier; older ones from the coarse tier's per-bucket maxima, so
 //! a short peak stays visible at any zoom. The SVG itself is drawn by
-//! `headroom_aggregator::chart`, which the aggregator's page shares.
+//! `headroom_protocol::chart`, which the aggregator's page shares.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use headroom_aggregator::chart::{self, STYLE, Unit, esc, short};
+use headroom_protocol::chart::{self, STYLE, Unit, esc, short};
 
 use crate::history::{History, SeriesKey, SeriesView};
 use crate::sample::Snapshot;

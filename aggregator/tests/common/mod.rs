@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use headroom_aggregator::schema::{Forecast, Hint, HintBatch, Quantile, Resource, WorkloadRef};
-use headroom_aggregator::{Aggregator, AggregatorConfig, MergePolicy, SCHEMA_V1};
+use headroom_aggregator::{Aggregator, AggregatorConfig, MergePolicy};
+use headroom_protocol::SCHEMA_V1;
+use headroom_protocol::schema::{Forecast, Hint, HintBatch, Quantile, Resource, WorkloadRef};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;

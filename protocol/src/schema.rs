@@ -235,6 +235,44 @@ fn non_negative(field: &str, v: f64) -> Result<(), SchemaError> {
     Ok(())
 }
 
+/// Checks a node name as [`validate`] does: batches name their node, and the aggregator takes
+/// only Kubernetes node names. The error's field is `node`.
+pub fn check_node(node: &str) -> Result<(), SchemaError> {
+    if !is_dns_subdomain(node) {
+        return Err(invalid(
+            "node",
+            "must be a Kubernetes node name (lowercase DNS subdomain, <= 253 chars)",
+        ));
+    }
+    Ok(())
+}
+
+/// The first rule a workload identity breaks: (field within the workload, reason).
+fn workload_rule(w: &WorkloadRef) -> Result<(), (&'static str, &'static str)> {
+    if !is_dns_label(&w.namespace) {
+        return Err(("namespace", "must be a DNS label (lowercase, <= 63 chars)"));
+    }
+    if !is_kind(&w.kind) {
+        return Err((
+            "kind",
+            "must be alphanumeric starting with a letter, <= 63 chars",
+        ));
+    }
+    if !is_object_name(&w.name) {
+        return Err((
+            "name",
+            "must be an object name or label value ([A-Za-z0-9._-], <= 253 chars)",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a workload identity as [`validate`] checks each hint's; the error's field is relative
+/// to the workload (`namespace`, `kind` or `name`).
+pub fn check_workload(w: &WorkloadRef) -> Result<(), SchemaError> {
+    workload_rule(w).map_err(|(field, reason)| invalid(field, reason))
+}
+
 /// Checks every rule a batch must satisfy beyond its JSON shape.
 pub fn validate(batch: &HintBatch) -> Result<(), SchemaError> {
     if batch.schema != SCHEMA_V1 {
@@ -242,12 +280,7 @@ pub fn validate(batch: &HintBatch) -> Result<(), SchemaError> {
             found: batch.schema.chars().take(64).collect(),
         });
     }
-    if !is_dns_subdomain(&batch.node) {
-        return Err(invalid(
-            "node",
-            "must be a Kubernetes node name (lowercase DNS subdomain, <= 253 chars)",
-        ));
-    }
+    check_node(&batch.node)?;
     if batch.seq == 0 {
         return Err(invalid("seq", "must be >= 1"));
     }
@@ -266,23 +299,8 @@ pub fn validate(batch: &HintBatch) -> Result<(), SchemaError> {
     let mut seen = std::collections::HashSet::with_capacity(batch.hints.len());
     for (i, h) in batch.hints.iter().enumerate() {
         let p = |f: &str| format!("hints[{i}].{f}");
-        if !is_dns_label(&h.workload.namespace) {
-            return Err(invalid(
-                p("workload.namespace"),
-                "must be a DNS label (lowercase, <= 63 chars)",
-            ));
-        }
-        if !is_kind(&h.workload.kind) {
-            return Err(invalid(
-                p("workload.kind"),
-                "must be alphanumeric starting with a letter, <= 63 chars",
-            ));
-        }
-        if !is_object_name(&h.workload.name) {
-            return Err(invalid(
-                p("workload.name"),
-                "must be an object name or label value ([A-Za-z0-9._-], <= 253 chars)",
-            ));
+        if let Err((field, reason)) = workload_rule(&h.workload) {
+            return Err(invalid(p(&format!("workload.{field}")), reason));
         }
         if !seen.insert((&h.workload, h.resource)) {
             return Err(invalid(
@@ -344,49 +362,9 @@ pub fn validate(batch: &HintBatch) -> Result<(), SchemaError> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    pub fn hint(ns: &str, name: &str, resource: Resource, capacity: f64, p90: f64) -> Hint {
-        Hint {
-            workload: WorkloadRef {
-                namespace: ns.into(),
-                kind: "Deployment".into(),
-                name: name.into(),
-            },
-            resource,
-            replicas: 1,
-            capacity,
-            usage: capacity / 2.0,
-            forecast: Forecast {
-                horizon_s: 60.0,
-                quantiles: vec![
-                    Quantile {
-                        q: 0.5,
-                        value: p90 * 0.8,
-                    },
-                    Quantile { q: 0.9, value: p90 },
-                ],
-            },
-            local_headroom: 0.0,
-            desired_capacity: p90,
-            replica_delta: 0.0,
-            confidence: 0.9,
-            reason: "test".into(),
-        }
-    }
-
-    pub fn batch(node: &str, seq: u64, hints: Vec<Hint>) -> HintBatch {
-        HintBatch {
-            schema: SCHEMA_V1.into(),
-            node: node.into(),
-            epoch: 1,
-            seq,
-            time: 1_700_000_000.0,
-            interval_s: 10.0,
-            hints,
-        }
-    }
+    use crate::fixtures::{batch, hint};
 
     #[test]
     fn round_trips_and_validates() {
@@ -453,5 +431,55 @@ pub(crate) mod tests {
     fn workload_id_is_namespace_kind_name() {
         let h = hint("ml", "llm", Resource::Cpu, 1.0, 1.0);
         assert_eq!(h.workload.id(), "ml/Deployment/llm");
+    }
+
+    #[test]
+    fn direct_checks_agree_with_batch_validation() {
+        assert!(check_node("node-a.example").is_ok());
+        let e = check_node("Node_A").unwrap_err();
+        assert!(
+            matches!(&e, SchemaError::Invalid { field, .. } if field == "node"),
+            "{e}"
+        );
+        let good = hint("ml", "llm", Resource::Cpu, 1.0, 1.0).workload;
+        assert!(check_workload(&good).is_ok());
+        for (field, w) in [
+            (
+                "namespace",
+                WorkloadRef {
+                    namespace: "Bad_NS".into(),
+                    ..good.clone()
+                },
+            ),
+            (
+                "kind",
+                WorkloadRef {
+                    kind: "1x".into(),
+                    ..good.clone()
+                },
+            ),
+            (
+                "name",
+                WorkloadRef {
+                    name: "-x".into(),
+                    ..good.clone()
+                },
+            ),
+        ] {
+            let direct = check_workload(&w).unwrap_err();
+            assert!(
+                matches!(&direct, SchemaError::Invalid { field: f, .. } if f == field),
+                "{direct}"
+            );
+            let mut h = hint("ml", "llm", Resource::Cpu, 1.0, 1.0);
+            h.workload = w;
+            match validate(&batch("node-a", 1, vec![h])).unwrap_err() {
+                SchemaError::Invalid { field: f, reason } => {
+                    assert_eq!(f, format!("hints[0].workload.{field}"));
+                    assert!(direct.to_string().ends_with(&reason), "{direct} / {reason}");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
     }
 }

@@ -1,12 +1,17 @@
-//! The `headroom` binary: command-line parsing, logging set-up and exit codes. Everything else
-//! lives in the library.
+//! The `headroom` binary: command-line parsing, logging set-up and exit codes, and the one place
+//! that links the node agent (`headroom-agent`) with the cluster aggregator
+//! (`headroom-aggregator`): `headroom agent`, `headroom aggregator`, and `headroom demo`, which
+//! runs both in one process. Everything else lives in those libraries; neither depends on the
+//! other.
+
+mod demo;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use headroom::config::{Config, LogFormat};
+use headroom_agent::config::{Config, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -26,9 +31,9 @@ enum Command {
     /// Run the cluster aggregator: merge the agents' scale hints; serve JSON, Prometheus and KEDA.
     Aggregator(headroom_aggregator::AggregatorArgs),
     /// Replay a recorded series through the forecasters and emit their capacities.
-    Backtest(headroom::backtest::BacktestArgs),
+    Backtest(headroom_agent::backtest::BacktestArgs),
     /// Start an aggregator and three simulated nodes replaying real traces; print the URLs.
-    Demo(headroom::demo::DemoArgs),
+    Demo(demo::DemoArgs),
     /// Load and attach the eBPF probes, hand them to the agent that started this process (over
     /// the socket on stdin), and exit. The agent runs this itself; not for people.
     #[command(name = "ebpf-loader", hide = true)]
@@ -72,7 +77,7 @@ struct AgentArgs {
     aggregator_ca_file: Option<PathBuf>,
     /// observe: decide and report only; enforce: write decisions to managed cgroups.
     #[arg(long, env = "HEADROOM_MODE", value_enum)]
-    mode: Option<headroom::config::PolicyMode>,
+    mode: Option<headroom_agent::config::PolicyMode>,
     /// Cgroups (glob relative to the hierarchy root) the policy may change; repeatable.
     #[arg(long = "manage", value_name = "GLOB")]
     manage: Vec<String>,
@@ -85,7 +90,7 @@ struct AgentArgs {
 }
 
 impl AgentArgs {
-    fn config(&self) -> Result<Config, headroom::config::ConfigError> {
+    fn config(&self) -> Result<Config, headroom_agent::config::ConfigError> {
         let mut c = match &self.config {
             Some(p) => Config::from_file(p)?,
             None => Config::default(),
@@ -166,9 +171,9 @@ fn main() -> ExitCode {
             // Three agents' routine lines would bury the URLs; warnings and the demo's own
             // lines still show.
             init_logging_with(LogFormat::Text, "warn,headroom::demo=info");
-            match headroom::demo::run(&args) {
+            match demo::run(&args) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(headroom::demo::DemoError::Usage(e)) => {
+                Err(demo::DemoError::Usage(e)) => {
                     eprintln!("headroom: {e}");
                     ExitCode::from(2)
                 }
@@ -178,11 +183,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Backtest(args) => match headroom::backtest::run(&args) {
+        Command::Backtest(args) => match headroom_agent::backtest::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("headroom: {e:#}");
-                if e.is::<headroom::backtest::InputError>() {
+                if e.is::<headroom_agent::backtest::InputError>() {
                     ExitCode::from(2)
                 } else {
                     ExitCode::FAILURE
@@ -208,7 +213,7 @@ fn main() -> ExitCode {
                 print!("{}", config.to_toml());
                 return ExitCode::SUCCESS;
             }
-            if let Err(e) = headroom::agent::preflight(&config) {
+            if let Err(e) = headroom_agent::agent::preflight(&config) {
                 eprintln!("headroom: {e}");
                 return ExitCode::from(2);
             }
@@ -216,7 +221,7 @@ fn main() -> ExitCode {
             // The running binary itself, even if its file was replaced since it started.
             config.ebpf.loader = Some(PathBuf::from("/proc/self/exe"));
             if args.restore {
-                return match headroom::agent::restore_only(&config) {
+                return match headroom_agent::agent::restore_only(&config) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!("{e:#}");
@@ -224,7 +229,7 @@ fn main() -> ExitCode {
                     }
                 };
             }
-            match headroom::agent::run(config) {
+            match headroom_agent::agent::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

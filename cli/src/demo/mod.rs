@@ -1,7 +1,7 @@
 //! `headroom demo`: an aggregator and three simulated nodes in one process, replaying real traces
 //! accelerated, for a first look without a GPU node.
 //!
-//! Each node is the real agent ([`crate::agent::start`]): history, forecasters, the policy engine
+//! Each node is the real agent ([`headroom_agent::agent::start`]): history, forecasters, the policy engine
 //! and its actuator, hint reports over HTTP to the real aggregator, the status page and
 //! `/metrics`. Only what lies under the samplers is simulated ([`sim`]): the kernel's cgroup and
 //! procfs files (in a scratch folder, written from the traces and limited by what the actuator
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, PolicyMode, WorkloadRule};
+use headroom_agent::config::{Config, PolicyMode, WorkloadRule};
 
 /// Flags of `headroom demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -165,14 +165,18 @@ fn warm_up(
     for (k, c) in kernels.iter().zip(configs) {
         let t = now_t.clone();
         let time: sim::TraceTime = Arc::new(move || f64::from_bits(t.load(Ordering::Relaxed)));
-        let samplers = crate::agent::Samplers::new(c).with_gpu(Box::new(k.gpus(time)));
-        let shared = crate::agent::Shared::new(c, crate::agent::new_history(c), c.hostname.clone());
-        let forecasts = crate::forecast::Forecasts::new(&c.forecast, c.sample_interval_s)
+        let samplers = headroom_agent::agent::Samplers::new(c).with_gpu(Box::new(k.gpus(time)));
+        let shared = headroom_agent::shared::Shared::new(
+            c,
+            headroom_agent::agent::new_history(c),
+            c.hostname.clone(),
+        );
+        let forecasts = headroom_agent::forecast::Forecasts::new(&c.forecast, c.sample_interval_s)
             .map_err(|e| anyhow::anyhow!("forecast settings: {e}"))?;
         nodes.push((samplers, shared, forecasts, Instant::now()));
     }
     let step_ms = (SAMPLE_INTERVAL_S * 1000.0) as u64;
-    let end_ms = crate::agent::unix_ms(std::time::SystemTime::now());
+    let end_ms = headroom_agent::agent::unix_ms(std::time::SystemTime::now());
     let stale_ms = configs
         .first()
         .map_or(30_000, |c| c.history.stale_after_s * 1000);
@@ -187,13 +191,19 @@ fn warm_up(
             *last = Instant::now();
             k.tick_with(t, dt, SAMPLE_INTERVAL_S)?;
             let mut snapshot = samplers.sample(shared);
-            crate::agent::record_pass(shared, Some(forecasts), &mut snapshot, t_ms, stale_ms);
+            headroom_agent::agent::record_pass(
+                shared,
+                Some(forecasts),
+                &mut snapshot,
+                t_ms,
+                stale_ms,
+            );
         }
     }
     for ((_, shared, forecasts, _), c) in nodes.iter().zip(configs) {
-        let dir = crate::state::StateDir::open(&c.state_dir)?;
-        crate::agent::save_history(&dir, shared);
-        crate::agent::save_forecasts(&dir, forecasts);
+        let dir = headroom_agent::state::StateDir::open(&c.state_dir)?;
+        headroom_agent::agent::save_history(&dir, shared);
+        headroom_agent::agent::save_forecasts(&dir, forecasts);
     }
     Ok(())
 }
@@ -304,8 +314,8 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
     for (kernel, cfg) in kernels.iter().zip(configs) {
         let gpus = kernel.gpus(clock.source());
         let name = cfg.hostname.clone();
-        match crate::agent::start(cfg, &runtime, move |c| {
-            crate::agent::Samplers::new(c).with_gpu(Box::new(gpus))
+        match headroom_agent::agent::start(cfg, &runtime, move |c| {
+            headroom_agent::agent::Samplers::new(c).with_gpu(Box::new(gpus))
         }) {
             Ok(r) => nodes.push(r),
             Err(e) => {
@@ -351,11 +361,11 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
                 match args.duration {
                     Some(d) => {
                         tokio::select! {
-                            s = crate::agent::wait_for_signal() => s,
+                            s = headroom_agent::agent::wait_for_signal() => s,
                             _ = tokio::time::sleep(Duration::from_secs_f64(d)) => "--duration",
                         }
                     }
-                    None => crate::agent::wait_for_signal().await,
+                    None => headroom_agent::agent::wait_for_signal().await,
                 }
             };
             let why = runtime.block_on(wait);
@@ -382,7 +392,12 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
     outcome
 }
 
-fn print_banner(args: &DemoArgs, agg: &str, grpc: SocketAddr, nodes: &[crate::agent::Running]) {
+fn print_banner(
+    args: &DemoArgs,
+    agg: &str,
+    grpc: SocketAddr,
+    nodes: &[headroom_agent::agent::Running],
+) {
     let mut out = String::new();
     let source = match &args.traces {
         Some(d) => format!("the traces in {}", d.display()),

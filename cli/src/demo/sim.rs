@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use super::trace::Trace;
-use crate::sample::gpu::{
+use headroom_agent::sample::gpu::{
     ContainerUsage, Gpu, GpuIdentity, GpuSnapshot, GpuSource, GpuStats, Health, NvmlStatus,
     ProcessUsage,
 };
@@ -502,7 +502,7 @@ mod tests {
         let stat = fs::read_to_string(d.join("cpu.stat")).unwrap();
         assert!(stat.starts_with("usage_usec 3000000\n"), "{stat}");
         assert!(stat.contains("nr_throttled 10\n"), "{stat}");
-        let mut node = crate::sample::node::NodeSampler::new(&t.path().join("proc"));
+        let mut node = headroom_agent::sample::node::NodeSampler::new(&t.path().join("proc"));
         let s = node.sample().unwrap();
         assert_eq!(s.cpus, 4);
         assert_eq!(s.memory_total_bytes, 8 << 30);

@@ -98,6 +98,7 @@ impl Trace {
     }
 
     /// Length of one loop, seconds of trace time.
+    #[cfg(test)]
     pub fn span_s(&self) -> f64 {
         self.step_s * self.values.len() as f64
     }
