@@ -659,30 +659,35 @@ fn deploy_runs_on_a_real_kubernetes_node() {
         }
     }
 
-    // eBPF request latency for the HTTP Deployment: one observation per request.
+    // eBPF request latency for the HTTP Deployment: one observation per request, counted over
+    // the test's own requests (any other client of the pod falls outside the window).
     let web_ip = pod_ip(&web);
     let requests = 50;
-    for i in 0..requests {
-        let (code, body) = http_get_at(&web_ip, 8080, "/index.html")
-            .unwrap_or_else(|e| panic!("request {i}: {e}"));
-        assert_eq!(code, 200, "{body}");
-    }
     let want = [
         ("namespace", "hr-test"),
         ("pod", web_pod.as_str()),
         ("port", "8080"),
     ];
-    let counted = wait_for(Duration::from_secs(20), || {
+    let count = || {
         let s = agent_metrics(&agent_ip);
-        let c = find(&s, "headroom_request_latency_seconds_count", &want)
+        find(&s, "headroom_request_latency_seconds_count", &want)
             .first()
-            .map(|x| x.value)?;
+            .map_or(0.0, |x| x.value)
+    };
+    let before = count();
+    for i in 0..requests {
+        let (code, body) = http_get_at(&web_ip, 8080, "/index.html")
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(code, 200, "{body}");
+    }
+    let counted = wait_for(Duration::from_secs(20), || {
+        let c = count() - before;
         (c >= f64::from(requests)).then_some(c)
     });
     assert_eq!(
         counted,
         Some(f64::from(requests)),
-        "request latency count for {web_pod}"
+        "request latency count for {web_pod} ({before} before the test's requests)"
     );
 
     // The aggregator's view: workloads named by their owners from the API, replicas counted

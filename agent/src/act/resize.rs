@@ -46,8 +46,10 @@ struct Original {
 struct Set {
     millis: u64,
     cgroup: String,
-    /// The watch has shown the pod's spec holding `millis` (until then a different value is
-    /// the watch lagging, not drift).
+    /// The spec's limit when the resize was sent.
+    before: Option<u64>,
+    /// The watch has shown the pod's spec holding `millis` (until then, for up to `SPEC_LAG`,
+    /// the spec still holding `before` is the watch lagging, not drift).
     seen: bool,
     at: Instant,
     confirmed: bool,
@@ -276,7 +278,17 @@ impl Resizer {
             &pod.name,
             container,
             Some(target),
+            pod.resource_version.as_deref(),
         ));
+        if let Err(e) = &result
+            && e.contains("HTTP 409")
+        {
+            // The pod changed since the watch showed it: look again next pass (a limit someone
+            // else set is drift then), never overwrite it unseen.
+            return Err(NotNow::Pending(format!(
+                "the pod changed since it was read: {e}"
+            )));
+        }
         self.pods.note_write("resize", &result);
         match result {
             Ok(()) => {
@@ -285,6 +297,7 @@ impl Resizer {
                     Set {
                         millis: target,
                         cgroup: cgroup.to_string(),
+                        before: spec.limit_millis,
                         seen: false,
                         at: Instant::now(),
                         confirmed: false,
@@ -322,7 +335,8 @@ impl Resizer {
             set.seen = true;
             return None;
         }
-        if !set.seen && set.at.elapsed() < SPEC_LAG {
+        // Any other value is someone else's, however soon after our write it appears.
+        if !set.seen && now == set.before && set.at.elapsed() < SPEC_LAG {
             return None;
         }
         let msg = format!(
@@ -411,6 +425,7 @@ impl Resizer {
                 &o.pod,
                 &o.container,
                 o.cpu_limit_millis,
+                None,
             )) {
                 Ok(()) => {
                     restored += 1;

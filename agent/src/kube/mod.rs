@@ -45,6 +45,9 @@ pub struct Owner {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodInfo {
     pub uid: String,
+    /// The version of the pod this was read from: a write conditioned on it fails (409) if
+    /// anyone changed the pod since.
+    pub resource_version: Option<String>,
     pub namespace: String,
     pub name: String,
     pub owner: Owner,
@@ -437,14 +440,20 @@ impl Api {
         pod: &str,
         container: &str,
         limit_millis: Option<u64>,
+        resource_version: Option<&str>,
     ) -> Result<(), KubeError> {
         let limit = match limit_millis {
             Some(m) => serde_json::json!(format!("{m}m")),
             None => serde_json::Value::Null,
         };
-        let patch = serde_json::json!({"spec": {"containers": [
+        let mut patch = serde_json::json!({"spec": {"containers": [
             {"name": container, "resources": {"limits": {"cpu": limit}}}
         ]}});
+        // Optimistic concurrency: refused with 409 Conflict when the pod changed since it was
+        // read, so a change someone else just made is never overwritten unseen.
+        if let Some(rv) = resource_version {
+            patch["metadata"] = serde_json::json!({"resourceVersion": rv});
+        }
         let path = format!("/api/v1/namespaces/{namespace}/pods/{pod}/resize");
         let body = serde_json::to_vec(&patch).unwrap_or_default();
         self.send::<serde_json::Value>(
@@ -672,6 +681,7 @@ fn pod_info(pod: Pod, namespace: String, owner: Owner) -> PodInfo {
         .map(|c| (c.kind.clone(), c.reason.clone().unwrap_or_default()));
     PodInfo {
         uid: pod.metadata.uid,
+        resource_version: pod.metadata.resource_version,
         namespace,
         name: pod.metadata.name,
         owner,
