@@ -137,6 +137,11 @@ impl Forecasts {
         self.series.is_empty()
     }
 
+    /// The series that have a forecaster.
+    pub fn keys(&self) -> impl Iterator<Item = &SeriesKey> {
+        self.series.keys()
+    }
+
     /// Feeds this sample's values; series absent from `points` are dropped (their container or
     /// GPU is gone). Returns the newest forecast of every series.
     pub fn observe(&mut self, points: &[(SeriesKey, f64)]) -> Vec<ForecastRow> {

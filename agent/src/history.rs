@@ -151,6 +151,10 @@ pub struct History {
     series: HashMap<SeriesKey, Series>,
 }
 
+/// Bytes of the smallest series in the state-file form: key length, last time, three ring
+/// lengths, bucket, running sum, count and maximum (the key itself comes on top).
+const MIN_SERIES_BYTES: usize = 4 + 8 + 4 + 8 + 4 + 4 + 8 + 4 + 4;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("truncated at byte {0}")]
@@ -347,7 +351,9 @@ impl History {
         let interval_ms = r.u64()?;
         let coarse_step_ms = r.u64()?;
         let n = r.u32()? as usize;
-        let mut restored = HashMap::with_capacity(n);
+        // The count is read from the file: reserve no more series than its bytes could hold,
+        // or a damaged count alone would ask for terabytes.
+        let mut restored = HashMap::with_capacity(n.min(bytes.len() / MIN_SERIES_BYTES));
         for _ in 0..n {
             let klen = r.u32()? as usize;
             let at = r.at;
@@ -449,6 +455,20 @@ mod tests {
 
     fn key(name: &str) -> SeriesKey {
         SeriesKey::new(name, vec![("cgroup".into(), "/a".into())])
+    }
+
+    /// Found by the `history` fuzz target: a series count of 2^32-1 in a 16-byte file made the
+    /// decoder reserve room for four billion series and abort the agent at start-up.
+    #[test]
+    fn a_damaged_series_count_reserves_nothing_and_names_the_byte() {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&1000u64.to_le_bytes());
+        bytes.extend_from_slice(&60_000u64.to_le_bytes());
+        bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+        let mut h = History::new(1000, 3, 60, 2);
+        let e = h.decode_into(&bytes).unwrap_err();
+        assert!(matches!(e, DecodeError::Truncated(20)), "{e}");
+        assert!(h.is_empty());
     }
 
     #[test]

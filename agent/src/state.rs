@@ -127,8 +127,8 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Read { path, source }),
         };
-        match check(kind, &bytes) {
-            Ok(()) => Ok(Some(bytes[HEADER_LEN..].to_vec())),
+        match decode(kind, &bytes) {
+            Ok(payload) => Ok(Some(payload.to_vec())),
             Err(reason) => Err(self.move_aside(kind, reason)),
         }
     }
@@ -186,6 +186,19 @@ impl<W: Write> Write for Counted<W> {
     }
 }
 
+/// The bytes of a state file of `kind` around `payload`, as [`StateDir::save`] writes them.
+pub fn envelope(kind: Kind, payload: &[u8]) -> Vec<u8> {
+    let mut out = header(kind, payload.len() as u64, crc32fast::hash(payload));
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The payload of the bytes of a state file of `kind`, or what is wrong with them.
+pub fn decode(kind: Kind, bytes: &[u8]) -> Result<&[u8], String> {
+    check(kind, bytes)?;
+    Ok(&bytes[HEADER_LEN..])
+}
+
 fn check(kind: Kind, bytes: &[u8]) -> Result<(), String> {
     if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
         return Err("not a headroom state file".into());
@@ -223,6 +236,20 @@ fn check(kind: Kind, bytes: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn envelope_round_trips_and_names_what_is_wrong() {
+        let bytes = envelope(FORECASTS, b"payload");
+        assert_eq!(decode(FORECASTS, &bytes).unwrap(), b"payload");
+        let t = tempfile::tempdir().unwrap();
+        let s = StateDir::open(t.path()).unwrap();
+        s.save(FORECASTS, b"payload").unwrap();
+        assert_eq!(fs::read(t.path().join(FORECASTS.file)).unwrap(), bytes);
+        let e = decode(HISTORY, &bytes).unwrap_err();
+        assert!(e.contains("FORECAST"), "{e}");
+        let e = decode(FORECASTS, &bytes[..bytes.len() - 1]).unwrap_err();
+        assert!(e.contains("header says"), "{e}");
+    }
 
     #[test]
     fn round_trip_and_missing() {

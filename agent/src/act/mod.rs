@@ -78,13 +78,19 @@ pub struct Actuator {
     originals: BTreeMap<PathBuf, String>,
 }
 
+/// The journal of original values (file path to the text it held before the first write), as
+/// [`ORIGINALS`] stores it.
+pub fn decode_originals(bytes: &[u8]) -> Result<BTreeMap<PathBuf, String>, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
+
 impl Actuator {
     /// Opens the journal of originals; leftovers from a crashed run are kept so that
     /// [`Actuator::restore_all`] puts them back.
     pub fn open(dir: StateDir) -> Result<Actuator, ActError> {
         let originals = match dir.load(ORIGINALS) {
             Ok(None) => BTreeMap::new(),
-            Ok(Some(bytes)) => serde_json::from_slice(&bytes)
+            Ok(Some(bytes)) => decode_originals(&bytes)
                 .map_err(|e| ActError::Journal(format!("{}: {e}", dir.path().display())))?,
             Err(e) => return Err(e.into()),
         };

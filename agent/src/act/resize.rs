@@ -33,8 +33,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// At most one Event per pod and reason in this long.
 const EVENT_INTERVAL: Duration = Duration::from_secs(30);
 
+/// The CPU limit a resized container had before headroom's first resize of it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Original {
+pub struct Original {
     namespace: String,
     pod: String,
     uid: String,
@@ -103,8 +104,13 @@ pub fn recorded(dir: &StateDir) -> usize {
     dir.load(RESIZES)
         .ok()
         .flatten()
-        .and_then(|b| serde_json::from_slice::<BTreeMap<String, Original>>(&b).ok())
+        .and_then(|b| decode_journal(&b).ok())
         .map_or(0, |m| m.len())
+}
+
+/// The record of resized pods (`uid/container` to the limits it had), as [`RESIZES`] stores it.
+pub fn decode_journal(bytes: &[u8]) -> Result<BTreeMap<String, Original>, serde_json::Error> {
+    serde_json::from_slice(bytes)
 }
 
 fn key(uid: &str, container: &str) -> String {
@@ -120,7 +126,7 @@ impl Resizer {
         dir: StateDir,
     ) -> Resizer {
         let originals = match dir.load(RESIZES) {
-            Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            Ok(Some(bytes)) => decode_journal(&bytes).unwrap_or_else(|e| {
                 tracing::error!(error = %e, dir = %dir.path().display(), "the record of resized pods is unreadable; starting a new one");
                 BTreeMap::new()
             }),
