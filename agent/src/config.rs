@@ -49,6 +49,7 @@ pub struct Config {
     pub aggregator: AggregatorConfig,
     pub policy: PolicyConfig,
     pub forecast: ForecastSettings,
+    pub engines: EnginesConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,6 +135,62 @@ pub struct EbpfConfig {
     /// (not a configuration key); unset, the probes load in-process.
     #[serde(skip)]
     pub loader: Option<PathBuf>,
+}
+
+/// Inference engines in tracked containers: discovery, pinned endpoints and scrape bounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnginesConfig {
+    /// Scrape inference engines at all.
+    pub enabled: bool,
+    /// Find engines by probing the listening ports of tracked containers; off, only
+    /// `endpoints` and pod annotations are scraped.
+    pub discover: bool,
+    /// Seconds one scrape (connect, headers, body) may take.
+    pub timeout_s: f64,
+    /// Largest `/metrics` body read; a larger one is cut off and counts as a failure.
+    pub max_body_bytes: usize,
+    /// Seconds between two reads of the containers' listening ports (also on container changes).
+    pub rediscover_interval_s: f64,
+    /// Longest wait between two attempts at a failing endpoint (the wait doubles per failure).
+    pub backoff_max_s: f64,
+    /// Most listening ports of one container probed.
+    pub max_ports_per_container: usize,
+    /// Cgroup globs never scraped.
+    pub exclude: Vec<String>,
+    /// Endpoints named explicitly (scraped even with `discover = false`).
+    pub endpoints: Vec<EngineEndpoint>,
+}
+
+/// An engine endpoint pinned by configuration: `port` (and `path`) of the containers whose
+/// cgroup matches `cgroup`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineEndpoint {
+    pub cgroup: String,
+    pub port: u16,
+    #[serde(default = "default_metrics_path")]
+    pub path: String,
+}
+
+fn default_metrics_path() -> String {
+    "/metrics".into()
+}
+
+impl Default for EnginesConfig {
+    fn default() -> Self {
+        EnginesConfig {
+            enabled: true,
+            discover: true,
+            timeout_s: 0.8,
+            max_body_bytes: 4 << 20,
+            rediscover_interval_s: 60.0,
+            backoff_max_s: 300.0,
+            max_ports_per_container: 16,
+            exclude: Vec::new(),
+            endpoints: Vec::new(),
+        }
+    }
 }
 
 /// Where scale hints go and how they are built.
@@ -294,6 +351,7 @@ impl Default for Config {
             aggregator: AggregatorConfig::default(),
             policy: PolicyConfig::default(),
             forecast: ForecastSettings::default(),
+            engines: EnginesConfig::default(),
         }
     }
 }
@@ -381,6 +439,10 @@ impl Default for ForecastSettings {
                 "container_gpu_memory_used_bytes",
                 "container_request_rate_per_second",
                 "container_request_latency_p99_seconds",
+                "container_engine_requests_waiting",
+                "container_engine_requests_running",
+                "container_engine_kv_cache_usage_ratio",
+                "container_engine_generated_tokens_per_second",
             ]
             .map(String::from)
             .to_vec(),
@@ -566,6 +628,45 @@ impl Config {
         }
         if self.state_dir.as_os_str().is_empty() {
             return invalid("state_dir", "must not be empty");
+        }
+        let e = &self.engines;
+        if !(e.timeout_s.is_finite() && e.timeout_s > 0.0 && e.timeout_s <= 60.0) {
+            return invalid(
+                "engines.timeout_s",
+                &format!("{} is outside (0, 60]", e.timeout_s),
+            );
+        }
+        if e.max_body_bytes < 1024 {
+            return invalid("engines.max_body_bytes", "must be at least 1024");
+        }
+        if !(e.rediscover_interval_s.is_finite() && e.rediscover_interval_s >= 1.0) {
+            return invalid("engines.rediscover_interval_s", "must be at least 1");
+        }
+        if !(e.backoff_max_s.is_finite() && e.backoff_max_s >= 1.0) {
+            return invalid("engines.backoff_max_s", "must be at least 1");
+        }
+        for glob in e
+            .exclude
+            .iter()
+            .chain(e.endpoints.iter().map(|p| &p.cgroup))
+        {
+            if !glob.starts_with('/') {
+                return invalid(
+                    "engines.exclude",
+                    &format!("`{glob}` must be a cgroup path glob starting with `/`"),
+                );
+            }
+        }
+        for p in &e.endpoints {
+            if p.port == 0 || !p.path.starts_with('/') {
+                return invalid(
+                    "engines.endpoints",
+                    &format!(
+                        "port {} path {:?}: need a port above 0 and a path starting with `/`",
+                        p.port, p.path
+                    ),
+                );
+            }
         }
         let a = &self.aggregator;
         for e in &a.endpoints {

@@ -54,6 +54,8 @@ pub struct PodInfo {
     /// `PodResizePending` (with its reason, `Deferred` or `Infeasible`) or `PodResizeInProgress`
     /// (with its reason when the last attempt failed), while a resize is under way.
     pub resize: Option<(String, String)>,
+    /// The pod IP and its `prometheus.io/*` annotations, for the inference-engine sampler.
+    pub scrape: crate::sample::engines::PodScrape,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -621,6 +623,22 @@ fn pod_info(pod: Pod, namespace: String, owner: Owner) -> PodInfo {
             (c.kind == "PodResizePending" || c.kind == "PodResizeInProgress") && c.status == "True"
         })
         .map(|c| (c.kind.clone(), c.reason.clone().unwrap_or_default()));
+    let note = |k: &str| {
+        pod.metadata
+            .annotations
+            .get(k)
+            .map(|v| v.trim().to_string())
+    };
+    let scrape = crate::sample::engines::PodScrape {
+        ip: pod.status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()),
+        scrape: note("prometheus.io/scrape").and_then(|v| match v.as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        }),
+        port: note("prometheus.io/port").and_then(|v| v.parse().ok().filter(|p| *p > 0)),
+        path: note("prometheus.io/path").filter(|p| p.starts_with('/')),
+    };
     PodInfo {
         uid: pod.metadata.uid,
         namespace,
@@ -631,6 +649,7 @@ fn pod_info(pod: Pod, namespace: String, owner: Owner) -> PodInfo {
         spec_cpu,
         applied_cpu_limit,
         resize,
+        scrape,
     }
 }
 
@@ -852,6 +871,8 @@ struct PodStatus {
     ephemeral_container_statuses: Vec<ContainerStatus>,
     #[serde(default)]
     conditions: Vec<Condition>,
+    #[serde(default, rename = "podIP")]
+    pod_ip: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

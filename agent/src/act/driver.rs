@@ -621,6 +621,7 @@ mod tests {
             containers,
             ebpf: Default::default(),
             cgroup_ids: Default::default(),
+            engines: Default::default(),
             gpu: GpuSnapshot {
                 at: SystemTime::now(),
                 status: NvmlStatus::Disabled,

@@ -650,6 +650,7 @@ mod tests {
             ),
             ebpf: Default::default(),
             cgroup_ids: Default::default(),
+            engines: Default::default(),
             gone: Vec::new(),
             forecasts: vec![ForecastRow {
                 upper_key: std::sync::Arc::new(SeriesKey {
@@ -734,6 +735,7 @@ mod tests {
             ),
             ebpf: Default::default(),
             cgroup_ids: Default::default(),
+            engines: Default::default(),
             gone: Vec::new(),
             forecasts: Vec::new(),
         };

@@ -309,6 +309,7 @@ pub fn encode_snapshot(s: &Snapshot, hostname: &str, enc: &mut DescriptorEncoder
     )?;
     s.ebpf
         .encode(enc, &|id| s.cgroup_ids.get(&id).map(|i| i.labels()))?;
+    crate::sample::engines::encode(&s.engines, enc)?;
     encode_forecasts(&s.forecasts, enc)
 }
 
