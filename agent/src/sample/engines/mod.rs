@@ -315,7 +315,10 @@ impl Worker {
         if due.is_empty() {
             return;
         }
-        let timeout = Duration::from_secs_f64(self.config.timeout_s);
+        // A round ends before the next is due, so one hanging endpoint cannot delay the others'
+        // next scrape.
+        let timeout =
+            Duration::from_secs_f64(self.config.timeout_s).min(self.interval.mul_f64(0.9));
         let limit = self.config.max_body_bytes;
         let jobs: Vec<(SocketAddr, String)> = due
             .iter()
@@ -383,17 +386,22 @@ impl Worker {
         let s = &mut e.sample;
         s.scrapes += 1;
         s.last_scrape_duration_seconds = took;
-        let kind = match &result {
-            Ok(body) => s.engine.or_else(|| vocab::detect(body)),
-            Err(_) => s.engine,
-        };
-        let outcome = match (result, kind) {
-            (Ok(body), Some(kind)) => Ok((body, kind)),
-            (Ok(_), None) => Err(format!(
-                "http://{}{}: no inference-engine metrics (vllm:, llamacpp:, sglang:, tgi_, nv_inference_)",
-                e.addr, s.path
-            )),
-            (Err(err), _) => Err(err.to_string()),
+        let outcome = match result {
+            Ok(body) => match (vocab::detect(&body), s.engine) {
+                (Some(kind), None) => Ok((body, kind)),
+                (Some(kind), Some(known)) if kind == known => Ok((body, kind)),
+                (_, Some(known)) => Err(format!(
+                    "http://{}{}: the body no longer holds {} metrics",
+                    e.addr,
+                    s.path,
+                    known.as_str()
+                )),
+                (None, None) => Err(format!(
+                    "http://{}{}: no inference-engine metrics (vllm:, llamacpp:, sglang:, tgi_, nv_inference_)",
+                    e.addr, s.path
+                )),
+            },
+            Err(err) => Err(err.to_string()),
         };
         match outcome {
             Ok((body, kind)) => {
