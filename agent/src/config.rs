@@ -160,6 +160,44 @@ pub struct EnginesConfig {
     pub exclude: Vec<String>,
     /// Endpoints named explicitly (scraped even with `discover = false`).
     pub endpoints: Vec<EngineEndpoint>,
+    /// Per-replica targets the aggregator sizes replicas against (hints `engine_queue`,
+    /// `engine_kv_cache`, `engine_tokens`); overridden per workload by `workload_targets` and
+    /// by pod annotations `headroom.dev/target-{waiting-per-replica,kv-cache-ratio,tokens-per-second}`.
+    pub targets: EngineTargets,
+    /// Per-workload targets, first matching `cgroup` glob wins.
+    pub workload_targets: Vec<WorkloadTargets>,
+}
+
+/// What one replica of an inference workload should carry; 0 leaves a signal out of the hints.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineTargets {
+    /// Requests waiting per replica.
+    pub waiting_per_replica: f64,
+    /// KV-cache usage per replica (0–1).
+    pub kv_cache_ratio: f64,
+    /// Generated tokens per second per replica (model- and hardware-specific: off by default).
+    pub tokens_per_second: f64,
+}
+
+impl Default for EngineTargets {
+    fn default() -> Self {
+        EngineTargets {
+            waiting_per_replica: 4.0,
+            kv_cache_ratio: 0.8,
+            tokens_per_second: 0.0,
+        }
+    }
+}
+
+/// Targets for the containers whose cgroup matches `cgroup`; unset keys keep the defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadTargets {
+    pub cgroup: String,
+    pub waiting_per_replica: Option<f64>,
+    pub kv_cache_ratio: Option<f64>,
+    pub tokens_per_second: Option<f64>,
 }
 
 /// An engine endpoint pinned by configuration: `port` (and `path`) of the containers whose
@@ -189,6 +227,8 @@ impl Default for EnginesConfig {
             max_ports_per_container: 16,
             exclude: Vec::new(),
             endpoints: Vec::new(),
+            targets: EngineTargets::default(),
+            workload_targets: Vec::new(),
         }
     }
 }
@@ -654,6 +694,49 @@ impl Config {
                 return invalid(
                     "engines.exclude",
                     &format!("`{glob}` must be a cgroup path glob starting with `/`"),
+                );
+            }
+        }
+        let t = &e.targets;
+        for (key, v) in [
+            (
+                "engines.targets.waiting_per_replica",
+                Some(t.waiting_per_replica),
+            ),
+            ("engines.targets.kv_cache_ratio", Some(t.kv_cache_ratio)),
+            (
+                "engines.targets.tokens_per_second",
+                Some(t.tokens_per_second),
+            ),
+        ]
+        .into_iter()
+        .chain(e.workload_targets.iter().flat_map(|w| {
+            [
+                (
+                    "engines.workload_targets.waiting_per_replica",
+                    w.waiting_per_replica,
+                ),
+                ("engines.workload_targets.kv_cache_ratio", w.kv_cache_ratio),
+                (
+                    "engines.workload_targets.tokens_per_second",
+                    w.tokens_per_second,
+                ),
+            ]
+        })) {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0 && (!key.ends_with("kv_cache_ratio") || v <= 1.0))
+            {
+                return invalid(
+                    key,
+                    &format!("{v} must be 0 (off) or positive (a ratio at most 1)"),
+                );
+            }
+        }
+        for w in &e.workload_targets {
+            if !w.cgroup.starts_with('/') {
+                return invalid(
+                    "engines.workload_targets.cgroup",
+                    &format!("`{}` must start with `/`", w.cgroup),
                 );
             }
         }

@@ -638,6 +638,9 @@ fn pod_info(pod: Pod, namespace: String, owner: Owner) -> PodInfo {
         }),
         port: note("prometheus.io/port").and_then(|v| v.parse().ok().filter(|p| *p > 0)),
         path: note("prometheus.io/path").filter(|p| p.starts_with('/')),
+        target_waiting_per_replica: note("headroom.dev/target-waiting-per-replica"),
+        target_kv_cache_ratio: note("headroom.dev/target-kv-cache-ratio"),
+        target_tokens_per_second: note("headroom.dev/target-tokens-per-second"),
     };
     PodInfo {
         uid: pod.metadata.uid,

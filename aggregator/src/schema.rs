@@ -69,6 +69,25 @@ pub enum Resource {
     GpuMemory,
     /// Requests per second.
     Requests,
+    // Inference-engine signals (docs/engines.md). Capacity is what the replicas are sized for
+    // (replicas × the workload's per-replica target), so desired replicas come out as
+    // demand / target; GPU utilisation stops driving replicas where any of these is reported.
+    /// Requests waiting in the engines' queues.
+    EngineQueue,
+    /// KV-cache usage, summed over replicas (each in [0, 1]).
+    EngineKvCache,
+    /// Generated tokens per second.
+    EngineTokens,
+}
+
+impl Resource {
+    /// Signals of an inference engine, which take over replica advice from GPU utilisation.
+    pub fn is_engine(self) -> bool {
+        matches!(
+            self,
+            Resource::EngineQueue | Resource::EngineKvCache | Resource::EngineTokens
+        )
+    }
 }
 
 impl Resource {
@@ -79,6 +98,9 @@ impl Resource {
             Resource::Gpu => "gpu",
             Resource::GpuMemory => "gpu_memory",
             Resource::Requests => "requests",
+            Resource::EngineQueue => "engine_queue",
+            Resource::EngineKvCache => "engine_kv_cache",
+            Resource::EngineTokens => "engine_tokens",
         }
     }
 
@@ -88,6 +110,9 @@ impl Resource {
             Resource::Memory | Resource::GpuMemory => "bytes",
             Resource::Gpu => "gpus",
             Resource::Requests => "requests_per_second",
+            Resource::EngineQueue => "requests",
+            Resource::EngineKvCache => "kv_cache_ratio",
+            Resource::EngineTokens => "tokens_per_second",
         }
     }
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::config::EnginesConfig;
+use crate::config::{EngineTargets, EnginesConfig};
 use crate::sample::cgroup::identity::{Identity, glob_match};
 use vocab::{EngineKind, Reading, Signals};
 
@@ -37,7 +37,7 @@ pub struct Target {
     pub pod: PodScrape,
 }
 
-/// What a Kubernetes pod says about its metrics endpoint.
+/// What a Kubernetes pod says about its metrics endpoint and its replica targets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PodScrape {
     pub ip: Option<IpAddr>,
@@ -47,6 +47,41 @@ pub struct PodScrape {
     pub port: Option<u16>,
     /// `prometheus.io/path` (default `/metrics`).
     pub path: Option<String>,
+    /// `headroom.dev/target-waiting-per-replica`, `-kv-cache-ratio`, `-tokens-per-second`.
+    /// (As written; read by [`targets_of`].)
+    pub target_waiting_per_replica: Option<String>,
+    pub target_kv_cache_ratio: Option<String>,
+    pub target_tokens_per_second: Option<String>,
+}
+
+/// The per-replica targets of a container: configured defaults, then the first matching
+/// `engines.workload_targets` rule, then the pod's annotations (valid values only).
+pub fn targets_of(config: &EnginesConfig, cgroup: &str, pod: &PodScrape) -> EngineTargets {
+    let mut t = config.targets;
+    if let Some(w) = config
+        .workload_targets
+        .iter()
+        .find(|w| glob_match(&w.cgroup, cgroup))
+    {
+        t.waiting_per_replica = w.waiting_per_replica.unwrap_or(t.waiting_per_replica);
+        t.kv_cache_ratio = w.kv_cache_ratio.unwrap_or(t.kv_cache_ratio);
+        t.tokens_per_second = w.tokens_per_second.unwrap_or(t.tokens_per_second);
+    }
+    let read = |v: &Option<String>, max: f64| {
+        v.as_deref()
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0 && *v <= max)
+    };
+    if let Some(v) = read(&pod.target_waiting_per_replica, f64::MAX) {
+        t.waiting_per_replica = v;
+    }
+    if let Some(v) = read(&pod.target_kv_cache_ratio, 1.0) {
+        t.kv_cache_ratio = v;
+    }
+    if let Some(v) = read(&pod.target_tokens_per_second, f64::MAX) {
+        t.tokens_per_second = v;
+    }
+    t
 }
 
 /// How an endpoint was found.
@@ -80,6 +115,8 @@ pub struct EngineSample {
     pub last_success_at: Option<SystemTime>,
     /// The newest interval between two successful scrapes.
     pub signals: Option<Signals>,
+    /// What one replica should carry, for the hints.
+    pub targets: EngineTargets,
 }
 
 /// A listening port the agent cannot reach, for the status API.
@@ -550,6 +587,15 @@ impl Worker {
                 }
             }
         }
+        let targets_by_cgroup: HashMap<&str, EngineTargets> = targets
+            .iter()
+            .map(|t| {
+                (
+                    t.ident.cgroup.as_str(),
+                    targets_of(&self.config, &t.ident.cgroup, &t.pod),
+                )
+            })
+            .collect();
         // Keep endpoints (and their previous readings) that are still wanted; add new ones.
         let mut kept: HashMap<(String, u16), Endpoint> = self
             .endpoints
@@ -559,8 +605,13 @@ impl Worker {
         let now = Instant::now();
         for (ident, port, path, addr, inode, source) in wanted {
             let key = (ident.cgroup.clone(), port);
+            let goals = targets_by_cgroup
+                .get(ident.cgroup.as_str())
+                .copied()
+                .unwrap_or(self.config.targets);
             let e = match kept.remove(&key) {
                 Some(mut e) if e.inode == inode || inode == 0 => {
+                    e.sample.targets = goals;
                     e.addr = addr;
                     e.sample.address = addr.to_string();
                     e.sample.ident = ident;
@@ -583,6 +634,7 @@ impl Worker {
                         last_scrape_duration_seconds: 0.0,
                         last_success_at: None,
                         signals: None,
+                        targets: goals,
                     },
                     addr,
                     inode,
