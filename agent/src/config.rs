@@ -150,7 +150,7 @@ pub struct EnginesConfig {
     pub timeout_s: f64,
     /// Largest `/metrics` body read; a larger one is cut off and counts as a failure.
     pub max_body_bytes: usize,
-    /// Seconds between two reads of the containers' listening ports (also on container changes).
+    /// Seconds between two reads of all containers' listening ports (new ones are read at once).
     pub rediscover_interval_s: f64,
     /// Longest wait between two attempts at a failing endpoint (the wait doubles per failure).
     pub backoff_max_s: f64,

@@ -913,11 +913,12 @@ mod tests {
     const POD: &str = r#"{
       "metadata": {"name": "web-7d4b9c8f6d-x2k4p", "namespace": "shop", "uid": "u1",
         "resourceVersion": "42", "labels": {"pod-template-hash": "7d4b9c8f6d"},
-        "annotations": {"headroom.dev/manage": "true"},
+        "annotations": {"headroom.dev/manage": "true", "prometheus.io/port": "8000",
+          "prometheus.io/path": "/stats", "headroom.dev/target-waiting-per-replica": "6"},
         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
           "name": "web-7d4b9c8f6d", "uid": "rs1", "controller": true}]},
       "spec": {"nodeName": "n1"},
-      "status": {"containerStatuses": [
+      "status": {"podIP": "10.244.0.17", "containerStatuses": [
         {"name": "app", "containerID": "containerd://aaaa"},
         {"name": "sidecar", "containerID": "containerd://bbbb"},
         {"name": "starting"}]}
@@ -939,6 +940,17 @@ mod tests {
         assert_eq!(info.containers["aaaa"], "app");
         assert_eq!(info.containers["bbbb"], "sidecar");
         assert_eq!(info.manage, Some(true));
+        assert_eq!(info.scrape.ip, "10.244.0.17".parse().ok());
+        assert_eq!(info.scrape.port, Some(8000));
+        assert_eq!(info.scrape.path.as_deref(), Some("/stats"));
+        assert_eq!(info.scrape.scrape, None);
+        let targets = crate::sample::engines::targets_of(
+            &crate::config::EnginesConfig::default(),
+            "/kubepods/x",
+            &info.scrape,
+        );
+        assert_eq!(targets.waiting_per_replica, 6.0);
+        assert_eq!(targets.kv_cache_ratio, 0.8);
         let d = PodDirectory::from_pods([info]);
         assert_eq!(d.pod("u1").unwrap().owner.name, "web");
         assert_eq!(d.status().pods, 1);

@@ -168,9 +168,10 @@ fn llama_server_queue_tokens_and_latency_match_the_engine() {
     .expect("llama-server did not become healthy within 120 s");
 
     let interval = 0.5;
+    // Only this test's cgroup: the other test's endpoints must not be scraped by this agent.
     let agent = Agent::start(&[
         "--include-cgroup",
-        "/headroom-test-*",
+        &cg.rel,
         "--sample-interval",
         &interval.to_string(),
     ]);
@@ -414,9 +415,10 @@ fn bad_endpoints_are_cut_off_logged_once_and_backed_off() {
     .expect("bad-engine.py listening");
 
     let interval = 0.5;
+    // Only this test's cgroup: the other test's endpoints must not be scraped by this agent.
     let agent = Agent::start(&[
         "--include-cgroup",
-        "/headroom-test-*",
+        &cg.rel,
         "--sample-interval",
         &interval.to_string(),
     ]);

@@ -275,6 +275,8 @@ struct Worker {
     probed_not_engines: u64,
     unreachable: Vec<Unreachable>,
     discovered: Option<Instant>,
+    /// Containers whose ports were read (by a full or an incremental discovery).
+    scanned: HashSet<String>,
     discovered_at: Option<SystemTime>,
 }
 
@@ -297,6 +299,7 @@ impl Worker {
             probed_not_engines: 0,
             unreachable: Vec::new(),
             discovered: None,
+            scanned: HashSet::new(),
             discovered_at: None,
         }
     }
@@ -339,11 +342,13 @@ impl Worker {
             self.targets = t;
         }
         let rediscover = Duration::from_secs_f64(self.config.rediscover_interval_s);
-        if generation != self.generation
-            || self.discovered.is_none_or(|d| d.elapsed() >= rediscover)
-        {
+        if self.discovered.is_none_or(|d| d.elapsed() >= rediscover) {
             self.generation = generation;
-            self.discover();
+            self.discover(true);
+        } else if generation != self.generation {
+            // Containers came or went: look at the new ones only, so churn costs no full rescan.
+            self.generation = generation;
+            self.discover(false);
         }
         let now = Instant::now();
         let due: Vec<usize> = (0..self.endpoints.len())
@@ -492,12 +497,20 @@ impl Worker {
     }
 
     /// Re-reads the containers' listening ports and reconciles the endpoint list.
-    fn discover(&mut self) {
+    /// `full`: every container; otherwise only containers not scanned yet (and gone ones are
+    /// forgotten).
+    fn discover(&mut self, full: bool) {
         let own = discover::own_listeners(&self.proc_root);
         let mut wanted: Vec<(Arc<Identity>, u16, String, SocketAddr, u64, Source)> = Vec::new();
         let mut unreachable = Vec::new();
         let targets = self.targets.clone();
-        for t in targets.iter() {
+        let present: HashSet<&str> = targets.iter().map(|t| t.ident.cgroup.as_str()).collect();
+        let scan: Vec<&Target> = targets
+            .iter()
+            .filter(|t| full || !self.scanned.contains(&t.ident.cgroup))
+            .collect();
+        let scanned_now: HashSet<&str> = scan.iter().map(|t| t.ident.cgroup.as_str()).collect();
+        for t in scan {
             let cg = &t.ident.cgroup;
             if self.config.exclude.iter().any(|g| glob_match(g, cg)) || t.pod.scrape == Some(false)
             {
@@ -644,6 +657,13 @@ impl Worker {
             };
             self.endpoints.push(e);
         }
+        // Endpoints of containers that were not rescanned stay as they were.
+        for (_, e) in kept {
+            let cg = e.sample.cgroup.as_str();
+            if present.contains(cg) && !scanned_now.contains(cg) {
+                self.endpoints.push(e);
+            }
+        }
         // Forget negative results of sockets that went.
         let live: HashSet<(String, u16)> = self
             .endpoints
@@ -654,8 +674,14 @@ impl Worker {
         self.not_engines.retain(|(cg, port, _)| {
             cgroups.contains(cg.as_str()) && !live.contains(&(cg.clone(), *port))
         });
-        self.unreachable = unreachable;
-        self.discovered = Some(Instant::now());
+        self.unreachable.retain(|u| {
+            present.contains(u.cgroup.as_str()) && !scanned_now.contains(u.cgroup.as_str())
+        });
+        self.unreachable.extend(unreachable);
+        self.scanned = present.iter().map(|s| s.to_string()).collect();
+        if full {
+            self.discovered = Some(Instant::now());
+        }
         self.discovered_at = Some(SystemTime::now());
     }
 

@@ -145,23 +145,20 @@ pub const MAPPINGS: [Mapping; 5] = [
     },
 ];
 
-/// The engine a body comes from: the first mapping whose prefix starts a sample or metadata
-/// line. `None`: not an inference engine (or one this agent does not know).
+/// The engine a body comes from: the first line (sample or metadata) that starts with one of
+/// the engines' prefixes names it; the rest of the body is not read. `None`: not an inference
+/// engine (or one this agent does not know).
 pub fn detect(body: &str) -> Option<EngineKind> {
-    let mut found: Option<usize> = None;
-    for line in body.lines() {
+    body.lines().find_map(|line| {
         let name = line
             .strip_prefix("# TYPE ")
             .or_else(|| line.strip_prefix("# HELP "))
             .unwrap_or(line);
-        if let Some(i) = MAPPINGS.iter().position(|m| name.starts_with(m.prefix)) {
-            found = Some(found.map_or(i, |f| f.min(i)));
-            if i == 0 {
-                break;
-            }
-        }
-    }
-    found.map(|i| MAPPINGS[i].kind)
+        MAPPINGS
+            .iter()
+            .find(|m| name.starts_with(m.prefix))
+            .map(|m| m.kind)
+    })
 }
 
 pub fn mapping(kind: EngineKind) -> &'static Mapping {
