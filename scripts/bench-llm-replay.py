@@ -11,7 +11,8 @@ that follows the bin's tokens per request. Twice, from a fresh agent and aggrega
   headroom     the agent (engines discovered, no engine endpoint configured; forecasts with a lead
                time equal to the replica start-up delay) posts hints to a real aggregator; advice is
                the aggregator's desired replicas for the workload (engine_queue, target
-               --waiting-per-replica waiting requests per replica; KV and tokens targets off).
+               --waiting-per-replica waiting requests per replica; with --concurrency-per-replica
+               also engine_concurrency; KV and tokens targets off).
   utilisation  HPA's rule on CPU utilisation (the agent's container_cpu_usage_cores of the active
                replicas, one core per replica): ceil(active * mean utilisation / --util-target).
 
@@ -148,6 +149,7 @@ name = "llm"
 waiting_per_replica = {args.waiting_per_replica}
 kv_cache_ratio = 0.0
 tokens_per_second = 0.0
+concurrency_per_replica = {args.concurrency_per_replica}
 """)
         self.agent = subprocess.Popen([agent_bin, "agent", "--config", cfg, "--listen", f"127.0.0.1:{self.agent_port}",
                                        "--state-dir", f"{self.tmp}/state", "--include-cgroup", cgroup_glob],
@@ -326,6 +328,8 @@ def main():
     ap.add_argument("--stabilise", type=float, default=15.0)
     ap.add_argument("--slo", type=float, default=2.0, help="TTFT SLO, seconds")
     ap.add_argument("--waiting-per-replica", type=float, default=2.0)
+    ap.add_argument("--concurrency-per-replica", type=float, default=0.0,
+                    help="engine_concurrency target (requests in flight per replica; 0: off)")
     ap.add_argument("--util-target", type=float, default=0.6)
     ap.add_argument("--queue-threshold", type=float, default=2.0)
     ap.add_argument("--warmup", type=float, default=40.0)

@@ -178,6 +178,9 @@ pub struct EngineTargets {
     pub kv_cache_ratio: f64,
     /// Generated tokens per second per replica (model- and hardware-specific: off by default).
     pub tokens_per_second: f64,
+    /// Requests in flight (running + waiting) per replica, e.g. the engine's batch slots (off
+    /// by default: the right number depends on how the engine is started).
+    pub concurrency_per_replica: f64,
 }
 
 impl Default for EngineTargets {
@@ -186,6 +189,7 @@ impl Default for EngineTargets {
             waiting_per_replica: 4.0,
             kv_cache_ratio: 0.8,
             tokens_per_second: 0.0,
+            concurrency_per_replica: 0.0,
         }
     }
 }
@@ -198,6 +202,7 @@ pub struct WorkloadTargets {
     pub waiting_per_replica: Option<f64>,
     pub kv_cache_ratio: Option<f64>,
     pub tokens_per_second: Option<f64>,
+    pub concurrency_per_replica: Option<f64>,
 }
 
 /// An engine endpoint pinned by configuration: `port` (and `path`) of the containers whose
@@ -708,6 +713,10 @@ impl Config {
                 "engines.targets.tokens_per_second",
                 Some(t.tokens_per_second),
             ),
+            (
+                "engines.targets.concurrency_per_replica",
+                Some(t.concurrency_per_replica),
+            ),
         ]
         .into_iter()
         .chain(e.workload_targets.iter().flat_map(|w| {
@@ -720,6 +729,10 @@ impl Config {
                 (
                     "engines.workload_targets.tokens_per_second",
                     w.tokens_per_second,
+                ),
+                (
+                    "engines.workload_targets.concurrency_per_replica",
+                    w.concurrency_per_replica,
                 ),
             ]
         })) {

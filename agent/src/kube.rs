@@ -641,6 +641,7 @@ fn pod_info(pod: Pod, namespace: String, owner: Owner) -> PodInfo {
         target_waiting_per_replica: note("headroom.dev/target-waiting-per-replica"),
         target_kv_cache_ratio: note("headroom.dev/target-kv-cache-ratio"),
         target_tokens_per_second: note("headroom.dev/target-tokens-per-second"),
+        target_concurrency_per_replica: note("headroom.dev/target-concurrency-per-replica"),
     };
     PodInfo {
         uid: pod.metadata.uid,

@@ -24,7 +24,7 @@ pub const MAX_WORKLOADS: usize = 200;
 /// Desired-replica changes kept per workload.
 const MARKS: usize = 64;
 
-const RESOURCES: [Resource; 8] = [
+const RESOURCES: [Resource; 9] = [
     Resource::Cpu,
     Resource::Memory,
     Resource::Gpu,
@@ -33,6 +33,7 @@ const RESOURCES: [Resource; 8] = [
     Resource::EngineQueue,
     Resource::EngineKvCache,
     Resource::EngineTokens,
+    Resource::EngineConcurrency,
 ];
 
 fn slot(r: Resource) -> usize {
@@ -45,6 +46,7 @@ fn slot(r: Resource) -> usize {
         Resource::EngineQueue => 5,
         Resource::EngineKvCache => 6,
         Resource::EngineTokens => 7,
+        Resource::EngineConcurrency => 8,
     }
 }
 
@@ -214,7 +216,9 @@ fn unit_of(r: Resource) -> Unit {
         Resource::Memory | Resource::GpuMemory => Unit::Bytes,
         Resource::Gpu => Unit::Gpus,
         Resource::Requests | Resource::EngineTokens => Unit::PerSecond,
-        Resource::EngineQueue | Resource::EngineKvCache => Unit::Plain,
+        Resource::EngineQueue | Resource::EngineKvCache | Resource::EngineConcurrency => {
+            Unit::Plain
+        }
     }
 }
 

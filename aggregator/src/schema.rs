@@ -78,6 +78,8 @@ pub enum Resource {
     EngineKvCache,
     /// Generated tokens per second.
     EngineTokens,
+    /// Requests in flight in the engines (running + waiting).
+    EngineConcurrency,
 }
 
 impl Resource {
@@ -85,7 +87,10 @@ impl Resource {
     pub fn is_engine(self) -> bool {
         matches!(
             self,
-            Resource::EngineQueue | Resource::EngineKvCache | Resource::EngineTokens
+            Resource::EngineQueue
+                | Resource::EngineKvCache
+                | Resource::EngineTokens
+                | Resource::EngineConcurrency
         )
     }
 }
@@ -101,6 +106,7 @@ impl Resource {
             Resource::EngineQueue => "engine_queue",
             Resource::EngineKvCache => "engine_kv_cache",
             Resource::EngineTokens => "engine_tokens",
+            Resource::EngineConcurrency => "engine_concurrency",
         }
     }
 
@@ -110,7 +116,7 @@ impl Resource {
             Resource::Memory | Resource::GpuMemory => "bytes",
             Resource::Gpu => "gpus",
             Resource::Requests => "requests_per_second",
-            Resource::EngineQueue => "requests",
+            Resource::EngineQueue | Resource::EngineConcurrency => "requests",
             Resource::EngineKvCache => "kv_cache_ratio",
             Resource::EngineTokens => "tokens_per_second",
         }

@@ -463,6 +463,29 @@ fn engine_items(cfg: &AggregatorConfig, snapshot: &Snapshot) -> Vec<Item> {
             .filter_map(|(_, _, s)| s.kv_cache_usage_ratio)
             .reduce(f64::max);
         let t = e.targets;
+        if t.concurrency_per_replica > 0.0 {
+            let running = sum(&|s| s.requests_running);
+            let waiting = sum(&|s| s.requests_waiting);
+            if running.is_some() || waiting.is_some() {
+                out.push(Item {
+                    workload: workload.clone(),
+                    replica: replica.clone(),
+                    resource: Resource::EngineConcurrency,
+                    capacity: t.concurrency_per_replica,
+                    usage: running.unwrap_or(0.0) + waiting.unwrap_or(0.0),
+                    headroom: 0.0,
+                    // Both forecasts, summed: requests in flight.
+                    keys: [
+                        running.map(|_| "container_engine_requests_running"),
+                        waiting.map(|_| "container_engine_requests_waiting"),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .map(|n| series(n, &[("cgroup", cg)]))
+                    .collect(),
+                });
+            }
+        }
         for (resource, target, usage, name) in [
             (
                 Resource::EngineQueue,
@@ -826,6 +849,7 @@ mod tests {
             ..Default::default()
         };
         config.aggregator.window_s = 10;
+        config.engines.targets.concurrency_per_replica = 4.0;
         let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
         let mut history = History::new(1000, 64, 60, 4);
         let mut engine = |uid: &str, waiting: f64, kv: f64| {
@@ -915,6 +939,10 @@ mod tests {
             hints.iter().all(|h| h.resource != Resource::EngineTokens),
             "no tokens target, no tokens hint"
         );
+        // In flight: 2 running + 6 waiting, 2 + 10; no running history yet, so no confidence.
+        let c = get(Resource::EngineConcurrency);
+        assert_eq!((c.replicas, c.capacity, c.usage), (2, 8.0, 20.0));
+        assert_eq!(c.confidence, 0.0);
         // The aggregator: 16 waiting over 4 per replica is 4 replicas; the KV cache fits in 2.
         let mut registry =
             headroom_aggregator::merge::Registry::new(headroom_aggregator::merge::MergePolicy {

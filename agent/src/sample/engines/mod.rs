@@ -47,11 +47,13 @@ pub struct PodScrape {
     pub port: Option<u16>,
     /// `prometheus.io/path` (default `/metrics`).
     pub path: Option<String>,
-    /// `headroom.dev/target-waiting-per-replica`, `-kv-cache-ratio`, `-tokens-per-second`.
+    /// `headroom.dev/target-waiting-per-replica`, `-kv-cache-ratio`, `-tokens-per-second`,
+    /// `-concurrency-per-replica`.
     /// (As written; read by [`targets_of`].)
     pub target_waiting_per_replica: Option<String>,
     pub target_kv_cache_ratio: Option<String>,
     pub target_tokens_per_second: Option<String>,
+    pub target_concurrency_per_replica: Option<String>,
 }
 
 /// The per-replica targets of a container: configured defaults, then the first matching
@@ -66,6 +68,9 @@ pub fn targets_of(config: &EnginesConfig, cgroup: &str, pod: &PodScrape) -> Engi
         t.waiting_per_replica = w.waiting_per_replica.unwrap_or(t.waiting_per_replica);
         t.kv_cache_ratio = w.kv_cache_ratio.unwrap_or(t.kv_cache_ratio);
         t.tokens_per_second = w.tokens_per_second.unwrap_or(t.tokens_per_second);
+        t.concurrency_per_replica = w
+            .concurrency_per_replica
+            .unwrap_or(t.concurrency_per_replica);
     }
     let read = |v: &Option<String>, max: f64| {
         v.as_deref()
@@ -80,6 +85,9 @@ pub fn targets_of(config: &EnginesConfig, cgroup: &str, pod: &PodScrape) -> Engi
     }
     if let Some(v) = read(&pod.target_tokens_per_second, f64::MAX) {
         t.tokens_per_second = v;
+    }
+    if let Some(v) = read(&pod.target_concurrency_per_replica, f64::MAX) {
+        t.concurrency_per_replica = v;
     }
     t
 }
