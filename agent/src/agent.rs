@@ -14,6 +14,7 @@ use crate::history::{History, SeriesKey};
 use crate::sample::Snapshot;
 use crate::sample::cgroup::CgroupSampler;
 use crate::sample::ebpf::EbpfSampler;
+use crate::sample::engines::EngineSampler;
 use crate::sample::gpu::{self, GpuSampler, GpuSource};
 use crate::sample::node::NodeSampler;
 use crate::shared::{SamplerHealth, Shared};
@@ -54,6 +55,8 @@ pub struct Samplers {
     /// Dropped with the sampling thread, which detaches and unloads the probes.
     ebpf: EbpfSampler,
     gpu: Box<dyn GpuSource>,
+    /// Its worker thread scrapes inference engines; stopped when this is dropped.
+    engines: EngineSampler,
 }
 
 impl Samplers {
@@ -106,6 +109,11 @@ impl Samplers {
             cgroups,
             ebpf: EbpfSampler::new(&config.ebpf),
             gpu: Box::new(gpu),
+            engines: EngineSampler::new(
+                &config.engines,
+                &config.cgroup.proc_root,
+                Duration::from_secs_f64(config.sample_interval_s),
+            ),
         }
     }
 
@@ -225,6 +233,33 @@ impl Samplers {
                 detail: Some(format!("{} GPU(s)", gpu.gpus.len())),
             },
         );
+        let t3 = Instant::now();
+        let engines = self.engines.sample(containers.iter().map(|c| {
+            let dir = self.cgroups.as_ref().and_then(|g| {
+                let p = g.paths(&c.ident.cgroup)?;
+                p.v2.clone()
+                    .or_else(|| p.pids.clone())
+                    .or_else(|| p.cpu.clone())
+                    .or_else(|| p.memory.clone())
+            });
+            (&c.ident, dir)
+        }));
+        if engines.enabled {
+            let failing = engines.engines.iter().filter(|e| !e.up).count();
+            shared.set_health(
+                "engines",
+                SamplerHealth {
+                    healthy: failing == 0,
+                    last_error: engines.engines.iter().find_map(|e| e.last_error.clone()),
+                    last_duration_seconds: t3.elapsed().as_secs_f64(),
+                    detail: Some(format!(
+                        "{} engine(s), {failing} failing; newest round of scrapes {:.1} ms",
+                        engines.engines.len(),
+                        engines.round_seconds * 1e3
+                    )),
+                },
+            );
+        }
         Snapshot {
             at,
             node,
@@ -233,6 +268,7 @@ impl Samplers {
             cgroup_ids,
             gpu,
             gone,
+            engines,
             forecasts: Vec::new(),
         }
     }
@@ -292,6 +328,12 @@ pub fn history_points(s: &Snapshot) -> Vec<(SeriesKey, f64)> {
     };
     for (name, labels, v) in s.ebpf.series(&cgroup_of) {
         out.push((SeriesKey::new(&name, labels), v));
+    }
+    for (name, cgroup, v) in crate::sample::engines::series(&s.engines) {
+        out.push((
+            SeriesKey::new(name, vec![("cgroup".to_string(), cgroup)]),
+            v,
+        ));
     }
     out
 }
@@ -666,6 +708,9 @@ pub fn start(
                 let mut samplers = samplers(&config);
                 if let (Some(c), Some(pods)) = (samplers.cgroups.as_mut(), shared.pods.get()) {
                     c.set_pods(pods.clone());
+                }
+                if let Some(pods) = shared.pods.get() {
+                    samplers.engines.set_pods(pods.clone());
                 }
                 let mut policy = crate::act::driver::Driver::new(
                     &config.policy,

@@ -49,6 +49,7 @@ pub struct Config {
     pub aggregator: AggregatorConfig,
     pub policy: PolicyConfig,
     pub forecast: ForecastSettings,
+    pub engines: EnginesConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,6 +144,107 @@ pub struct EbpfConfig {
     /// (not a configuration key); unset, the probes load in-process.
     #[serde(skip)]
     pub loader: Option<PathBuf>,
+}
+
+/// Inference engines in tracked containers: discovery, pinned endpoints and scrape bounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnginesConfig {
+    /// Scrape inference engines at all.
+    pub enabled: bool,
+    /// Find engines by probing the listening ports of tracked containers; off, only
+    /// `endpoints` and pod annotations are scraped.
+    pub discover: bool,
+    /// Seconds one scrape (connect, headers, body) may take.
+    pub timeout_s: f64,
+    /// Largest `/metrics` body read; a larger one is cut off and counts as a failure.
+    pub max_body_bytes: usize,
+    /// Seconds between two reads of all containers' listening ports (new ones are read at once).
+    pub rediscover_interval_s: f64,
+    /// Longest wait between two attempts at a failing endpoint (the wait doubles per failure).
+    pub backoff_max_s: f64,
+    /// Most listening ports of one container probed.
+    pub max_ports_per_container: usize,
+    /// Cgroup globs never scraped.
+    pub exclude: Vec<String>,
+    /// Endpoints named explicitly (scraped even with `discover = false`).
+    pub endpoints: Vec<EngineEndpoint>,
+    /// Per-replica targets the aggregator sizes replicas against (hints `engine_queue`,
+    /// `engine_kv_cache`, `engine_tokens`); overridden per workload by `workload_targets` and
+    /// by pod annotations `headroom.dev/target-{waiting-per-replica,kv-cache-ratio,tokens-per-second}`.
+    pub targets: EngineTargets,
+    /// Per-workload targets, first matching `cgroup` glob wins.
+    pub workload_targets: Vec<WorkloadTargets>,
+}
+
+/// What one replica of an inference workload should carry; 0 leaves a signal out of the hints.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineTargets {
+    /// Requests waiting per replica.
+    pub waiting_per_replica: f64,
+    /// KV-cache usage per replica (0–1).
+    pub kv_cache_ratio: f64,
+    /// Generated tokens per second per replica (model- and hardware-specific: off by default).
+    pub tokens_per_second: f64,
+    /// Requests in flight (running + waiting) per replica, e.g. the engine's batch slots (off
+    /// by default: the right number depends on how the engine is started).
+    pub concurrency_per_replica: f64,
+}
+
+impl Default for EngineTargets {
+    fn default() -> Self {
+        EngineTargets {
+            waiting_per_replica: 4.0,
+            kv_cache_ratio: 0.8,
+            tokens_per_second: 0.0,
+            concurrency_per_replica: 0.0,
+        }
+    }
+}
+
+/// Targets for the containers whose cgroup matches `cgroup`; unset keys keep the defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadTargets {
+    pub cgroup: String,
+    pub waiting_per_replica: Option<f64>,
+    pub kv_cache_ratio: Option<f64>,
+    pub tokens_per_second: Option<f64>,
+    pub concurrency_per_replica: Option<f64>,
+}
+
+/// An engine endpoint pinned by configuration: `port` (and `path`) of the containers whose
+/// cgroup matches `cgroup`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineEndpoint {
+    pub cgroup: String,
+    pub port: u16,
+    #[serde(default = "default_metrics_path")]
+    pub path: String,
+}
+
+fn default_metrics_path() -> String {
+    "/metrics".into()
+}
+
+impl Default for EnginesConfig {
+    fn default() -> Self {
+        EnginesConfig {
+            enabled: true,
+            discover: true,
+            timeout_s: 0.8,
+            max_body_bytes: 4 << 20,
+            rediscover_interval_s: 60.0,
+            backoff_max_s: 300.0,
+            max_ports_per_container: 16,
+            exclude: Vec::new(),
+            endpoints: Vec::new(),
+            targets: EngineTargets::default(),
+            workload_targets: Vec::new(),
+        }
+    }
 }
 
 /// Where scale hints go and how they are built.
@@ -303,6 +405,7 @@ impl Default for Config {
             aggregator: AggregatorConfig::default(),
             policy: PolicyConfig::default(),
             forecast: ForecastSettings::default(),
+            engines: EnginesConfig::default(),
         }
     }
 }
@@ -392,6 +495,10 @@ impl Default for ForecastSettings {
                 "container_gpu_memory_used_bytes",
                 "container_request_rate_per_second",
                 "container_request_latency_p99_seconds",
+                "container_engine_requests_waiting",
+                "container_engine_requests_running",
+                "container_engine_kv_cache_usage_ratio",
+                "container_engine_generated_tokens_per_second",
             ]
             .map(String::from)
             .to_vec(),
@@ -577,6 +684,96 @@ impl Config {
         }
         if self.state_dir.as_os_str().is_empty() {
             return invalid("state_dir", "must not be empty");
+        }
+        let e = &self.engines;
+        if !(e.timeout_s.is_finite() && e.timeout_s > 0.0 && e.timeout_s <= 60.0) {
+            return invalid(
+                "engines.timeout_s",
+                &format!("{} is outside (0, 60]", e.timeout_s),
+            );
+        }
+        if e.max_body_bytes < 1024 {
+            return invalid("engines.max_body_bytes", "must be at least 1024");
+        }
+        if !(e.rediscover_interval_s.is_finite() && e.rediscover_interval_s >= 1.0) {
+            return invalid("engines.rediscover_interval_s", "must be at least 1");
+        }
+        if !(e.backoff_max_s.is_finite() && e.backoff_max_s >= 1.0) {
+            return invalid("engines.backoff_max_s", "must be at least 1");
+        }
+        for glob in e
+            .exclude
+            .iter()
+            .chain(e.endpoints.iter().map(|p| &p.cgroup))
+        {
+            if !glob.starts_with('/') {
+                return invalid(
+                    "engines.exclude",
+                    &format!("`{glob}` must be a cgroup path glob starting with `/`"),
+                );
+            }
+        }
+        let t = &e.targets;
+        for (key, v) in [
+            (
+                "engines.targets.waiting_per_replica",
+                Some(t.waiting_per_replica),
+            ),
+            ("engines.targets.kv_cache_ratio", Some(t.kv_cache_ratio)),
+            (
+                "engines.targets.tokens_per_second",
+                Some(t.tokens_per_second),
+            ),
+            (
+                "engines.targets.concurrency_per_replica",
+                Some(t.concurrency_per_replica),
+            ),
+        ]
+        .into_iter()
+        .chain(e.workload_targets.iter().flat_map(|w| {
+            [
+                (
+                    "engines.workload_targets.waiting_per_replica",
+                    w.waiting_per_replica,
+                ),
+                ("engines.workload_targets.kv_cache_ratio", w.kv_cache_ratio),
+                (
+                    "engines.workload_targets.tokens_per_second",
+                    w.tokens_per_second,
+                ),
+                (
+                    "engines.workload_targets.concurrency_per_replica",
+                    w.concurrency_per_replica,
+                ),
+            ]
+        })) {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0 && (!key.ends_with("kv_cache_ratio") || v <= 1.0))
+            {
+                return invalid(
+                    key,
+                    &format!("{v} must be 0 (off) or positive (a ratio at most 1)"),
+                );
+            }
+        }
+        for w in &e.workload_targets {
+            if !w.cgroup.starts_with('/') {
+                return invalid(
+                    "engines.workload_targets.cgroup",
+                    &format!("`{}` must start with `/`", w.cgroup),
+                );
+            }
+        }
+        for p in &e.endpoints {
+            if p.port == 0 || !p.path.starts_with('/') {
+                return invalid(
+                    "engines.endpoints",
+                    &format!(
+                        "port {} path {:?}: need a port above 0 and a path starting with `/`",
+                        p.port, p.path
+                    ),
+                );
+            }
         }
         let a = &self.aggregator;
         for e in &a.endpoints {

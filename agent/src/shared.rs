@@ -188,6 +188,7 @@ impl Shared {
             "lock_recoveries": self.recovered(),
             "containers": { "count": containers.len(), "items": containers },
             "ebpf": snapshot.as_ref().map(|s| &s.ebpf.status),
+            "engines": snapshot.as_ref().map(|s| &*s.engines),
             "kubernetes_api": self.pods.get().map(|p| p.status()),
             "gpu_attribution": snapshot.as_ref().map(|s| gpu_attribution(&s.gpu, self.devices.get())),
             "history": { "series": series, "points": points },

@@ -190,11 +190,17 @@ fn pos(v: f64) -> f64 {
     if v < 0.0 { 0.0 } else { v }
 }
 
-/// Desired replicas of a workload: the most any of its resources needs.
+/// Whether `r` drives a workload's replicas: GPU utilisation does not where the workload reports
+/// inference-engine signals (a loaded model keeps a GPU busy whatever the load).
+fn drives(r: Resource, sums: &BTreeMap<Resource, Sums>) -> bool {
+    r != Resource::Gpu || !sums.iter().any(|(e, s)| e.is_engine() && s.n > 0)
+}
+
+/// Desired replicas of a workload: the most any of its driving resources needs.
 fn workload_desired(sums: &BTreeMap<Resource, Sums>, policy: &MergePolicy) -> u64 {
-    sums.values()
-        .filter(|s| s.n > 0)
-        .map(|s| s.desired(policy))
+    sums.iter()
+        .filter(|(r, s)| s.n > 0 && drives(**r, sums))
+        .map(|(_, s)| s.desired(policy))
         .max()
         .unwrap_or(0)
 }
@@ -214,6 +220,7 @@ fn build_view(
     let current_replicas = resources.iter().map(|r| r.replicas).max().unwrap_or(0);
     let desired = resources
         .iter()
+        .filter(|r| drives(r.resource, sums))
         .map(|r| r.desired_replicas)
         .max()
         .unwrap_or(0);
@@ -626,6 +633,59 @@ mod tests {
         assert_eq!(desired_replicas(3, 6.0, 0.0, 60.0, 0.2, &p), 3);
         // Nothing running yet but demand foreseen: start one.
         assert_eq!(desired_replicas(0, 0.0, 0.0, 5.0, 1.0, &p), 1);
+    }
+
+    #[test]
+    fn engine_signals_take_replica_advice_from_gpu_utilisation() {
+        let mut r = Registry::new(policy());
+        // One replica per node; capacities are replicas × per-replica targets: 4 waiting
+        // requests, a KV cache 80 % full, 100 tokens/s. A GPU forecast of 1.5 GPUs per replica
+        // (a loaded model keeps the GPU busy) would ask for 2 replicas per node.
+        let node = |seq, waiting, kv, tokens| {
+            batch(
+                "a",
+                seq,
+                vec![
+                    hint("ml", "llm", Resource::Gpu, 1.0, 1.5),
+                    hint("ml", "llm", Resource::EngineQueue, 4.0, waiting),
+                    hint("ml", "llm", Resource::EngineKvCache, 0.8, kv),
+                    hint("ml", "llm", Resource::EngineTokens, 100.0, tokens),
+                ],
+            )
+        };
+        r.apply(node(1, 2.0, 0.5, 60.0), 0.0);
+        let v = r.workload("ml/Deployment/llm").unwrap();
+        // Quiet engine: one replica, whatever the GPU says.
+        assert_eq!(v.desired_replicas, 1);
+        let gpu = v
+            .resources
+            .iter()
+            .find(|x| x.resource == Resource::Gpu)
+            .unwrap();
+        assert_eq!(gpu.desired_replicas, 2, "GPU still reported, not driving");
+        assert_eq!(r.answer("ml/Deployment/llm").unwrap().desired_replicas(), 1);
+        // 9 waiting over a target of 4 per replica: 3 replicas.
+        r.apply(node(2, 9.0, 0.5, 60.0), 0.0);
+        assert_eq!(r.workload("ml/Deployment/llm").unwrap().desired_replicas, 3);
+        // A KV cache forecast 1.7 full over 0.8 per replica: 3; tokens 450/s over 100: 5.
+        r.apply(node(3, 0.0, 1.7, 60.0), 0.0);
+        assert_eq!(r.workload("ml/Deployment/llm").unwrap().desired_replicas, 3);
+        r.apply(node(4, 0.0, 0.1, 450.0), 0.0);
+        assert_eq!(r.workload("ml/Deployment/llm").unwrap().desired_replicas, 5);
+        assert_eq!(r.answer("ml/Deployment/llm").unwrap().desired_replicas(), 5);
+        // Without engine signals GPU utilisation drives as before.
+        r.apply(
+            batch("b", 1, vec![hint("ml", "vision", Resource::Gpu, 1.0, 1.5)]),
+            0.0,
+        );
+        assert_eq!(
+            r.workload("ml/Deployment/vision").unwrap().desired_replicas,
+            2
+        );
+        assert_eq!(
+            r.workload("ml/Deployment/llm").unwrap(),
+            r.workload_from_scratch("ml/Deployment/llm").unwrap()
+        );
     }
 
     #[test]

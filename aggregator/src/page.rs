@@ -24,12 +24,16 @@ pub const MAX_WORKLOADS: usize = 200;
 /// Desired-replica changes kept per workload.
 const MARKS: usize = 64;
 
-const RESOURCES: [Resource; 5] = [
+const RESOURCES: [Resource; 9] = [
     Resource::Cpu,
     Resource::Memory,
     Resource::Gpu,
     Resource::GpuMemory,
     Resource::Requests,
+    Resource::EngineQueue,
+    Resource::EngineKvCache,
+    Resource::EngineTokens,
+    Resource::EngineConcurrency,
 ];
 
 fn slot(r: Resource) -> usize {
@@ -39,6 +43,10 @@ fn slot(r: Resource) -> usize {
         Resource::Gpu => 2,
         Resource::GpuMemory => 3,
         Resource::Requests => 4,
+        Resource::EngineQueue => 5,
+        Resource::EngineKvCache => 6,
+        Resource::EngineTokens => 7,
+        Resource::EngineConcurrency => 8,
     }
 }
 
@@ -53,7 +61,7 @@ struct Point {
     nodes: u32,
     current: u64,
     desired: u64,
-    resources: [Option<Values>; 5],
+    resources: [Option<Values>; RESOURCES.len()],
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -129,7 +137,7 @@ impl Timeline {
                     to: v.desired_replicas,
                 });
             }
-            let mut resources = [None; 5];
+            let mut resources = [None; RESOURCES.len()];
             for r in &v.resources {
                 resources[slot(r.resource)] = Some([
                     r.usage as f32,
@@ -207,7 +215,10 @@ fn unit_of(r: Resource) -> Unit {
         Resource::Cpu => Unit::Cores,
         Resource::Memory | Resource::GpuMemory => Unit::Bytes,
         Resource::Gpu => Unit::Gpus,
-        Resource::Requests => Unit::PerSecond,
+        Resource::Requests | Resource::EngineTokens => Unit::PerSecond,
+        Resource::EngineQueue | Resource::EngineKvCache | Resource::EngineConcurrency => {
+            Unit::Plain
+        }
     }
 }
 

@@ -69,6 +69,30 @@ pub enum Resource {
     GpuMemory,
     /// Requests per second.
     Requests,
+    // Inference-engine signals (docs/engines.md). Capacity is what the replicas are sized for
+    // (replicas × the workload's per-replica target), so desired replicas come out as
+    // demand / target; GPU utilisation stops driving replicas where any of these is reported.
+    /// Requests waiting in the engines' queues.
+    EngineQueue,
+    /// KV-cache usage, summed over replicas (each in [0, 1]).
+    EngineKvCache,
+    /// Generated tokens per second.
+    EngineTokens,
+    /// Requests in flight in the engines (running + waiting).
+    EngineConcurrency,
+}
+
+impl Resource {
+    /// Signals of an inference engine, which take over replica advice from GPU utilisation.
+    pub fn is_engine(self) -> bool {
+        matches!(
+            self,
+            Resource::EngineQueue
+                | Resource::EngineKvCache
+                | Resource::EngineTokens
+                | Resource::EngineConcurrency
+        )
+    }
 }
 
 impl Resource {
@@ -79,6 +103,10 @@ impl Resource {
             Resource::Gpu => "gpu",
             Resource::GpuMemory => "gpu_memory",
             Resource::Requests => "requests",
+            Resource::EngineQueue => "engine_queue",
+            Resource::EngineKvCache => "engine_kv_cache",
+            Resource::EngineTokens => "engine_tokens",
+            Resource::EngineConcurrency => "engine_concurrency",
         }
     }
 
@@ -88,6 +116,9 @@ impl Resource {
             Resource::Memory | Resource::GpuMemory => "bytes",
             Resource::Gpu => "gpus",
             Resource::Requests => "requests_per_second",
+            Resource::EngineQueue | Resource::EngineConcurrency => "requests",
+            Resource::EngineKvCache => "kv_cache_ratio",
+            Resource::EngineTokens => "tokens_per_second",
         }
     }
 }

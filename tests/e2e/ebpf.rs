@@ -279,7 +279,19 @@ impl TestCgroup {
 /// The agent, watching this test's cgroups, sampling every `interval_s`.
 fn start_agent(interval_s: &str) -> Agent {
     let glob = format!("/headroom-test-{}-*", std::process::id());
-    let agent = Agent::start(&["--include-cgroup", &glob, "--sample-interval", interval_s]);
+    // The inference-engine sampler probes `/metrics` once on each new listening port of a
+    // tracked container: one request more than these tests count exactly. Turned off here.
+    let cfg = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(cfg.path(), "[engines]\nenabled = false\n").expect("write config");
+    let cfg_path = cfg.path().display().to_string();
+    let agent = Agent::start(&[
+        "--config",
+        &cfg_path,
+        "--include-cgroup",
+        &glob,
+        "--sample-interval",
+        interval_s,
+    ]);
     let status = agent.json("/v1/status");
     for program in status["ebpf"]["programs"].as_array().expect("ebpf status") {
         assert_eq!(program["attached"], "tp_btf", "{status}");

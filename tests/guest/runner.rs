@@ -238,7 +238,15 @@ fn stat_field(cg: &TestCgroup, file: &str, key: &str) -> u64 {
 
 fn agent(args: &[&str]) -> Agent {
     let glob = format!("/headroom-test-{}-*", std::process::id());
+    // The inference-engine sampler probes `/metrics` once on each new listening port of a
+    // tracked container: one request more than the latency checks count exactly. Turned off.
+    let cfg = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(cfg.path(), "[engines]\nenabled = false\n").expect("write config");
+    let cfg_path = cfg.path().display().to_string();
     let mut all = vec!["--include-cgroup", glob.as_str()];
+    if !args.contains(&"--config") {
+        all.extend(["--config", cfg_path.as_str()]);
+    }
     all.extend_from_slice(args);
     Agent::start(&all)
 }

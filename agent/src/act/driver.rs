@@ -625,6 +625,7 @@ mod tests {
             containers,
             ebpf: Default::default(),
             cgroup_ids: Default::default(),
+            engines: Default::default(),
             gpu: GpuSnapshot::empty(SystemTime::now(), NvmlStatus::Disabled),
             gone: Vec::new(),
             forecasts: Vec::new(),

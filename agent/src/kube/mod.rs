@@ -66,6 +66,27 @@ pub struct PodInfo {
     /// `PodResizePending` (with its reason, `Deferred` or `Infeasible`) or `PodResizeInProgress`
     /// (with its reason when the last attempt failed), while a resize is under way.
     pub resize: Option<(String, String)>,
+    /// The pod IP and its `prometheus.io/*` annotations, for the inference-engine sampler.
+    pub scrape: PodScrape,
+}
+
+/// What a Kubernetes pod says about its metrics endpoint and its replica targets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodScrape {
+    pub ip: Option<std::net::IpAddr>,
+    /// `prometheus.io/scrape`: `false` turns scraping off for the pod.
+    pub scrape: Option<bool>,
+    /// `prometheus.io/port`: the only port scraped.
+    pub port: Option<u16>,
+    /// `prometheus.io/path` (default `/metrics`).
+    pub path: Option<String>,
+    /// `headroom.dev/target-waiting-per-replica`, `-kv-cache-ratio`, `-tokens-per-second`,
+    /// `-concurrency-per-replica`.
+    /// (As written; read by `sample::engines::targets_of`.)
+    pub target_waiting_per_replica: Option<String>,
+    pub target_kv_cache_ratio: Option<String>,
+    pub target_tokens_per_second: Option<String>,
+    pub target_concurrency_per_replica: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -679,6 +700,26 @@ fn pod_info(pod: Pod, namespace: String, owner: Owner) -> PodInfo {
             (c.kind == "PodResizePending" || c.kind == "PodResizeInProgress") && c.status == "True"
         })
         .map(|c| (c.kind.clone(), c.reason.clone().unwrap_or_default()));
+    let note = |k: &str| {
+        pod.metadata
+            .annotations
+            .get(k)
+            .map(|v| v.trim().to_string())
+    };
+    let scrape = PodScrape {
+        ip: pod.status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()),
+        scrape: note("prometheus.io/scrape").and_then(|v| match v.as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        }),
+        port: note("prometheus.io/port").and_then(|v| v.parse().ok().filter(|p| *p > 0)),
+        path: note("prometheus.io/path").filter(|p| p.starts_with('/')),
+        target_waiting_per_replica: note("headroom.dev/target-waiting-per-replica"),
+        target_kv_cache_ratio: note("headroom.dev/target-kv-cache-ratio"),
+        target_tokens_per_second: note("headroom.dev/target-tokens-per-second"),
+        target_concurrency_per_replica: note("headroom.dev/target-concurrency-per-replica"),
+    };
     PodInfo {
         uid: pod.metadata.uid,
         resource_version: pod.metadata.resource_version,
@@ -692,6 +733,7 @@ fn pod_info(pod: Pod, namespace: String, owner: Owner) -> PodInfo {
         spec_cpu,
         applied_cpu_limit,
         resize,
+        scrape,
     }
 }
 
@@ -913,6 +955,8 @@ struct PodStatus {
     ephemeral_container_statuses: Vec<ContainerStatus>,
     #[serde(default)]
     conditions: Vec<Condition>,
+    #[serde(default, rename = "podIP")]
+    pod_ip: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -950,11 +994,12 @@ mod tests {
     const POD: &str = r#"{
       "metadata": {"name": "web-7d4b9c8f6d-x2k4p", "namespace": "shop", "uid": "u1",
         "resourceVersion": "42", "labels": {"pod-template-hash": "7d4b9c8f6d"},
-        "annotations": {"headroom.dev/manage": "true"},
+        "annotations": {"headroom.dev/manage": "true", "prometheus.io/port": "8000",
+          "prometheus.io/path": "/stats", "headroom.dev/target-waiting-per-replica": "6"},
         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
           "name": "web-7d4b9c8f6d", "uid": "rs1", "controller": true}]},
       "spec": {"nodeName": "n1"},
-      "status": {"containerStatuses": [
+      "status": {"podIP": "10.244.0.17", "containerStatuses": [
         {"name": "app", "containerID": "containerd://aaaa"},
         {"name": "sidecar", "containerID": "containerd://bbbb"},
         {"name": "starting"}]}
@@ -1016,6 +1061,17 @@ mod tests {
         assert_eq!(info.containers["aaaa"], "app");
         assert_eq!(info.containers["bbbb"], "sidecar");
         assert_eq!(info.manage, Some(true));
+        assert_eq!(info.scrape.ip, "10.244.0.17".parse().ok());
+        assert_eq!(info.scrape.port, Some(8000));
+        assert_eq!(info.scrape.path.as_deref(), Some("/stats"));
+        assert_eq!(info.scrape.scrape, None);
+        let targets = crate::sample::engines::targets_of(
+            &crate::config::EnginesConfig::default(),
+            "/kubepods/x",
+            &info.scrape,
+        );
+        assert_eq!(targets.waiting_per_replica, 6.0);
+        assert_eq!(targets.kv_cache_ratio, 0.8);
         let d = PodDirectory::from_pods([info]);
         assert_eq!(d.pod("u1").unwrap().owner.name, "web");
         assert_eq!(d.status().pods, 1);

@@ -324,6 +324,7 @@ fn items(cfg: &AggregatorConfig, snapshot: &Snapshot) -> Vec<Item> {
             });
         }
     }
+    out.extend(engine_items(cfg, snapshot));
     // GPUs: a container holds the GPUs it runs on; its SM share of each is its use, in GPUs.
     let mut per_cgroup: BTreeMap<&str, Vec<&crate::sample::gpu::ContainerUsage>> = BTreeMap::new();
     for u in &snapshot.gpu.containers {
@@ -397,6 +398,92 @@ fn items(cfg: &AggregatorConfig, snapshot: &Snapshot) -> Vec<Item> {
                 })
                 .collect(),
         });
+    }
+    out
+}
+
+/// Inference engines' claims: queue depth, KV cache and generated tokens per container, each
+/// with the per-replica target as its capacity, so the aggregator's demand / (capacity /
+/// replicas) is demand / target. A target of 0 leaves the signal out.
+fn engine_items(cfg: &AggregatorConfig, snapshot: &Snapshot) -> Vec<Item> {
+    let mut out = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
+    for (e, _, _) in snapshot.engines.up() {
+        if seen.contains(&e.cgroup.as_str()) {
+            continue;
+        }
+        seen.push(&e.cgroup);
+        let Some(workload) = workload_of(cfg, &e.ident) else {
+            continue;
+        };
+        let cg = e.cgroup.as_str();
+        let replica = e.ident.pod_uid.clone().unwrap_or_else(|| cg.to_string());
+        // The container's engines together, as the history has them.
+        let mine = || snapshot.engines.up().filter(|(x, _, _)| x.cgroup == cg);
+        let sum = |f: &dyn Fn(&crate::sample::engines::vocab::Signals) -> Option<f64>| {
+            let v: Vec<f64> = mine().filter_map(|(_, _, s)| f(s)).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<f64>())
+        };
+        let kv = mine()
+            .filter_map(|(_, _, s)| s.kv_cache_usage_ratio)
+            .reduce(f64::max);
+        let t = e.targets;
+        if t.concurrency_per_replica > 0.0 {
+            let running = sum(&|s| s.requests_running);
+            let waiting = sum(&|s| s.requests_waiting);
+            if running.is_some() || waiting.is_some() {
+                out.push(Item {
+                    workload: workload.clone(),
+                    replica: replica.clone(),
+                    resource: Resource::EngineConcurrency,
+                    capacity: t.concurrency_per_replica,
+                    usage: running.unwrap_or(0.0) + waiting.unwrap_or(0.0),
+                    headroom: 0.0,
+                    // Both forecasts, summed: requests in flight.
+                    keys: [
+                        running.map(|_| "container_engine_requests_running"),
+                        waiting.map(|_| "container_engine_requests_waiting"),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .map(|n| series(n, &[("cgroup", cg)]))
+                    .collect(),
+                });
+            }
+        }
+        for (resource, target, usage, name) in [
+            (
+                Resource::EngineQueue,
+                t.waiting_per_replica,
+                sum(&|s| s.requests_waiting),
+                "container_engine_requests_waiting",
+            ),
+            (
+                Resource::EngineKvCache,
+                t.kv_cache_ratio,
+                kv,
+                "container_engine_kv_cache_usage_ratio",
+            ),
+            (
+                Resource::EngineTokens,
+                t.tokens_per_second,
+                sum(&|s| s.generated_tokens_per_second),
+                "container_engine_generated_tokens_per_second",
+            ),
+        ] {
+            let Some(usage) = usage.filter(|_| target > 0.0) else {
+                continue;
+            };
+            out.push(Item {
+                workload: workload.clone(),
+                replica: replica.clone(),
+                resource,
+                capacity: target,
+                usage,
+                headroom: 0.0,
+                keys: vec![series(name, &[("cgroup", cg)])],
+            });
+        }
     }
     out
 }
@@ -611,6 +698,7 @@ mod tests {
             ),
             ebpf: Default::default(),
             cgroup_ids: Default::default(),
+            engines: Default::default(),
             gone: Vec::new(),
             forecasts: vec![ForecastRow {
                 upper_key: std::sync::Arc::new(SeriesKey {
@@ -695,6 +783,7 @@ mod tests {
             ),
             ebpf: Default::default(),
             cgroup_ids: Default::default(),
+            engines: Default::default(),
             gone: Vec::new(),
             forecasts: Vec::new(),
         };
@@ -707,5 +796,124 @@ mod tests {
         assert_eq!(cpu[0].workload.id(), "shop/Deployment/checkout");
         assert_eq!(cpu[0].replicas, 2);
         assert!((cpu[0].usage - 1.1).abs() < 1e-9);
+    }
+
+    /// Two replicas of an LLM Deployment, each with a llama.cpp engine: queue and KV-cache hints
+    /// carry replicas × target as capacity, tokens are left out (no target), and the aggregator
+    /// sizes the workload as demand / target with GPU utilisation out of the decision.
+    #[test]
+    fn engine_signals_become_hints_sized_by_targets() {
+        use crate::sample::engines::vocab::{EngineKind, Signals};
+        use crate::sample::engines::{EngineSample, EngineSnapshot, Source};
+        let mut config = Config {
+            sample_interval_s: 1.0,
+            ..Default::default()
+        };
+        config.aggregator.window_s = 10;
+        config.engines.targets.concurrency_per_replica = 4.0;
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        let mut history = History::new(1000, 64, 60, 4);
+        let mut engine = |uid: &str, waiting: f64, kv: f64| {
+            let cg = format!("/kubepods/pod{uid}/llm");
+            let mut ident = configured(&cg);
+            ident.kind = Kind::Kubernetes;
+            ident.pod_uid = Some(uid.into());
+            ident.namespace = Some("ml".into());
+            ident.pod = Some(format!("llm-{uid}"));
+            ident.owner_kind = Some("Deployment".into());
+            ident.owner_name = Some("llm".into());
+            for i in 0..10u64 {
+                let t = 991_000 + i * 1000;
+                history.record(
+                    &series("container_engine_requests_waiting", &[("cgroup", &cg)]),
+                    t,
+                    waiting,
+                );
+                history.record(
+                    &series("container_engine_kv_cache_usage_ratio", &[("cgroup", &cg)]),
+                    t,
+                    kv,
+                );
+            }
+            EngineSample {
+                cgroup: cg,
+                ident: std::sync::Arc::new(ident),
+                engine: Some(EngineKind::LlamaCpp),
+                port: 8080,
+                address: "10.0.0.1:8080".into(),
+                path: "/metrics".into(),
+                source: Source::Discovered,
+                up: true,
+                last_error: None,
+                consecutive_failures: 0,
+                scrapes: 10,
+                failures: 0,
+                last_scrape_duration_seconds: 0.001,
+                last_success_at: Some(at),
+                signals: Some(Signals {
+                    requests_waiting: Some(waiting),
+                    requests_running: Some(2.0),
+                    kv_cache_usage_ratio: Some(kv),
+                    generated_tokens_per_second: Some(50.0),
+                    ..Default::default()
+                }),
+                targets: config.engines.targets,
+            }
+        };
+        let engines = EngineSnapshot {
+            enabled: true,
+            engines: vec![engine("u1", 6.0, 0.9), engine("u2", 10.0, 0.7)],
+            ..Default::default()
+        };
+        let snapshot = Snapshot {
+            at,
+            node: None,
+            containers: Vec::new(),
+            gpu: crate::sample::gpu::GpuSnapshot::empty(
+                at,
+                crate::sample::gpu::NvmlStatus::Disabled,
+            ),
+            ebpf: Default::default(),
+            cgroup_ids: Default::default(),
+            engines: std::sync::Arc::new(engines),
+            gone: Vec::new(),
+            forecasts: Vec::new(),
+        };
+        let hints = build_hints(&config, &snapshot, &history);
+        let get = |r: Resource| {
+            hints
+                .iter()
+                .find(|h| h.resource == r)
+                .unwrap_or_else(|| panic!("no {r:?} hint: {hints:?}"))
+        };
+        let queue = get(Resource::EngineQueue);
+        assert_eq!(queue.workload.id(), "ml/Deployment/llm");
+        assert_eq!(
+            (queue.replicas, queue.capacity, queue.usage),
+            (2, 8.0, 16.0)
+        );
+        assert_eq!(queue.confidence, 1.0);
+        let kv = get(Resource::EngineKvCache);
+        assert_eq!(kv.replicas, 2);
+        assert!((kv.capacity - 1.6).abs() < 1e-9 && (kv.usage - 1.6).abs() < 1e-9);
+        assert!(
+            hints.iter().all(|h| h.resource != Resource::EngineTokens),
+            "no tokens target, no tokens hint"
+        );
+        // In flight: 2 running + 6 waiting, 2 + 10; no running history yet, so no confidence.
+        let c = get(Resource::EngineConcurrency);
+        assert_eq!((c.replicas, c.capacity, c.usage), (2, 8.0, 20.0));
+        assert_eq!(c.confidence, 0.0);
+        // What the aggregator accepts (its merge of engine signals: aggregator/src/merge.rs).
+        let batch = headroom_protocol::HintBatch {
+            schema: headroom_protocol::SCHEMA_V1.into(),
+            node: "node-a".into(),
+            epoch: 1,
+            seq: 1,
+            time: 1.0,
+            interval_s: 1.0,
+            hints,
+        };
+        headroom_protocol::schema::validate(&batch).unwrap();
     }
 }

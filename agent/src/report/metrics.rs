@@ -470,7 +470,140 @@ pub fn encode_snapshot(s: &Snapshot, hostname: &str, enc: &mut DescriptorEncoder
     )?;
     s.ebpf
         .encode(enc, &|id| s.cgroup_ids.get(&id).map(|i| i.labels()))?;
+    encode_engines(&s.engines, enc)?;
     encode_forecasts(&s.forecasts, enc)
+}
+
+/// The engines' families in `/metrics`: the container's usual labels plus `engine` and `port`.
+pub fn encode_engines(
+    s: &crate::sample::engines::EngineSnapshot,
+    enc: &mut prometheus_client::encoding::DescriptorEncoder,
+) -> std::fmt::Result {
+    use crate::sample::engines::vocab::{self, EngineKind, Signals};
+    let labels: Vec<Labels> = s
+        .engines
+        .iter()
+        .map(|e| {
+            let l = with(
+                &e.ident.labels(),
+                "engine",
+                e.engine.map_or("unknown", EngineKind::as_str),
+            );
+            with(&l, "port", &e.port.to_string())
+        })
+        .collect();
+    let rows = |f: &dyn Fn(&Signals) -> Option<f64>| {
+        s.engines
+            .iter()
+            .zip(&labels)
+            .filter(|(e, _)| e.up)
+            .filter_map(|(e, l)| Some((l.clone(), f(e.signals.as_ref()?)?)))
+            .collect::<Vec<_>>()
+    };
+    gauges(
+        enc,
+        "headroom_engine_up",
+        "1 when the newest scrape of the inference engine's metrics succeeded.",
+        s.engines
+            .iter()
+            .zip(&labels)
+            .map(|(e, l)| (l.clone(), if e.up { 1.0 } else { 0.0 })),
+    )?;
+    counters(
+        enc,
+        "headroom_engine_scrape_failures",
+        "Failed scrapes of the inference engine's metrics (timeout, size limit, refused, not an engine).",
+        s.engines
+            .iter()
+            .zip(&labels)
+            .map(|(e, l)| (l.clone(), e.failures as f64)),
+    )?;
+    gauges(
+        enc,
+        "headroom_engine_scrape_duration_seconds",
+        "Wall time of the newest scrape of the inference engine's metrics.",
+        s.engines
+            .iter()
+            .zip(&labels)
+            .map(|(e, l)| (l.clone(), e.last_scrape_duration_seconds)),
+    )?;
+    gauges(
+        enc,
+        "headroom_engine_requests_waiting",
+        "Requests queued in the inference engine, not yet running (queue depth).",
+        rows(&|g| g.requests_waiting),
+    )?;
+    gauges(
+        enc,
+        "headroom_engine_requests_running",
+        "Requests the inference engine is running.",
+        rows(&|g| g.requests_running),
+    )?;
+    gauges(
+        enc,
+        "headroom_engine_kv_cache_usage_ratio",
+        "Share of the inference engine's KV cache in use.",
+        rows(&|g| g.kv_cache_usage_ratio),
+    )?;
+    gauges(
+        enc,
+        "headroom_engine_prompt_tokens_per_second",
+        "Prompt tokens processed per second over the newest scrape interval.",
+        rows(&|g| g.prompt_tokens_per_second),
+    )?;
+    gauges(
+        enc,
+        "headroom_engine_generated_tokens_per_second",
+        "Tokens generated per second over the newest scrape interval.",
+        rows(&|g| g.generated_tokens_per_second),
+    )?;
+    gauges(
+        enc,
+        "headroom_engine_preemptions_per_second",
+        "Requests preempted per second over the newest scrape interval.",
+        rows(&|g| g.preemptions_per_second),
+    )?;
+    counters(
+        enc,
+        "headroom_engine_prompt_tokens",
+        "Prompt tokens the engine has processed, as its own counter says.",
+        rows(&|g| g.prompt_tokens_total),
+    )?;
+    counters(
+        enc,
+        "headroom_engine_generated_tokens",
+        "Tokens the engine has generated, as its own counter says.",
+        rows(&|g| g.generated_tokens_total),
+    )?;
+    counters(
+        enc,
+        "headroom_engine_preemptions",
+        "Requests the engine has preempted, as its own counter says.",
+        rows(&|g| g.preemptions_total),
+    )?;
+    let quantiles = |f: &dyn Fn(&Signals) -> Option<[f64; 3]>| {
+        let mut out = Vec::new();
+        for (e, l) in s.engines.iter().zip(&labels).filter(|(e, _)| e.up) {
+            if let Some(q) = e.signals.as_ref().and_then(f) {
+                for (level, v) in vocab::QUANTILES.iter().zip(q) {
+                    out.push((with(l, "quantile", &level.to_string()), v));
+                }
+            }
+        }
+        out
+    };
+    gauges(
+        enc,
+        "headroom_engine_time_to_first_token_seconds",
+        "Time to first token of the requests whose first token came in the newest scrape interval (quantiles of the engine's histogram, interval deltas).",
+        quantiles(&|g| g.ttft_seconds),
+    )?;
+    gauges(
+        enc,
+        "headroom_engine_inter_token_latency_seconds",
+        "Inter-token latency over the newest scrape interval (quantiles of the engine's histogram, interval deltas).",
+        quantiles(&|g| g.itl_seconds),
+    )
 }
 
 fn encode_forecasts(

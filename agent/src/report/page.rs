@@ -158,6 +158,41 @@ const KNOWN: &[Known] = &[
         capacity: &[],
     },
     Known {
+        demand: "container_engine_requests_waiting",
+        title: "engine requests waiting (queue depth)",
+        capacity: &[],
+    },
+    Known {
+        demand: "container_engine_requests_running",
+        title: "engine requests running",
+        capacity: &[],
+    },
+    Known {
+        demand: "container_engine_kv_cache_usage_ratio",
+        title: "engine KV-cache usage",
+        capacity: &[],
+    },
+    Known {
+        demand: "container_engine_generated_tokens_per_second",
+        title: "engine generated tokens/s",
+        capacity: &[],
+    },
+    Known {
+        demand: "container_engine_prompt_tokens_per_second",
+        title: "engine prompt tokens/s",
+        capacity: &[],
+    },
+    Known {
+        demand: "container_engine_ttft_p99_seconds",
+        title: "engine time to first token p99",
+        capacity: &[],
+    },
+    Known {
+        demand: "container_engine_itl_p99_seconds",
+        title: "engine inter-token latency p99",
+        capacity: &[],
+    },
+    Known {
         demand: "container_runqueue_delay_p99_seconds",
         title: "run-queue delay p99",
         capacity: &[],
@@ -669,6 +704,39 @@ pub fn render(
         );
     }
     out.push_str("</table>");
+    if let Some(e) = latest.map(|s| &s.engines).filter(|e| !e.engines.is_empty()) {
+        out.push_str(
+            "<table><tr><th>inference engine</th><th>container</th><th>endpoint</th><th>state</th>\
+             <th>waiting</th><th>running</th><th>KV cache</th><th>tokens/s</th></tr>",
+        );
+        for x in &e.engines {
+            let sig = x.signals.as_ref().filter(|_| x.up);
+            let num = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map(f).unwrap_or_default();
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                x.engine.map_or("?", |k| k.as_str()),
+                esc(&x.cgroup),
+                esc(&x.address),
+                esc(&x.path),
+                match &x.last_error {
+                    Some(err) if !x.up => format!("failing: {}", esc(err)),
+                    _ => "ok".into(),
+                },
+                num(sig.and_then(|s| s.requests_waiting), &|v| format!("{v:.0}")),
+                num(sig.and_then(|s| s.requests_running), &|v| format!("{v:.0}")),
+                num(sig.and_then(|s| s.kv_cache_usage_ratio), &|v| format!(
+                    "{:.0} %",
+                    v * 100.0
+                )),
+                num(
+                    sig.and_then(|s| s.generated_tokens_per_second),
+                    &|v| format!("{v:.1}")
+                ),
+            );
+        }
+        out.push_str("</table>");
+    }
     out.push_str(
         "<p class=\"key\"><span><i style=\"color:#1f77b4\"></i>demand (measured)</span>\
          <span><i style=\"color:#ff7f0e;border-top-style:dashed\"></i>forecast upper bound</span>\

@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod ebpf;
+pub mod engines;
 pub mod gpu;
 pub mod node;
 
@@ -31,6 +32,8 @@ pub struct Snapshot {
     /// Cgroup paths of the containers that went since the previous pass.
     #[serde(skip)]
     pub gone: Vec<String>,
+    /// Inference engines in tracked containers, as the engine worker last scraped them.
+    pub engines: Arc<engines::EngineSnapshot>,
     /// Forecasts made from this sample, one per forecast series.
     pub forecasts: Vec<crate::forecast::ForecastRow>,
 }
@@ -47,5 +50,20 @@ pub mod unix_seconds {
 
     pub fn serialize<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_f64(to_f64(*t))
+    }
+
+    /// The same for an optional time (`null` when unset).
+    pub mod option {
+        use std::time::SystemTime;
+
+        pub fn serialize<S: serde::Serializer>(
+            t: &Option<SystemTime>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => s.serialize_some(&super::to_f64(*t)),
+                None => s.serialize_none(),
+            }
+        }
     }
 }
