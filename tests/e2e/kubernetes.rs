@@ -474,7 +474,9 @@ spec:
   replicas: 1
   selector: {matchLabels: {app: web}}
   template:
-    metadata: {labels: {app: web}}
+    # Not an inference engine: the agent's engine discovery leaves its port alone, so the
+    # request count below is the test's requests only.
+    metadata: {labels: {app: web}, annotations: {prometheus.io/scrape: "false"}}
     spec:
       terminationGracePeriodSeconds: 1
       containers:
