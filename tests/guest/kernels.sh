@@ -139,7 +139,10 @@ run() {
     local status=0 log
     log="$(mktemp)"
     # Arguments for the check runner travel on the kernel command line after `--`.
-    timeout --foreground -k 5 "${GUEST_TIMEOUT:-240}" qemu-system-x86_64 -accel tcg -cpu max -m 1024 -smp 2 \
+    # One TCG thread runs both vCPUs in turn: with a thread per vCPU on a busy 2-core host, a
+    # vCPU waiting on the other (text patching when probes attach, IPIs) was seen stalled past
+    # the soft-lockup watchdog on 5.10 and hitting a half-patched int3 in __schedule on 6.12.
+    timeout --foreground -k 5 "${GUEST_TIMEOUT:-240}" qemu-system-x86_64 -accel tcg,thread=single -cpu max -m 1024 -smp 2 \
         -kernel "$cache/$suite/vmlinuz" -initrd "$initrd" \
         -append "console=ttyS0 quiet panic=-1 oops=panic -- $*" \
         -nographic -no-reboot -monitor none -serial stdio </dev/null | tee "$log" || status=$?
