@@ -89,6 +89,7 @@ pub fn seasonal_naive(h: &History, lead: u64) -> Option<f64> {
 /// `histogram_options.go`): bucket `i` starts at `first × (ratio^i − 1)/(ratio − 1)`; a
 /// percentile is the end of the bucket where the cumulative weight reaches it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(try_from = "DecayingHistogramState")]
 pub struct DecayingHistogram {
     weights: Vec<f32>,
     total: f64,
@@ -98,6 +99,51 @@ pub struct DecayingHistogram {
     /// Step whose weight is 1; moved forward as weights grow, to stay in range (VPA shifts its
     /// reference timestamp the same way).
     reference: u64,
+}
+
+/// A [`DecayingHistogram`] as restored, checked before use: a state file is untrusted bytes.
+#[derive(Deserialize)]
+struct DecayingHistogramState {
+    weights: Vec<f32>,
+    total: f64,
+    first_bucket: f64,
+    ratio: f64,
+    half_life_steps: f64,
+    reference: u64,
+}
+
+impl TryFrom<DecayingHistogramState> for DecayingHistogram {
+    type Error = String;
+
+    fn try_from(s: DecayingHistogramState) -> Result<Self, String> {
+        if !s.weights.is_empty() && s.weights.len() != Self::BUCKETS {
+            return Err(format!(
+                "decaying histogram: {} weights, want 0 or {}",
+                s.weights.len(),
+                Self::BUCKETS
+            ));
+        }
+        let finite = [s.total, s.first_bucket, s.ratio, s.half_life_steps];
+        if finite.iter().any(|v| !v.is_finite())
+            || s.total < 0.0
+            || s.first_bucket < 0.0
+            || s.ratio <= 1.0
+            || s.half_life_steps <= 0.0
+        {
+            return Err(format!(
+                "decaying histogram: total {}, first bucket {}, ratio {}, half-life {} out of range",
+                s.total, s.first_bucket, s.ratio, s.half_life_steps
+            ));
+        }
+        Ok(DecayingHistogram {
+            weights: s.weights,
+            total: s.total,
+            first_bucket: s.first_bucket,
+            ratio: s.ratio,
+            half_life_steps: s.half_life_steps,
+            reference: s.reference,
+        })
+    }
 }
 
 impl DecayingHistogram {
@@ -272,5 +318,20 @@ mod tests {
         assert_eq!(r.capacity(), Some(125.0));
         r.update(200.0);
         assert_eq!(r.capacity(), Some(250.0));
+    }
+    /// Found by the state-file fuzzer: a restored histogram with 22 weights indexed past them.
+    #[test]
+    fn a_restored_histogram_with_the_wrong_bucket_count_is_refused() {
+        let mut h = DecayingHistogram::new(1.05, 10.0);
+        h.add(1.0, 0);
+        let mut v = serde_json::to_value(&h).unwrap();
+        v["weights"] = serde_json::json!(vec![0.5f32; 22]);
+        let e = serde_json::from_value::<DecayingHistogram>(v)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("22 weights"), "{e}");
+        let back: DecayingHistogram =
+            serde_json::from_value(serde_json::to_value(&h).unwrap()).unwrap();
+        assert_eq!(back, h);
     }
 }
