@@ -229,31 +229,6 @@ pub fn server_tls(
     Ok(cfg)
 }
 
-/// UTC time as RFC 3339 with seconds, as Kubernetes writes it.
-pub fn rfc3339(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,14 +249,5 @@ mod tests {
         assert!(e.contains("name!=web"), "{e}");
         let e = label_selector(Some("labelSelector=name%20in%20(a)")).unwrap_err();
         assert!(e.contains("only key=value"), "{e}");
-    }
-
-    #[test]
-    fn timestamps_are_rfc3339_utc() {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_795_900_000);
-        assert_eq!(rfc3339(t), "2026-11-28T21:06:40Z");
-        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        let leap = std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
-        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00Z");
     }
 }

@@ -327,7 +327,7 @@ impl HttpServer {
                 &self.shared,
                 p,
                 req.uri().query(),
-                &crate::external_metrics::rfc3339(std::time::SystemTime::now()),
+                &headroom_protocol::rfc3339(std::time::SystemTime::now()),
             ),
             "/" => {
                 let page = self.shared.page(req.uri().query().unwrap_or(""));

@@ -14,7 +14,9 @@ pub mod client;
 pub mod fixtures;
 pub mod quantile;
 pub mod schema;
+pub mod time;
 pub mod tls;
 
 pub use quantile::quantile_at;
 pub use schema::{Hint, HintBatch, SCHEMA_V1};
+pub use time::rfc3339;

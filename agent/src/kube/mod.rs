@@ -488,7 +488,7 @@ impl Api {
 
     /// Records a Kubernetes Event on a pod (`kubectl describe pod` shows it).
     pub async fn pod_event(&self, e: &PodEvent<'_>) -> Result<(), KubeError> {
-        let now = rfc3339(std::time::SystemTime::now());
+        let now = headroom_protocol::rfc3339(std::time::SystemTime::now());
         let event = serde_json::json!({
             "apiVersion": "v1",
             "kind": "Event",
@@ -522,30 +522,6 @@ pub struct PodEvent<'a> {
     pub reason: &'a str,
     pub message: &'a str,
     pub warning: bool,
-}
-
-/// `2026-12-03T15:04:05Z`
-fn rfc3339(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 impl Watcher {
@@ -1097,14 +1073,11 @@ mod tests {
     }
 
     #[test]
-    fn quantities_and_timestamps() {
+    fn quantities() {
         assert_eq!(parse_cpu_millis("250m"), Some(250));
         assert_eq!(parse_cpu_millis("1.5"), Some(1500));
         assert_eq!(parse_cpu_millis("2"), Some(2000));
         assert_eq!(parse_cpu_millis("lots"), None);
-        let t = std::time::UNIX_EPOCH + Duration::from_secs(1_796_310_245);
-        assert_eq!(rfc3339(t), "2026-12-03T15:04:05Z");
-        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00Z");
     }
 
     #[test]

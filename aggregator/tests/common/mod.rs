@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use headroom_aggregator::{Aggregator, AggregatorConfig, MergePolicy};
-use headroom_protocol::SCHEMA_V1;
-use headroom_protocol::schema::{Forecast, Hint, HintBatch, Quantile, Resource, WorkloadRef};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -87,46 +85,9 @@ pub async fn start(cfg: AggregatorConfig) -> Running {
     panic!("cannot start aggregator: {last:?}");
 }
 
-pub fn hint(ns: &str, name: &str, resource: Resource, capacity: f64, p90: f64) -> Hint {
-    Hint {
-        workload: WorkloadRef {
-            namespace: ns.into(),
-            kind: "Deployment".into(),
-            name: name.into(),
-        },
-        resource,
-        replicas: 1,
-        capacity,
-        usage: capacity / 2.0,
-        forecast: Forecast {
-            horizon_s: 60.0,
-            quantiles: vec![
-                Quantile {
-                    q: 0.5,
-                    value: p90 * 0.8,
-                },
-                Quantile { q: 0.9, value: p90 },
-            ],
-        },
-        local_headroom: 0.0,
-        desired_capacity: p90,
-        replica_delta: 0.0,
-        confidence: 0.9,
-        reason: "forecast above capacity".into(),
-    }
-}
-
-pub fn batch(node: &str, seq: u64, hints: Vec<Hint>) -> HintBatch {
-    HintBatch {
-        schema: SCHEMA_V1.into(),
-        node: node.into(),
-        epoch: 7,
-        seq,
-        time: 1_700_000_000.0,
-        interval_s: 1.0,
-        hints,
-    }
-}
+/// The protocol crate's test hints and batches.
+#[allow(unused_imports)] // not every test binary uses both
+pub use headroom_protocol::fixtures::{batch, hint};
 
 pub struct Http {
     client: Client<HttpConnector, Full<Bytes>>,
