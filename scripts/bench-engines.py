@@ -95,6 +95,7 @@ SERVER = r'''
 import http.server, sys
 body = open(sys.argv[2], "rb").read()
 class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as vLLM's uvicorn and llama-server's httplib
     def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; version=0.0.4")

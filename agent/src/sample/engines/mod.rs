@@ -249,6 +249,7 @@ struct Endpoint {
     inode: u64,
     prev: Option<(Instant, Reading)>,
     next_try: Instant,
+    client: scrape::Client,
 }
 
 struct Worker {
@@ -352,48 +353,46 @@ impl Worker {
         let timeout =
             Duration::from_secs_f64(self.config.timeout_s).min(self.interval.mul_f64(0.9));
         let limit = self.config.max_body_bytes;
-        let jobs: Vec<(SocketAddr, String)> = due
+        let jobs: Vec<(SocketAddr, String, scrape::Client)> = due
             .iter()
             .map(|&i| {
-                (
-                    self.endpoints[i].addr,
-                    self.endpoints[i].sample.path.clone(),
-                )
+                let e = &mut self.endpoints[i];
+                (e.addr, e.sample.path.clone(), std::mem::take(&mut e.client))
             })
             .collect();
-        let results: Vec<(Result<String, scrape::ScrapeError>, Instant, f64)> =
-            runtime.block_on(async move {
-                let mut set = tokio::task::JoinSet::new();
-                for (n, (addr, path)) in jobs.into_iter().enumerate() {
-                    set.spawn(async move {
-                        let t = Instant::now();
-                        let r = scrape::get(addr, &path, timeout, limit).await;
-                        (n, r, Instant::now(), t.elapsed().as_secs_f64())
-                    });
-                }
-                let mut out: Vec<Option<_>> = Vec::new();
-                out.resize_with(set.len(), || None);
-                while let Some(Ok((n, r, at, took))) = set.join_next().await {
-                    out[n] = Some((r, at, took));
-                }
-                out.into_iter()
-                    .map(|o| {
-                        o.unwrap_or_else(|| {
-                            (
-                                Err(scrape::ScrapeError::Failed {
-                                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                                    path: String::new(),
-                                    message: "scrape task failed".into(),
-                                }),
-                                Instant::now(),
-                                0.0,
-                            )
-                        })
-                    })
-                    .collect()
-            });
+        type Outcome = (
+            scrape::Client,
+            Result<(), scrape::ScrapeError>,
+            Instant,
+            f64,
+        );
+        let results: Vec<Option<Outcome>> = runtime.block_on(async move {
+            let mut set = tokio::task::JoinSet::new();
+            for (n, (addr, path, mut client)) in jobs.into_iter().enumerate() {
+                set.spawn(async move {
+                    let t = Instant::now();
+                    let r = client.get(addr, &path, timeout, limit).await;
+                    (n, (client, r, Instant::now(), t.elapsed().as_secs_f64()))
+                });
+            }
+            let mut out: Vec<Option<Outcome>> = Vec::new();
+            out.resize_with(set.len(), || None);
+            while let Some(Ok((n, o))) = set.join_next().await {
+                out[n] = Some(o);
+            }
+            out
+        });
         let mut drop_idx = Vec::new();
-        for (&i, (result, at, took)) in due.iter().zip(results) {
+        for (&i, outcome) in due.iter().zip(results) {
+            let (client, result, at, took) = outcome.unwrap_or_else(|| {
+                let failed = scrape::ScrapeError::Failed {
+                    addr: self.endpoints[i].addr,
+                    path: self.endpoints[i].sample.path.clone(),
+                    message: "scrape task failed".into(),
+                };
+                (scrape::Client::default(), Err(failed), Instant::now(), 0.0)
+            });
+            self.endpoints[i].client = client;
             if self.settle(i, result, at, took) {
                 drop_idx.push(i);
             }
@@ -408,7 +407,7 @@ impl Worker {
     fn settle(
         &mut self,
         i: usize,
-        result: Result<String, scrape::ScrapeError>,
+        result: Result<(), scrape::ScrapeError>,
         at: Instant,
         took: f64,
     ) -> bool {
@@ -416,10 +415,11 @@ impl Worker {
         let interval = self.interval;
         let e = &mut self.endpoints[i];
         let s = &mut e.sample;
+        let body = e.client.text();
         s.scrapes += 1;
         s.last_scrape_duration_seconds = took;
         let outcome = match result {
-            Ok(body) => match (vocab::detect(&body), s.engine) {
+            Ok(()) => match (vocab::detect(body), s.engine) {
                 (Some(kind), None) => Ok((body, kind)),
                 (Some(kind), Some(known)) if kind == known => Ok((body, kind)),
                 (_, Some(known)) => Err(format!(
@@ -443,7 +443,7 @@ impl Worker {
                     tracing::info!(cgroup = %s.cgroup, address = %e.addr, engine = kind.as_str(), failures = s.consecutive_failures, "inference engine answers again");
                 }
                 s.engine = Some(kind);
-                let reading = Reading::parse(kind, &body);
+                let reading = Reading::parse(kind, body);
                 let before = e.prev.as_ref().map(|(t, r)| (at.duration_since(*t), r));
                 s.signals = Some(vocab::signals(
                     &reading,
@@ -643,6 +643,7 @@ impl Worker {
                     inode,
                     prev: None,
                     next_try: now,
+                    client: scrape::Client::default(),
                 },
             };
             self.endpoints.push(e);

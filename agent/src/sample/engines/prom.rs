@@ -24,7 +24,8 @@ pub fn parse(body: &str, wanted: impl Fn(&str) -> bool) -> Exposition {
             continue;
         }
         let name_end = line
-            .find(|c: char| c == '{' || c.is_ascii_whitespace())
+            .bytes()
+            .position(|b| b == b'{' || b.is_ascii_whitespace())
             .unwrap_or(line.len());
         let name = &line[..name_end];
         if !wanted(name) {
