@@ -14,14 +14,15 @@ use std::time::{Instant, SystemTime};
 use serde::Serialize;
 
 use super::{ActError, Actuator, Allow, mps::Mps};
+use crate::cgroup_files::ControllerPaths;
 use crate::config::{PolicyConfig, PolicyMode, WorkloadOverride};
 use crate::policy::{
     Bounds, Decision, DemandForecast, Engine, Envelope, Observation, Params, Resource,
     WindowForecast,
 };
 use crate::sample::Snapshot;
+use crate::sample::cgroup::CgroupSampler;
 use crate::sample::cgroup::identity::{Kind, glob_match};
-use crate::sample::cgroup::{CgroupSampler, ControllerPaths};
 
 /// Decisions kept for `/v1/decisions`.
 const KEEP: usize = 512;

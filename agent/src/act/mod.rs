@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::cgroup_files::ControllerPaths;
 use crate::policy::Resource;
-use crate::sample::cgroup::ControllerPaths;
 use crate::state::{Kind, StateDir, StateError};
 
 /// Original values of every file the agent wrote, as JSON `{path: content}`.
