@@ -4,7 +4,9 @@
 //! becomes a [`sample::Snapshot`] that goes into the bounded [`history`] and is served by
 //! [`serve`] ([`report::metrics`] encodes it for Prometheus at scrape time). [`state`] keeps the
 //! history across restarts. The agent's loop lives in [`agent`]; what it shares with the server
-//! and the reporters, in [`shared`].
+//! and the reporters, in [`shared`]. The cgroup files themselves (names, formats, v1 against
+//! v2) are [`cgroup_files`], which the container sampler reads through and the actuators
+//! ([`act`]) plan their writes with.
 //!
 //! Nothing in this crate writes a cgroup file it was not told to manage. It never depends on the
 //! aggregator: what the two say to each other (hint schema, validation, the hint client) lives in
@@ -14,6 +16,7 @@ pub mod act;
 pub mod agent;
 pub mod backtest;
 pub mod caps;
+pub mod cgroup_files;
 pub mod config;
 pub mod forecast;
 pub mod history;

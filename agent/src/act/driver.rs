@@ -14,14 +14,15 @@ use std::time::{Instant, SystemTime};
 use serde::Serialize;
 
 use super::{ActError, Actuator, Allow, mps::Mps};
+use crate::cgroup_files::{ControllerPaths, FileReader, number, v1, v2};
 use crate::config::{PolicyConfig, PolicyMode, WorkloadOverride};
 use crate::policy::{
     Bounds, Decision, DemandForecast, Engine, Envelope, Observation, Params, Resource,
     WindowForecast,
 };
 use crate::sample::Snapshot;
+use crate::sample::cgroup::CgroupSampler;
 use crate::sample::cgroup::identity::{Kind, glob_match};
-use crate::sample::cgroup::{CgroupSampler, ControllerPaths};
 
 /// Decisions kept for `/v1/decisions`.
 const KEEP: usize = 512;
@@ -351,12 +352,8 @@ impl Driver {
         if let Some(r) = self.resizer.as_mut() {
             r.check(&|cg: &str| {
                 let paths = cgroups.and_then(|s| s.paths(cg))?;
-                let (dir, v2) = match (&paths.v2, &paths.cpu) {
-                    (Some(d), _) if d.join("cpu.max").is_file() => (d.clone(), true),
-                    (_, Some(d)) => (d.clone(), false),
-                    _ => return None,
-                };
-                super::read_cpu(&dir, v2).ok()?.0
+                let dir = paths.cpu_limit_dir()?;
+                dir.read_cpu_limit(&mut FileReader::default()).ok()?.cores()
             });
         }
         let mut managed_n = 0;
@@ -570,17 +567,18 @@ pub fn restore_logged(a: &mut Actuator) -> bool {
 
 /// A Kubernetes container's CPU request, from the weight kubelet derived from it.
 fn cpu_request_cores(paths: &ControllerPaths) -> Option<f64> {
+    let files = &mut FileReader::default();
     if let Some(d) = &paths.cpu
-        && let Ok(t) = std::fs::read_to_string(d.join("cpu.shares"))
+        && let Ok(t) = files.read(&d.join(v1::CPU_SHARES))
     {
-        let shares: f64 = t.trim().parse().ok()?;
+        let shares = number(v1::CPU_SHARES, t).ok()? as f64;
         // kubelet writes 2 shares for a zero request.
         return (shares > 2.0).then_some(shares / 1024.0);
     }
     if let Some(d) = &paths.v2
-        && let Ok(t) = std::fs::read_to_string(d.join("cpu.weight"))
+        && let Ok(t) = files.read(&d.join(v2::CPU_WEIGHT))
     {
-        let w: f64 = t.trim().parse().ok()?;
+        let w = number(v2::CPU_WEIGHT, t).ok()? as f64;
         // Inverse of the runtimes' shares → weight mapping (1 + (shares − 2) × 9999 / 262142).
         let shares = 2.0 + (w - 1.0) * 262142.0 / 9999.0;
         return (shares > 2.5).then_some(shares / 1024.0);

@@ -16,8 +16,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+pub use crate::cgroup_files::Write;
+use crate::cgroup_files::{ControllerPaths, CpuLimit, FileError, FileReader};
 use crate::policy::Resource;
-use crate::sample::cgroup::ControllerPaths;
 use crate::state::{Kind, StateDir, StateError};
 
 /// Original values of every file the agent wrote, as JSON `{path: content}`.
@@ -29,19 +30,14 @@ pub const ORIGINALS: Kind = Kind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("cannot write {value:?} to {path}: {source}")]
     Write {
         path: PathBuf,
         value: String,
         source: std::io::Error,
     },
-    #[error("{path} holds {found:?}, which is not a value the agent understands")]
-    Parse { path: PathBuf, found: String },
     #[error("no {resource} file to write for this container (none of its directories has one)")]
     NoFile { resource: &'static str },
     /// The file no longer holds what the policy believed: someone else changed it.
@@ -51,13 +47,6 @@ pub enum ActError {
     State(#[from] StateError),
     #[error("originals file is unreadable: {0}")]
     Journal(String),
-}
-
-/// One file write.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Write {
-    pub path: PathBuf,
-    pub value: String,
 }
 
 /// What `headroom_*` knobs the actuator may touch beyond the soft ones.
@@ -161,11 +150,11 @@ impl Actuator {
             Resource::Memory => self.plan_memory(paths, from, to, allow)?,
             Resource::Gpu => return Err(ActError::NoFile { resource: "gpu" }),
         };
+        let mut files = FileReader::default();
         for w in &writes {
             if !self.originals.contains_key(&w.path) {
-                let original = read(&w.path)?;
-                self.originals
-                    .insert(w.path.clone(), original.trim().to_string());
+                let original = files.read(&w.path)?.trim().to_string();
+                self.originals.insert(w.path.clone(), original);
                 self.save()?;
             }
         }
@@ -182,43 +171,41 @@ impl Actuator {
         to: f64,
         allow: Allow,
     ) -> Result<Vec<Write>, ActError> {
-        let (dir, v2) = match (&paths.v2, &paths.cpu) {
-            (Some(d), _) if d.join("cpu.max").is_file() => (d.clone(), true),
-            (_, Some(d)) if d.join("cpu.cfs_quota_us").is_file() => (d.clone(), false),
-            _ => return Err(ActError::NoFile { resource: "cpu" }),
-        };
-        let (actual, period_us) = read_cpu(&dir, v2)?;
-        check_drift(
-            &dir.join(if v2 { "cpu.max" } else { "cpu.cfs_quota_us" }),
-            from,
-            actual,
-        )?;
+        let dir = paths
+            .cpu_limit_dir()
+            .ok_or(ActError::NoFile { resource: "cpu" })?;
+        let files = &mut FileReader::default();
+        let now = dir.read_cpu_limit(files)?;
+        let actual = now.cores();
+        check_drift(&dir.cpu_limit_file(), from, actual)?;
         let raising = actual.is_none_or(|a| to > a);
         let mut target = to;
         // Ancestors with a lower quota: v1 refuses a child above its parent, v2 silently caps.
         let mut parents = Vec::new();
         let mut up = dir.parent();
         while let Some(p) = up {
-            let file = p.join(if v2 { "cpu.max" } else { "cpu.cfs_quota_us" });
-            if !file.is_file() {
+            if !p.cpu_limit_file().is_file() {
                 break;
             }
-            if let (Some(q), pp) = read_cpu(p, v2)?
+            let limit = p.read_cpu_limit(files)?;
+            if let Some(q) = limit.cores()
                 && q < target
             {
                 if allow.raise_parents && raising {
-                    parents.push(cpu_write(p, v2, target, pp));
+                    parents.push(p.cpu_limit_write(CpuLimit::from_cores(target, limit.period_us)));
                 } else {
                     target = q;
                 }
             }
             up = p.parent();
         }
-        let mut own = vec![cpu_write(&dir, v2, target, period_us)];
-        if v2 && allow.cpu_burst_ratio > 0.0 && dir.join("cpu.max.burst").is_file() {
-            let burst = (target * allow.cpu_burst_ratio * period_us as f64).round() as u64;
+        let mut own = vec![dir.cpu_limit_write(CpuLimit::from_cores(target, now.period_us))];
+        if allow.cpu_burst_ratio > 0.0
+            && let Some(path) = dir.cpu_burst_file().filter(|f| f.is_file())
+        {
+            let burst = (target * allow.cpu_burst_ratio * now.period_us as f64).round() as u64;
             own.push(Write {
-                path: dir.join("cpu.max.burst"),
+                path,
                 value: burst.to_string(),
             });
         }
@@ -238,19 +225,12 @@ impl Actuator {
         to: f64,
         allow: Allow,
     ) -> Result<Vec<Write>, ActError> {
-        let (dir, soft, hard) = match (&paths.v2, &paths.memory) {
-            (Some(d), _) if d.join("memory.high").is_file() => {
-                (d.clone(), "memory.high", "memory.max")
-            }
-            (_, Some(d)) if d.join("memory.soft_limit_in_bytes").is_file() => (
-                d.clone(),
-                "memory.soft_limit_in_bytes",
-                "memory.limit_in_bytes",
-            ),
-            _ => return Err(ActError::NoFile { resource: "memory" }),
-        };
-        let soft_path = dir.join(soft);
-        let actual = parse_limit(&soft_path, &read(&soft_path)?)?;
+        let dir = paths
+            .memory_limit_dir()
+            .ok_or(ActError::NoFile { resource: "memory" })?;
+        let files = &mut FileReader::default();
+        let soft_path = dir.memory_high_file();
+        let actual = dir.read_memory_high(files)?.map(|v| v as f64);
         check_drift(&soft_path, from, actual)?;
         let bytes = page_round(to);
         let soft_w = Write {
@@ -258,8 +238,8 @@ impl Actuator {
             value: bytes.to_string(),
         };
         let raising = actual.is_none_or(|a| to > a);
-        let hard_path = dir.join(hard);
-        let hard_now = parse_limit(&hard_path, &read(&hard_path)?)?;
+        let hard_path = dir.memory_max_file();
+        let hard_now = dir.read_memory_max(files)?.map(|v| v as f64);
         let mut writes = Vec::new();
         // The hard limit is moved only when allowed and only when one is set: the agent never
         // imposes a hard limit on a cgroup that had none.
@@ -293,21 +273,6 @@ fn page_round(v: f64) -> u64 {
     b / 4096 * 4096
 }
 
-fn cpu_write(dir: &Path, v2: bool, cores: f64, period_us: u64) -> Write {
-    let quota = ((cores * period_us as f64).round() as u64).max(1000);
-    if v2 {
-        Write {
-            path: dir.join("cpu.max"),
-            value: format!("{quota} {period_us}"),
-        }
-    } else {
-        Write {
-            path: dir.join("cpu.cfs_quota_us"),
-            value: quota.to_string(),
-        }
-    }
-}
-
 fn check_drift(path: &Path, believed: Option<f64>, actual: Option<f64>) -> Result<(), ActError> {
     let same = match (believed, actual) {
         (None, None) => true,
@@ -322,65 +287,6 @@ fn check_drift(path: &Path, believed: Option<f64>, actual: Option<f64>) -> Resul
             actual,
         })
     }
-}
-
-/// Current quota (cores, `None` = unlimited) and period (µs) of a cgroup.
-pub fn read_cpu(dir: &Path, v2: bool) -> Result<(Option<f64>, u64), ActError> {
-    if v2 {
-        let path = dir.join("cpu.max");
-        let text = read(&path)?;
-        let mut it = text.split_ascii_whitespace();
-        let quota = it.next().unwrap_or("");
-        let period: u64 =
-            it.next()
-                .and_then(|p| p.parse().ok())
-                .ok_or_else(|| ActError::Parse {
-                    path: path.clone(),
-                    found: text.clone(),
-                })?;
-        if quota == "max" {
-            return Ok((None, period));
-        }
-        let q: f64 = quota.parse().map_err(|_| ActError::Parse {
-            path: path.clone(),
-            found: text.clone(),
-        })?;
-        Ok((Some(q / period as f64), period))
-    } else {
-        let qp = dir.join("cpu.cfs_quota_us");
-        let pp = dir.join("cpu.cfs_period_us");
-        let qt = read(&qp)?;
-        let pt = read(&pp)?;
-        let q: i64 = qt.trim().parse().map_err(|_| ActError::Parse {
-            path: qp.clone(),
-            found: qt.clone(),
-        })?;
-        let p: u64 = pt.trim().parse().map_err(|_| ActError::Parse {
-            path: pp.clone(),
-            found: pt.clone(),
-        })?;
-        Ok(((q > 0).then(|| q as f64 / p as f64), p))
-    }
-}
-
-/// A memory limit file: `max` (v2) or a v1 value near 2^63 mean unlimited.
-fn parse_limit(path: &Path, text: &str) -> Result<Option<f64>, ActError> {
-    let t = text.trim();
-    if t == "max" {
-        return Ok(None);
-    }
-    let v: u64 = t.parse().map_err(|_| ActError::Parse {
-        path: path.to_path_buf(),
-        found: t.to_string(),
-    })?;
-    Ok((v < 1 << 62).then_some(v as f64))
-}
-
-fn read(path: &Path) -> Result<String, ActError> {
-    fs::read_to_string(path).map_err(|source| ActError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
 }
 
 fn write(path: &Path, value: &str) -> Result<(), ActError> {

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use headroom_protocol::quantile_at;
 use headroom_protocol::schema::{Forecast, Hint, Quantile, Resource, WorkloadRef};
 
+use crate::cgroup_files::UNLIMITED_BYTES;
 use crate::config::{AggregatorConfig, Config};
 use crate::forecast::ForecastRow;
 use crate::history::{History, SeriesKey};
@@ -20,9 +21,6 @@ use crate::sample::cgroup::identity::{Identity, Kind, configured, glob_match};
 
 /// Quantile levels every hint carries.
 const LEVELS: [f64; 4] = [0.5, 0.9, 0.95, 0.99];
-
-/// v1 reports "no limit" as a huge number; anything at or above this is no limit.
-const UNLIMITED_BYTES: u64 = 1 << 62;
 
 /// Characters an object name may hold; others become `-`, and the ends are trimmed to alnum.
 fn object_name(raw: &str) -> Option<String> {

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use super::trace::Trace;
+use headroom_agent::cgroup_files::{CgroupDir, FileReader, PROCS, v2};
 use headroom_agent::sample::gpu::{
     ContainerUsage, Gpu, GpuIdentity, GpuSnapshot, GpuSource, GpuStats, Health, NvmlStatus,
     ProcessUsage,
@@ -154,25 +155,6 @@ fn overwrite(path: &Path, text: &str) -> io::Result<()> {
     f.write_all_at(&buf, 0).map_err(|e| io_at(path, e))
 }
 
-/// `cpu.max` as cores (`None`: no limit); `Err` while the file is being rewritten.
-fn read_quota(path: &Path) -> Result<Option<f64>, ()> {
-    let t = fs::read_to_string(path).map_err(|_| ())?;
-    let mut it = t.split_ascii_whitespace();
-    match (it.next(), it.next().and_then(|p| p.parse::<f64>().ok())) {
-        (Some("max"), Some(_)) => Ok(None),
-        (Some(q), Some(p)) if p > 0.0 => q.parse::<f64>().map(|q| Some(q / p)).map_err(|_| ()),
-        _ => Err(()),
-    }
-}
-
-fn read_bytes_limit(path: &Path) -> Result<Option<f64>, ()> {
-    let t = fs::read_to_string(path).map_err(|_| ())?;
-    match t.trim() {
-        "max" => Ok(None),
-        v => v.parse::<f64>().map(Some).map_err(|_| ()),
-    }
-}
-
 impl SimNode {
     /// Lays out the node's procfs and cgroup trees under `dir` with the starting limits.
     pub fn create(dir: &Path, spec: NodeSpec) -> io::Result<SimNode> {
@@ -180,22 +162,22 @@ impl SimNode {
         let cgroup_root = dir.join("cgroup");
         fs::create_dir_all(&proc_root).map_err(|e| io_at(&proc_root, e))?;
         fs::create_dir_all(&cgroup_root).map_err(|e| io_at(&cgroup_root, e))?;
-        write_new(&cgroup_root.join("cgroup.controllers"), "cpu memory pids\n")?;
+        write_new(&cgroup_root.join(v2::CONTROLLERS), "cpu memory pids\n")?;
         for c in &spec.containers {
             let d = cgroup_root.join(c.cgroup.trim_start_matches('/'));
             fs::create_dir_all(&d).map_err(|e| io_at(&d, e))?;
             let quota = (c.start_cpu_cores * PERIOD_US as f64).round() as u64;
-            write_new(&d.join("cpu.max"), &format!("{quota} {PERIOD_US}\n"))?;
+            write_new(&d.join(v2::CPU_MAX), &format!("{quota} {PERIOD_US}\n"))?;
             write_new(
-                &d.join("memory.high"),
+                &d.join(v2::MEMORY_HIGH),
                 &format!("{}\n", c.start_memory_high_bytes / 4096 * 4096),
             )?;
             // A hard limit above the soft one, so the capacity reported is the container's own.
             write_new(
-                &d.join("memory.max"),
+                &d.join(v2::MEMORY_MAX),
                 &format!("{}\n", c.start_memory_high_bytes / 4096 * 5 / 4 * 4096),
             )?;
-            write_new(&d.join("cgroup.procs"), "")?;
+            write_new(&d.join(PROCS), "")?;
         }
         let boot = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -234,17 +216,20 @@ impl SimNode {
         let cpus = self.spec.cpus as f64;
         let mut used_cores = SYSTEM_CORES;
         let mut used_memory = SYSTEM_MEMORY as f64;
+        let files = &mut FileReader::default();
         for i in 0..self.spec.containers.len() {
             let d = self.dir(i);
             let c = &mut self.counters[i];
-            if let Ok(q) = read_quota(&d.join("cpu.max")) {
-                c.quota = q;
+            // What the actuator wrote; a file it is rewriting just now counts next tick.
+            let limits = CgroupDir::v2(&d);
+            if let Ok(l) = limits.read_cpu_limit(files) {
+                c.quota = l.cores();
             }
-            if let Ok(h) = read_bytes_limit(&d.join("memory.high")) {
-                c.high = h;
+            if let Ok(h) = limits.read_memory_high(files) {
+                c.high = h.map(|b| b as f64);
             }
-            if let Ok(m) = read_bytes_limit(&d.join("memory.max")) {
-                c.max = m;
+            if let Ok(m) = limits.read_memory_max(files) {
+                c.max = m.map(|b| b as f64);
             }
             let spec = &self.spec.containers[i];
             let want = spec.cpu.at(t).min(cpus);
@@ -276,7 +261,7 @@ impl SimNode {
             used_memory += resident;
             let usage = c.usage_usec as u64;
             overwrite(
-                &d.join("cpu.stat"),
+                &d.join(v2::CPU_STAT),
                 &format!(
                     "usage_usec {usage}\nuser_usec {}\nsystem_usec {}\nnr_periods {}\nnr_throttled {}\nthrottled_usec {}\n",
                     usage / 10 * 9,
@@ -287,13 +272,13 @@ impl SimNode {
                 ),
             )?;
             let resident = resident as u64;
-            overwrite(&d.join("memory.current"), &format!("{resident}\n"))?;
+            overwrite(&d.join(v2::MEMORY_CURRENT), &format!("{resident}\n"))?;
             overwrite(
-                &d.join("memory.stat"),
+                &d.join(v2::MEMORY_STAT),
                 &format!("anon {resident}\nfile 0\ninactive_file 0\nactive_file 0\n"),
             )?;
             overwrite(
-                &d.join("memory.events"),
+                &d.join(v2::MEMORY_EVENTS),
                 &format!(
                     "low 0\nhigh {}\nmax {}\noom {}\noom_kill {}\n",
                     c.memory_high_events, c.oom_kills, c.oom_kills, c.oom_kills
@@ -301,7 +286,7 @@ impl SimNode {
             )?;
             let stall = c.memory_stall_usec as u64;
             overwrite(
-                &d.join("memory.pressure"),
+                &d.join(v2::MEMORY_PRESSURE),
                 &format!(
                     "some avg10=0.00 avg60=0.00 avg300=0.00 total={stall}\nfull avg10=0.00 avg60=0.00 avg300=0.00 total={}\n",
                     stall / 2

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::cgroup_files::{PIDS_CURRENT, PROCS, v1, v2};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -36,7 +38,7 @@ pub struct NoHierarchy {
 
 impl Hierarchy {
     pub fn detect(root: &Path) -> Result<Hierarchy, NoHierarchy> {
-        if root.join("cgroup.controllers").is_file() {
+        if root.join(v2::CONTROLLERS).is_file() {
             return Ok(Hierarchy {
                 mode: Mode::V2,
                 v2: Some(root.to_path_buf()),
@@ -54,15 +56,21 @@ impl Hierarchy {
                 .map(|n| root.join(n))
                 .find(|p| p.join(marker).is_file())
         };
-        let cpu = controller(&["cpu", "cpu,cpuacct", "cpuacct,cpu"], "cpu.cfs_period_us");
-        let cpuacct = controller(&["cpuacct", "cpu,cpuacct", "cpuacct,cpu"], "cpuacct.usage");
-        let memory = controller(&["memory"], "memory.usage_in_bytes");
-        let pids = controller(&["pids"], "pids.current").or_else(|| {
+        let cpu = controller(
+            &["cpu", "cpu,cpuacct", "cpuacct,cpu"],
+            v1::CPU_CFS_PERIOD_US,
+        );
+        let cpuacct = controller(
+            &["cpuacct", "cpu,cpuacct", "cpuacct,cpu"],
+            v1::CPUACCT_USAGE,
+        );
+        let memory = controller(&["memory"], v1::MEMORY_USAGE_IN_BYTES);
+        let pids = controller(&["pids"], PIDS_CURRENT).or_else(|| {
             // The root pids cgroup has no pids.current; its presence is shown by cgroup.procs.
-            Some(root.join("pids")).filter(|p| p.join("cgroup.procs").is_file())
+            Some(root.join("pids")).filter(|p| p.join(PROCS).is_file())
         });
         let unified = root.join("unified");
-        let v2 = Some(unified).filter(|p| p.join("cgroup.controllers").is_file());
+        let v2 = Some(unified).filter(|p| p.join(v2::CONTROLLERS).is_file());
         if cpu.is_none() && cpuacct.is_none() && memory.is_none() {
             return Err(NoHierarchy {
                 root: root.to_path_buf(),

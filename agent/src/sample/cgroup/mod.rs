@@ -16,10 +16,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::cgroup_files::ControllerPaths;
 use crate::config::{CgroupConfig, KubernetesConfig};
 pub use hierarchy::{Hierarchy, Mode};
 pub use identity::Identity;
-pub use stats::{CgroupStats, ControllerPaths};
+pub use stats::CgroupStats;
 
 /// Deepest cgroup nesting the walk descends to; kubelet's deepest is 4 below the root.
 const MAX_DEPTH: usize = 12;

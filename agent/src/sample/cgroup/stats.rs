@@ -2,37 +2,13 @@
 //! optional: a controller that is not enabled, or a file the kernel does not have, leaves it
 //! unset rather than failing the whole sample.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Serialize;
 
-/// A container's directory in each hierarchy the agent reads.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ControllerPaths {
-    pub v2: Option<PathBuf>,
-    pub cpu: Option<PathBuf>,
-    pub cpuacct: Option<PathBuf>,
-    pub memory: Option<PathBuf>,
-    pub pids: Option<PathBuf>,
-}
-
-impl ControllerPaths {
-    pub fn is_empty(&self) -> bool {
-        self.v2.is_none()
-            && self.cpu.is_none()
-            && self.cpuacct.is_none()
-            && self.memory.is_none()
-            && self.pids.is_none()
-    }
-
-    /// True while at least one of the container's directories still exists.
-    pub fn exists(&self) -> bool {
-        [&self.v2, &self.cpu, &self.cpuacct, &self.memory]
-            .into_iter()
-            .flatten()
-            .any(|p| p.is_dir())
-    }
-}
+use crate::cgroup_files::{
+    CgroupDir, ControllerPaths, FileReader, PIDS_CURRENT, keyed, number, pressure, v1, v2,
+};
 
 /// Cumulative counters and current settings, as the kernel reports them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -84,16 +60,18 @@ const HOT_FILES: usize = 12;
 impl Hot {
     fn file_name(self) -> &'static str {
         match self {
-            Hot::V2CpuStat | Hot::V1CpuStat => "cpu.stat",
-            Hot::V2CpuPressure => "cpu.pressure",
-            Hot::V2MemoryPressure => "memory.pressure",
-            Hot::V2IoPressure => "io.pressure",
-            Hot::V2MemoryCurrent => "memory.current",
-            Hot::V2MemoryStat | Hot::V1MemoryStat => "memory.stat",
-            Hot::V2MemoryEvents => "memory.events",
-            Hot::V1CpuacctUsage => "cpuacct.usage",
-            Hot::V1MemoryUsage => "memory.usage_in_bytes",
-            Hot::V1OomControl => "memory.oom_control",
+            Hot::V2CpuStat => v2::CPU_STAT,
+            Hot::V2CpuPressure => v2::CPU_PRESSURE,
+            Hot::V2MemoryPressure => v2::MEMORY_PRESSURE,
+            Hot::V2IoPressure => v2::IO_PRESSURE,
+            Hot::V2MemoryCurrent => v2::MEMORY_CURRENT,
+            Hot::V2MemoryStat => v2::MEMORY_STAT,
+            Hot::V2MemoryEvents => v2::MEMORY_EVENTS,
+            Hot::V1CpuacctUsage => v1::CPUACCT_USAGE,
+            Hot::V1CpuStat => v1::CPU_STAT,
+            Hot::V1MemoryUsage => v1::MEMORY_USAGE_IN_BYTES,
+            Hot::V1MemoryStat => v1::MEMORY_STAT,
+            Hot::V1OomControl => v1::MEMORY_OOM_CONTROL,
         }
     }
 }
@@ -155,10 +133,10 @@ impl Drop for OpenFiles {
     }
 }
 
-/// Reads cgroup files into one reused buffer.
+/// Reads containers' cgroup files into one reused buffer.
 #[derive(Debug, Default)]
 pub struct Reader {
-    buf: Vec<u8>,
+    files: FileReader,
     /// Handles of the container being read; swapped in and out by [`Reader::stats`].
     open: OpenFiles,
     /// Read settings (limits, quota) in this pass, or carry them over from the previous one.
@@ -167,31 +145,6 @@ pub struct Reader {
     /// set: `memory.stat`, the costliest file the agent reads (the kernel formats dozens of
     /// counters), is skipped while usage has not moved, and re-read on every full pass.
     prev_memory: Option<(u64, u64)>,
-}
-
-/// Values above this are the kernel's "unlimited" on v1 (PAGE_COUNTER_MAX rounded to pages).
-const V1_UNLIMITED: u64 = 1 << 62;
-
-/// Reads a whole (small, generated) file from offset 0 into `buf` and returns its text. `buf`
-/// keeps its full length between reads (only grown), so no pass pays for clearing it.
-fn read_at_start<'b>(f: &std::fs::File, buf: &'b mut Vec<u8>) -> Option<&'b str> {
-    use std::os::unix::fs::FileExt;
-    if buf.is_empty() {
-        buf.resize(8192, 0);
-    }
-    let mut len = 0;
-    loop {
-        match f.read_at(&mut buf[len..], len as u64).ok()? {
-            0 => break,
-            n => {
-                len += n;
-                if len == buf.len() {
-                    buf.resize(len * 2, 0);
-                }
-            }
-        }
-    }
-    std::str::from_utf8(&buf[..len]).ok()
 }
 
 impl Reader {
@@ -217,12 +170,12 @@ impl Reader {
             let budget = HANDLE_BUDGET.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             if budget <= 0 {
                 HANDLE_BUDGET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return read_at_start(&f, &mut self.buf);
+                return self.files.read_open(&f).ok();
             }
             *slot = Slot::Open(f);
         }
         let Slot::Open(f) = slot else { return None };
-        let text = read_at_start(f, &mut self.buf);
+        let text = self.files.read_open(f).ok();
         if text.is_none() {
             // The cgroup went away under the handle.
             *slot = Slot::Closed;
@@ -231,28 +184,25 @@ impl Reader {
         text
     }
 
-    fn read(&mut self, path: &Path) -> Option<&str> {
-        let f = std::fs::File::open(path).ok()?;
-        read_at_start(&f, &mut self.buf)
-    }
-
     fn read_u64(&mut self, dir: &Path, file: Hot) -> Option<u64> {
-        self.read_hot(dir, file)?.trim().parse().ok()
+        number(file.file_name(), self.read_hot(dir, file)?).ok()
     }
 
-    /// A setting, read without keeping a handle (settings are read on full passes only).
-    fn read_setting(&mut self, dir: &Path, file: &str) -> Option<u64> {
-        self.read(&dir.join(file))?.trim().parse().ok()
-    }
-
-    /// `max` → `Ok(None)`, a number → `Ok(Some(n))`.
-    fn read_limit(&mut self, dir: &Path, file: &str) -> Option<Option<u64>> {
-        let s = self.read(&dir.join(file))?.trim();
-        if s == "max" {
-            Some(None)
-        } else {
-            s.parse().ok().map(Some)
+    /// Quota and period; settings are read on full passes only, without keeping a handle.
+    fn cpu_limit(&mut self, dir: CgroupDir, s: &mut CgroupStats) {
+        if let Ok(l) = dir.read_cpu_limit(&mut self.files) {
+            s.cpu_period_seconds = Some(l.period_us as f64 / 1e6);
+            s.cpu_quota_cores = l.cores();
         }
+    }
+
+    fn memory_limits(&mut self, dir: CgroupDir, s: &mut CgroupStats) {
+        s.memory_limit_bytes = dir.read_memory_max(&mut self.files).ok().flatten();
+        s.memory_high_bytes = dir.read_memory_high(&mut self.files).ok().flatten();
+    }
+
+    fn pids(&mut self, dir: &Path) -> Option<u64> {
+        number(PIDS_CURRENT, self.files.read(&dir.join(PIDS_CURRENT)).ok()?).ok()
     }
 
     /// Working set = usage − inactive file pages, reusing the previous pass's figure while
@@ -268,18 +218,10 @@ impl Reader {
         usage.saturating_sub(v[0].unwrap_or(0))
     }
 
+    /// A malformed line costs only its own value: every value is optional.
     fn read_keyed(&mut self, dir: &Path, file: Hot, keys: &[&str], out: &mut [Option<u64>]) {
-        let Some(text) = self.read_hot(dir, file) else {
-            return;
-        };
-        for line in text.lines() {
-            let mut it = line.split_ascii_whitespace();
-            let (Some(k), Some(v)) = (it.next(), it.next()) else {
-                continue;
-            };
-            if let Some(i) = keys.iter().position(|key| *key == k) {
-                out[i] = v.parse().ok();
-            }
+        if let Some(text) = self.read_hot(dir, file) {
+            let _ = keyed(file.file_name(), text, keys, out);
         }
     }
 
@@ -341,16 +283,8 @@ impl Reader {
         s.cpu_periods = v[1];
         s.cpu_throttled_periods = v[2];
         s.cpu_throttled_seconds = v[3].map(|u| u as f64 / 1e6);
-        if self.full
-            && let Some(text) = self.read(&dir.join("cpu.max"))
-        {
-            let mut it = text.split_ascii_whitespace();
-            let quota = it.next();
-            let period: Option<f64> = it.next().and_then(|p| p.parse().ok());
-            s.cpu_period_seconds = period.map(|p| p / 1e6);
-            if let (Some(q), Some(p)) = (quota.and_then(|q| q.parse::<f64>().ok()), period) {
-                s.cpu_quota_cores = Some(q / p);
-            }
+        if self.full {
+            self.cpu_limit(CgroupDir::v2(dir), s);
         }
         for (resource, file) in [
             ("cpu", Hot::V2CpuPressure),
@@ -373,16 +307,13 @@ impl Reader {
                 Some(self.working_set(dir, usage, Hot::V2MemoryStat, "inactive_file"));
         }
         if self.full {
-            s.memory_limit_bytes = self.read_limit(dir, "memory.max").flatten();
-            s.memory_high_bytes = self.read_limit(dir, "memory.high").flatten();
+            self.memory_limits(CgroupDir::v2(dir), s);
         }
         let mut v = [None; 1];
         self.read_keyed(dir, Hot::V2MemoryEvents, &["oom_kill"], &mut v);
         s.oom_kills = v[0];
         if self.full {
-            s.pids = self
-                .read(&dir.join("pids.current"))
-                .and_then(|t| t.trim().parse().ok());
+            s.pids = self.pids(dir);
         }
     }
 
@@ -405,18 +336,8 @@ impl Reader {
                 s.cpu_throttled_periods = v[1];
                 s.cpu_throttled_seconds = v[2].map(|ns| ns as f64 / 1e9);
             }
-            let period = if self.full {
-                self.read(&dir.join("cpu.cfs_period_us"))
-                    .and_then(|t| t.trim().parse::<u64>().ok())
-            } else {
-                None
-            };
-            if let Some(p) = period {
-                s.cpu_period_seconds = Some(p as f64 / 1e6);
-                let quota: Option<i64> = self
-                    .read(&dir.join("cpu.cfs_quota_us"))
-                    .and_then(|t| t.trim().parse().ok());
-                s.cpu_quota_cores = quota.filter(|q| *q > 0).map(|q| q as f64 / p as f64);
+            if self.full {
+                self.cpu_limit(CgroupDir::v1(dir), s);
             }
         }
         if let Some(dir) = &paths.memory {
@@ -426,12 +347,7 @@ impl Reader {
                     Some(self.working_set(dir, usage, Hot::V1MemoryStat, "total_inactive_file"));
             }
             if self.full {
-                s.memory_limit_bytes = self
-                    .read_setting(dir, "memory.limit_in_bytes")
-                    .filter(|v| *v < V1_UNLIMITED);
-                s.memory_high_bytes = self
-                    .read_setting(dir, "memory.soft_limit_in_bytes")
-                    .filter(|v| *v < V1_UNLIMITED);
+                self.memory_limits(CgroupDir::v1(dir), s);
             }
             let mut v = [None; 1];
             self.read_keyed(dir, Hot::V1OomControl, &["oom_kill"], &mut v);
@@ -441,34 +357,18 @@ impl Reader {
             && let Some(dir) = &paths.pids
             && s.pids.is_none()
         {
-            s.pids = self
-                .read(&dir.join("pids.current"))
-                .and_then(|t| t.trim().parse().ok());
+            s.pids = self.pids(dir);
         }
     }
 }
 
-/// Parses a PSI file (`some avg10=.. avg60=.. avg300=.. total=<usec>`).
+/// A PSI file's totals (`None` when malformed), named by the resource it is about.
 pub fn parse_pressure(resource: &'static str, text: &str) -> Option<PressureTotals> {
-    let mut some = None;
-    let mut full = None;
-    for line in text.lines() {
-        let mut it = line.split_ascii_whitespace();
-        let kind = it.next();
-        let total = it
-            .find_map(|f| f.strip_prefix("total="))
-            .and_then(|t| t.parse::<u64>().ok())
-            .map(|us| us as f64 / 1e6);
-        match kind {
-            Some("some") => some = total,
-            Some("full") => full = total,
-            _ => {}
-        }
-    }
+    let p = pressure(resource, text).ok()?;
     Some(PressureTotals {
         resource,
-        some_seconds: some?,
-        full_seconds: full,
+        some_seconds: p.some_us as f64 / 1e6,
+        full_seconds: p.full_us.map(|us| us as f64 / 1e6),
     })
 }
 
@@ -476,6 +376,7 @@ pub fn parse_pressure(resource: &'static str, text: &str) -> Option<PressureTota
 mod tests {
     use super::*;
     use std::fs;
+    use std::path::PathBuf;
 
     fn write(dir: &Path, file: &str, text: &str) {
         fs::create_dir_all(dir).unwrap();

@@ -699,7 +699,7 @@ impl Worker {
 
 /// PIDs in `dir/cgroup.procs` (empty when unreadable: the container went).
 fn read_pids(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(dir.join("cgroup.procs"))
+    std::fs::read_to_string(dir.join(crate::cgroup_files::PROCS))
         .map(|s| {
             s.lines()
                 .map(str::trim)
